@@ -1,0 +1,163 @@
+"""The worker's handle on the model host: submit and abort requests, receive token streams.
+
+Runs inside a Sanic worker's event loop. Sends go through a one-thread executor so the loop never
+blocks on a full pipe; frames arrive through the shared ring, announced by the doorbell that the
+loop watches with ``add_reader``. A watchdog fails every open request with ``ENGINE_DEAD`` when the
+host dies or restarts, so no client waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import pickle
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from model_host.ipc.channels import WorkerSide
+from model_host.ipc.doorbell import Doorbell
+from model_host.ipc.messages import (
+    AbortRequest,
+    AddRequest,
+    ErrorInfo,
+    ErrorKind,
+    FinishReason,
+    HostMessage,
+    SamplingParams,
+    TokenFrame,
+)
+from model_host.ipc.ring import RingBuffer
+from model_host.ipc.status import HostStatus, StatusField
+
+log = logging.getLogger(__name__)
+
+HOST_DEAD_AFTER_S = 3.0
+_WATCHDOG_INTERVAL_S = 0.25
+
+
+class RequestStream:
+    """Frames of one request, in order. ``frames()`` hands over everything pending at once so a
+    caller that fell behind catches up in one step."""
+
+    def __init__(self, request_id: int, epoch: int) -> None:
+        self.request_id = request_id
+        self.epoch = epoch
+        self.finished = False
+        self._pending: deque[TokenFrame] = deque()
+        self._ready = asyncio.Event()
+
+    def push(self, frame: TokenFrame) -> None:
+        self._pending.append(frame)
+        self._ready.set()
+
+    async def frames(self) -> list[TokenFrame]:
+        await self._ready.wait()
+        out = list(self._pending)
+        self._pending.clear()
+        self._ready.clear()
+        if out and out[-1].finish_reason is not FinishReason.NONE:
+            self.finished = True
+        return out
+
+
+class HostClient:
+    def __init__(self, side: WorkerSide) -> None:
+        self.worker_index = side.index
+        self.status: HostStatus = side.status()
+        self._writer = side.request_writer
+        self._ring = RingBuffer(side.ring)
+        self._doorbell = Doorbell(side.doorbell_reader)
+        self._streams: dict[int, RequestStream] = {}
+        self._ids = itertools.count(1)
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfserve-send")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._doorbell.fileno(), self._on_doorbell)
+        self._watchdog = loop.create_task(self._watch_host())
+        self._on_doorbell()  # frames left from a previous incarnation of this worker
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._doorbell.fileno())
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for rid in list(self._streams):
+            self._fail(rid, ErrorKind.ENGINE_DEAD, "server is shutting down")
+        self._sender.shutdown(wait=False, cancel_futures=True)
+
+    # -- requests --------------------------------------------------------------------------------
+    @property
+    def open_requests(self) -> int:
+        return len(self._streams)
+
+    def host_alive(self) -> bool:
+        return self.status.host_alive(HOST_DEAD_AFTER_S)
+
+    async def submit(
+        self, model_path: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> RequestStream:
+        rid = next(self._ids)
+        epoch = self.status.get(StatusField.EPOCH)
+        stream = RequestStream(rid, epoch)
+        self._streams[rid] = stream
+        if not self.host_alive():
+            self._fail(rid, ErrorKind.ENGINE_DEAD, "the model host is not running")
+            return stream
+        msg = AddRequest(rid, self.worker_index, epoch, model_path, tuple(prompt_token_ids), sampling)
+        await self._send(msg)
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        """Stop a request early (client gone, stop string hit). Safe to call more than once."""
+        if self._streams.pop(stream.request_id, None) is None or stream.finished:
+            return
+        stream.finished = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.create_task(self._send(AbortRequest(stream.request_id, self.worker_index)))
+
+    def release(self, stream: RequestStream) -> None:
+        self._streams.pop(stream.request_id, None)
+
+    async def _send(self, msg: HostMessage) -> None:
+        payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        assert self._loop is not None
+        try:
+            await self._loop.run_in_executor(self._sender, self._writer.send_bytes, payload)
+        except (OSError, RuntimeError) as exc:  # pipe closed or executor shut down
+            if isinstance(msg, AddRequest):
+                self._fail(msg.request_id, ErrorKind.ENGINE_DEAD, f"cannot reach host: {exc}")
+
+    # -- frames ----------------------------------------------------------------------------------
+    def _on_doorbell(self) -> None:
+        # Drain the bell before reading: a frame published after the read rings again.
+        self._doorbell.drain()
+        for raw in self._ring.read_frames():
+            frame = TokenFrame.decode(raw)
+            stream = self._streams.get(frame.request_id)
+            if stream is None:
+                continue  # aborted or failed already
+            if frame.finish_reason is not FinishReason.NONE:
+                del self._streams[frame.request_id]
+            stream.push(frame)
+
+    def _fail(self, rid: int, kind: ErrorKind, message: str) -> None:
+        stream = self._streams.pop(rid, None)
+        if stream is not None:
+            stream.push(TokenFrame(rid, (), FinishReason.ERROR, ErrorInfo(kind, message)))
+
+    async def _watch_host(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+            if not self._streams:
+                continue
+            epoch = self.status.get(StatusField.EPOCH)
+            alive = self.host_alive()
+            for rid, stream in list(self._streams.items()):
+                if not alive or stream.epoch != epoch:
+                    log.warning("request %d lost: the model host died or restarted", rid)
+                    self._fail(rid, ErrorKind.ENGINE_DEAD, "the model host died; retry")

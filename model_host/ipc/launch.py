@@ -1,0 +1,27 @@
+"""Entry point of the model-host process, importable without torch.
+
+The main process hands this function to Sanic's worker manager; torch is imported only inside the
+spawned host process, so neither the main process nor the HTTP workers ever load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_host.ipc.channels import HostSide
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    preload: tuple[str, ...] = ()  # local model folders to load at start
+    log_level: str = "INFO"
+    torch_threads: int = 0  # 0: torch's default
+
+
+def run_host(side: HostSide, settings: HostSettings) -> None:
+    from model_host.process import host_main
+
+    host_main(side, settings)

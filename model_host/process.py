@@ -1,0 +1,180 @@
+"""The model-host process: receive requests, step the engine, publish token frames.
+
+One loop, one thread for the model: read every pending message from the worker pipes, run one engine
+step, write the frames into the workers' rings. A full ring never blocks the loop: its frames are
+parked and retried on the next pass. A heartbeat thread keeps the host visibly alive even while a
+long model load or forward pass holds the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import threading
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from types import FrameType
+
+import torch
+
+from model_host.engine import Engine, StepOutput
+from model_host.ipc.channels import HostSide
+from model_host.ipc.doorbell import Doorbell
+from model_host.ipc.launch import HostSettings
+from model_host.ipc.messages import (
+    AbortRequest,
+    AddRequest,
+    ErrorInfo,
+    ErrorKind,
+    FinishReason,
+    TokenFrame,
+)
+from model_host.ipc.ring import RingBuffer
+from model_host.ipc.status import HostStatus, StatusField
+from model_host.registry import ModelRegistry
+
+log = logging.getLogger("hfserve.host")
+
+_HEARTBEAT_INTERVAL_S = 0.2
+_IDLE_WAIT_S = 0.5
+_PARKED_RETRY_S = 0.002
+
+
+class _Outbox:
+    """Frames on their way to one worker: straight into the ring, or parked while it is full."""
+
+    def __init__(self, ring: RingBuffer, bell: Doorbell) -> None:
+        self.ring = ring
+        self.bell = bell
+        self.parked: deque[bytes] = deque()
+        self.dirty = False
+
+    def put(self, frame: TokenFrame) -> None:
+        raw = frame.encode()
+        if self.parked or not self.ring.try_write(raw):
+            self.parked.append(raw)  # keep order: nothing overtakes a parked frame
+        else:
+            self.dirty = True
+
+    def flush(self) -> None:
+        while self.parked and self.ring.try_write(self.parked[0]):
+            self.parked.popleft()
+            self.dirty = True
+        if self.dirty:
+            self.bell.ring()
+            self.dirty = False
+
+
+class ModelHost:
+    def __init__(self, side: HostSide, settings: HostSettings) -> None:
+        self.status: HostStatus = side.status()
+        self.readers: dict[Connection, int] = {c: i for i, c in enumerate(side.request_readers)}
+        self.outboxes = [
+            _Outbox(RingBuffer(ring), Doorbell(bell))
+            for ring, bell in zip(side.rings, side.doorbell_writers, strict=True)
+        ]
+        self.registry = ModelRegistry(settings.device, settings.dtype, settings.trust_remote_code)
+        self.engine = Engine(self.registry)
+        self.settings = settings
+        self.epoch = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        self.epoch = self.status.start_epoch()
+        threading.Thread(target=self._heartbeat, name="hfserve-heartbeat", daemon=True).start()
+        for path in self.settings.preload:
+            self.registry.get(path)
+        self._publish_status()
+        log.info("model host ready (epoch %d, device %s)", self.epoch, self.registry.device)
+        while not self.stopping.is_set():
+            self._receive()
+            if self.engine.has_work():
+                self._deliver(self.engine.step())
+            for box in self.outboxes:
+                box.flush()
+            self._publish_status()
+        log.info("model host stopped")
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(_HEARTBEAT_INTERVAL_S):
+            self.status.beat()
+
+    def _receive(self) -> None:
+        if self.engine.has_work():
+            timeout = 0.0
+        elif any(box.parked for box in self.outboxes):
+            timeout = _PARKED_RETRY_S
+        else:
+            timeout = _IDLE_WAIT_S
+        try:
+            ready = wait(list(self.readers), timeout)
+        except InterruptedError:
+            return
+        for conn in ready:
+            assert isinstance(conn, Connection)
+            while conn.poll():
+                try:
+                    msg = pickle.loads(conn.recv_bytes())
+                except EOFError:  # every writer closed: that worker is gone for good
+                    self.engine.abort_worker(self.readers.pop(conn))
+                    break
+                self._handle(msg)
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, AddRequest):
+            if msg.epoch != self.epoch:
+                err = ErrorInfo(ErrorKind.ENGINE_DEAD, "the model host restarted; retry")
+                self.outboxes[msg.worker_index].put(
+                    TokenFrame(msg.request_id, (), FinishReason.ERROR, err)
+                )
+            else:
+                self.engine.add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.engine.abort((msg.worker_index, msg.request_id))
+        else:
+            log.error("ignoring unknown message %r", type(msg).__name__)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            self.outboxes[out.worker_index].put(out.frame)
+            if out.frame.finish_reason is FinishReason.ERROR:
+                self.status.add(StatusField.FAILED_TOTAL)
+            elif out.frame.finish_reason is not FinishReason.NONE:
+                self.status.add(StatusField.FINISHED_TOTAL)
+
+    def _publish_status(self) -> None:
+        s = self.status
+        s.set(StatusField.RUNNING, self.engine.num_running)
+        s.set(StatusField.WAITING, self.engine.num_waiting)
+        s.set(StatusField.ABORTED_TOTAL, self.engine.aborted_total)
+        loaded = self.registry.loaded()
+        if loaded != self._published_models:
+            s.publish_models(loaded)
+            self._published_models = loaded
+
+    _published_models: tuple[str, ...] = ()
+
+
+def host_main(side: HostSide, settings: HostSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s [model-host] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("hfserve: model-host")
+    except ImportError:
+        pass
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    host = ModelHost(side, settings)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping after this step", signal.Signals(signum).name)
+        host.stopping.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    host.run()

@@ -1,0 +1,84 @@
+"""Loaded models, keyed by the local folder the worker resolved the request's model to."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder exists but could not be loaded (bad weights, unsupported architecture)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 where the hardware is built for it; CPUs here are fastest and exact in fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class LoadedModel:
+    path: str
+    model: Any
+    device: torch.device
+    max_context: int
+    loaded_at_s: float = field(default_factory=time.monotonic)
+
+
+class ModelRegistry:
+    def __init__(self, device: str, dtype: str, trust_remote_code: bool) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.trust_remote_code = trust_remote_code
+        self._models: dict[str, LoadedModel] = {}
+
+    def loaded(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def get(self, path: str) -> LoadedModel:
+        found = self._models.get(path)
+        return found if found is not None else self._load(path)
+
+    def _load(self, path: str) -> LoadedModel:
+        from transformers import AutoModelForCausalLM
+
+        started = time.monotonic()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+        except Exception as exc:  # transformers raises many types for a bad folder
+            raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
+        model.to(self.device).eval()
+        config = model.config
+        max_context = int(
+            getattr(config, "max_position_embeddings", 0)
+            or getattr(config, "n_positions", 0)
+            or 2048
+        )
+        loaded = LoadedModel(path, model, self.device, max_context)
+        self._models[path] = loaded
+        log.info(
+            "loaded %s on %s (%s) in %.2f s", path, self.device, self.dtype,
+            time.monotonic() - started,
+        )
+        return loaded

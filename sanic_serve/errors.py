@@ -1,0 +1,83 @@
+"""OpenAI-shaped errors: every failure leaves the server as ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_host.ipc.messages import ErrorInfo, ErrorKind
+
+
+class APIError(Exception):
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        if status is not None:
+            self.status = status
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(APIError):
+    status = 400
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(APIError):
+    status = 404
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or is not served here.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class Overloaded(APIError):
+    status = 503
+    type = "server_error"
+
+
+class ServerError(APIError):
+    status = 500
+    type = "server_error"
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def from_host_error(info: ErrorInfo) -> APIError:
+    """Map an error value that crossed from the model host to the HTTP error it means."""
+    if info.kind is ErrorKind.MODEL_NOT_FOUND:
+        return NotFound(info.message, param="model", code="model_not_found")
+    if info.kind is ErrorKind.INVALID_REQUEST:
+        return InvalidRequest(info.message)
+    if info.kind in (ErrorKind.ENGINE_DEAD, ErrorKind.OVERLOADED):
+        return Overloaded(info.message, code="engine_unavailable")
+    if info.kind is ErrorKind.MODEL_LOAD_FAILED:
+        return ServerError(info.message, code="model_load_failed")
+    return ServerError(info.message, code="generation_failed")

@@ -1,0 +1,77 @@
+"""One request's generation as seen by a worker: submit, turn frames into text deltas, finish.
+
+Frames that arrived while the caller was busy are taken together and become one delta, so a slow
+client gets fewer, larger chunks instead of falling further behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams
+from sanic_serve.errors import from_host_error
+from sanic_serve.models import ModelBundle
+from sanic_serve.text import IncrementalDetokenizer, StopMatcher
+
+FinishReasonName = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+    finish_reason: FinishReasonName | None = None
+
+
+class Generation:
+    def __init__(
+        self,
+        client: HostClient,
+        bundle: ModelBundle,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        stop_strings: list[str],
+    ) -> None:
+        self.client = client
+        self.bundle = bundle
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling = sampling
+        self.completion_tokens = 0
+        self.finish_reason: FinishReasonName | None = None
+        self._stop = StopMatcher(stop_strings)
+        self._detok = IncrementalDetokenizer(bundle.tokenizer)
+        self._stream: RequestStream | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Yields text deltas, the last one with a finish reason. Raises ``APIError`` on a host
+        error. Whatever way the caller stops iterating, an unfinished request is aborted."""
+        self._stream = stream = await self.client.submit(
+            self.bundle.path, self.prompt_token_ids, self.sampling
+        )
+        try:
+            while self.finish_reason is None:
+                text = ""
+                for frame in await stream.frames():
+                    if frame.error is not None:
+                        raise from_host_error(frame.error)
+                    self.completion_tokens += len(frame.token_ids)
+                    text += self._stop.feed(self._detok.feed(frame.token_ids))
+                    if self._stop.matched is not None:
+                        self.finish_reason = "stop"
+                        break
+                    if frame.finish_reason is not FinishReason.NONE:
+                        self.finish_reason = (
+                            "length" if frame.finish_reason is FinishReason.LENGTH else "stop"
+                        )
+                        text += self._stop.flush()
+                        break
+                if text or self.finish_reason is not None:
+                    yield Delta(text, self.finish_reason)
+        finally:
+            # Stop string hit, client gone, or error: the host must stop spending steps on it.
+            self.client.abort(stream)

@@ -1,0 +1,51 @@
+"""Chat template rendering and prompt limits, without transformers' torch-importing tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from sanic_serve.errors import InvalidRequest
+from sanic_serve.models import ModelBundle
+
+
+def render_chat(
+    bundle: ModelBundle,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Render the conversation with the model's template and tokenize it (the template already
+    writes any BOS token, so no special tokens are added, as in ``apply_chat_template``)."""
+    if bundle.chat_template is None:
+        raise InvalidRequest(
+            f"The model `{bundle.id}` has no chat template; use /v1/completions.", param="model"
+        )
+    try:
+        rendered, _ = render_jinja_template(
+            [messages],
+            tools=tools,
+            chat_template=bundle.chat_template,
+            add_generation_prompt=True,
+            **bundle.special_tokens,
+            **(template_kwargs or {}),
+        )
+    except Exception as exc:  # jinja raise_exception(), undefined names, bad message shapes
+        raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages")
+    return bundle.encode(rendered[0])
+
+
+def completion_budget(bundle: ModelBundle, prompt_tokens: int, requested: int | None) -> int:
+    """How many tokens may be generated; a request that cannot fit is a 400, as OpenAI does."""
+    room = bundle.max_context - prompt_tokens
+    if room <= 0 or (requested is not None and requested > room):
+        wanted = prompt_tokens + (requested or 0)
+        raise InvalidRequest(
+            f"This model's maximum context length is {bundle.max_context} tokens. However, you "
+            f"requested {wanted} tokens ({prompt_tokens} in the messages, {requested or 0} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return requested if requested is not None else room

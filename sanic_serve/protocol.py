@@ -1,0 +1,145 @@
+"""OpenAI Chat Completions request types and their validation.
+
+Fields that change the output are either honoured or refused with a 400 that names them; fields that
+cannot change the output here (``user``, ``metadata``, ``store``, ...) are accepted as no-ops. Unknown
+extras are accepted, since clients send vendor fields, and logged once per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sanic_serve.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+
+
+# Accepted, but cannot change what this server generates.
+NO_OP_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prediction", "safety_identifier",
+     "prompt_cache_key", "web_search_options", "verbosity"}
+)
+# Output-changing fields this version does not implement yet: refused unless left at the default.
+_UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self.stop if isinstance(self.stop, list) else []
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+_warned_extras: set[str] = set()
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        req = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param_name(tuple(first["loc"]))
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+    for name, value in (req.model_extra or {}).items():
+        if name in _UNSUPPORTED_DEFAULTS:
+            if value not in _UNSUPPORTED_DEFAULTS[name]:
+                raise InvalidRequest(
+                    f"'{name}' is not supported by this server yet.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+        elif name not in NO_OP_FIELDS and name not in _warned_extras:
+            _warned_extras.add(name)
+            log.warning("ignoring unknown request field %r", name)
+    return req

@@ -1,0 +1,121 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, JSONResponse, json
+
+from model_host.ipc import HostClient, SamplingParams
+from sanic_serve.errors import APIError, InvalidRequest
+from sanic_serve.generation import Delta, Generation
+from sanic_serve.models import ModelResolver
+from sanic_serve.prompt import completion_budget, render_chat
+from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
+from sanic_serve.sse import DONE, ChunkFactory, event
+
+bp = Blueprint("chat")
+
+
+def parse_json_body(request: Request) -> Any:
+    if not request.body:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        return orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+
+
+async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
+    models: ModelResolver = request.app.ctx.models
+    client: HostClient = request.app.ctx.client
+    bundle = await models.resolve(req.model)
+    prompt_ids = render_chat(bundle, [m.for_template() for m in req.messages])
+    budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
+    temperature = req.temperature if req.temperature is not None else bundle.default_temperature
+    sampling = SamplingParams(
+        max_new_tokens=budget,
+        temperature=temperature,
+        top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
+        seed=req.seed,
+        stop_token_ids=bundle.stop_token_ids,
+    )
+    return Generation(client, bundle, prompt_ids, sampling, req.stop_strings)
+
+
+def usage(gen: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    req = parse_chat_request(parse_json_body(request))
+    gen = await prepare(request, req)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        await _stream(request, gen, ChunkFactory(completion_id, created, req.model), include_usage)
+        return None
+    text = "".join([d.text async for d in gen.deltas()])
+    return json(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": gen.finish_reason,
+                }
+            ],
+            "usage": usage(gen),
+        },
+        dumps=orjson.dumps,
+    )
+
+
+async def _stream(
+    request: Request, gen: Generation, chunks: ChunkFactory, include_usage: bool
+) -> None:
+    deltas = gen.deltas()
+    # Wait for the first delta before sending headers, so a failure that happens before any
+    # token (model load error, dead host) still gets its proper HTTP status.
+    first: Delta = await deltas.__anext__()
+    response = await request.respond(
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    assert response is not None
+    await response.send(event(chunks.chunk({"role": "assistant", "content": ""})))
+    try:
+        delta: Delta | None = first
+        while delta is not None:
+            if delta.text:
+                await response.send(event(chunks.chunk({"content": delta.text})))
+            if delta.finish_reason is not None:
+                await response.send(event(chunks.chunk({}, delta.finish_reason)))
+            delta = await anext(deltas, None)
+    except APIError as exc:
+        # Headers are gone already: report the error in-band, as OpenAI does.
+        await response.send(event(exc.body()))
+    if include_usage:
+        await response.send(event(chunks.usage_chunk(usage(gen))))
+    await response.send(DONE)
+    await response.eof()
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return json(exc.body(), status=exc.status, headers=exc.headers, dumps=orjson.dumps)
