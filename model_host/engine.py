@@ -143,8 +143,9 @@ class Engine:
 
     def _forward(self, seq: _Sequence, ids: torch.Tensor) -> int:
         assert seq.model is not None
-        out = seq.model.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
-        seq.cache = out.past_key_values
+        kwargs = {seq.model.cache_arg: seq.cache}
+        out = seq.model.model(input_ids=ids, use_cache=True, **kwargs)
+        seq.cache = out[seq.model.cache_arg]
         token = sample(out.logits[:, -1, :], [seq.params], [seq.generator])[0]
         seq.generated.append(token)
         return token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class LoadedModel:
     model: Any
     device: torch.device
     max_context: int
+    # transformers 5.2x renamed the forward argument ``past_key_values`` to ``cache``; remote-code
+    # models may still use the old name.
+    cache_arg: str = "cache"
     loaded_at_s: float = field(default_factory=time.monotonic)
 
 
@@ -75,7 +79,9 @@ class ModelRegistry:
             or getattr(config, "n_positions", 0)
             or 2048
         )
-        loaded = LoadedModel(path, model, self.device, max_context)
+        params = inspect.signature(model.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
+        loaded = LoadedModel(path, model, self.device, max_context, cache_arg)
         self._models[path] = loaded
         log.info(
             "loaded %s on %s (%s) in %.2f s", path, self.device, self.dtype,

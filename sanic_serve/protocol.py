@@ -92,6 +92,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # Extension (as in vLLM): keep generating past end-of-sequence tokens, for benchmarks.
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -28,8 +28,8 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Finds the first stop string in streamed text.
 
-    Text that might be the start of a stop string is held back until it is known either way, so a
-    stop string split across chunks is never streamed to the client.
+    Only text that might be the start of a stop string is held back, until it is known either way,
+    so a stop string split across chunks is never streamed to the client.
     """
 
     def __init__(self, stops: list[str]) -> None:
@@ -52,10 +52,19 @@ class StopMatcher:
         if cut != -1:
             out, self._buffer = self._buffer[:cut], ""
             return out
-        keep = min(self._hold, len(self._buffer))
+        keep = self._partial_suffix()
         out = self._buffer[: len(self._buffer) - keep]
         self._buffer = self._buffer[len(out) :]
         return out
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest end of the buffer that begins some stop string."""
+        buf = self._buffer
+        for k in range(min(self._hold, len(buf)), 0, -1):
+            tail = buf[-k:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return k
+        return 0
 
     def flush(self) -> str:
         out, self._buffer = self._buffer, ""

@@ -71,8 +71,9 @@ class RingBuffer:
 
     @property
     def max_frame_size(self) -> int:
-        # A frame may need the whole ring after a wrap; keep one alignment unit for the marker.
-        return self.capacity - ALIGN
+        # The largest frame that fits an empty ring wherever its positions stand: the padding
+        # before a wrap can take up to half the ring when the frame is this big.
+        return self.capacity // 2
 
     # -- producer --------------------------------------------------------------------------------
     def try_write(self, frame: bytes) -> bool:

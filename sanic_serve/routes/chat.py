@@ -42,7 +42,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
         temperature=temperature,
         top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
         seed=req.seed,
-        stop_token_ids=bundle.stop_token_ids,
+        stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )
     return Generation(client, bundle, prompt_ids, sampling, req.stop_strings)
 

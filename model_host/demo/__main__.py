@@ -1,0 +1,17 @@
+"""``python -m model_host.demo [CACHE_DIR]``: build (or find) the demo model and print its folder.
+
+Run as its own process so that the server's main process never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from model_host.demo.build import ensure_demo_model
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cache = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    print(ensure_demo_model(cache))

@@ -1,0 +1,1 @@
+"""The HTTP side of hfserve: OpenAI protocol, routes, SSE, tokenization. Never imports torch."""

@@ -1,0 +1,160 @@
+"""The Sanic application factory and its process wiring.
+
+Main process: ``main_process_start`` creates every multiprocessing object (pipes, rings, status) and
+shares it through ``app.shared_ctx``; ``main_process_ready`` asks Sanic's worker manager to run the
+one model-host process beside the HTTP workers, and a small supervisor restarts that host if it
+dies. Worker processes: ``before_server_start`` attaches the worker to its own ring and pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from multiprocessing import get_context
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse
+
+from model_host.ipc import HostClient, create_channels
+from model_host.ipc.channels import Channels
+from model_host.ipc.launch import run_host
+from sanic_serve.config import ServerConfig
+from sanic_serve.errors import APIError, error_body
+from sanic_serve.models import ModelResolver
+from sanic_serve.routes import chat, health, models
+from sanic_serve.routes.chat import error_response
+
+log = logging.getLogger("hfserve")
+
+HOST_PROCESS_NAME = "ModelHost"
+_SUPERVISE_INTERVAL_S = 0.5
+
+
+def worker_index() -> int:
+    """Sanic names server processes ``Sanic-Server-<n>-<i>``; ``n`` is stable across restarts."""
+    match = re.search(r"Server-(\d+)-", os.environ.get("SANIC_WORKER_NAME", ""))
+    return int(match.group(1)) if match else 0
+
+
+def _set_title(title: str) -> None:
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(title)
+    except ImportError:
+        pass
+
+
+def _share(app: Sanic, channels: Channels) -> None:
+    ctx = app.shared_ctx
+    ctx.request_readers = channels.request_readers
+    ctx.request_writers = channels.request_writers
+    ctx.rings = channels.rings
+    ctx.doorbell_readers = channels.doorbell_readers
+    ctx.doorbell_writers = channels.doorbell_writers
+    ctx.status_fields = channels.status_fields
+    ctx.status_models = channels.status_models
+
+
+def _shared(app: Sanic) -> Channels:
+    ctx = app.shared_ctx
+    return Channels(
+        ctx.request_readers,
+        ctx.request_writers,
+        ctx.rings,
+        ctx.doorbell_readers,
+        ctx.doorbell_writers,
+        ctx.status_fields,
+        ctx.status_models,
+    )
+
+
+def _supervise_host(app: Sanic, stop: threading.Event) -> None:
+    """Restart the model host when it dies (crash, OOM kill). Sanic's manager does not restart a
+    managed process by itself; it does act on a restart message from its monitor pipe."""
+    manager = app.manager
+    while not stop.wait(_SUPERVISE_INTERVAL_S):
+        if getattr(manager, "_shutting_down", False):
+            return
+        for process in manager.processes:
+            if HOST_PROCESS_NAME in process.name and not process.is_alive():
+                log.error("model host died (exit %s); restarting it", process.exitcode)
+                manager.monitor_publisher.send(process.name)
+                stop.wait(5.0)  # give the restart time before judging again
+
+
+def create_app(config: ServerConfig) -> Sanic:
+    app = Sanic("hfserve", configure_logging=True)
+    app.config.REQUEST_MAX_SIZE = config.max_request_bytes
+    app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
+    app.config.NOREQUEST_LOGGING = True
+    for bp in (chat.bp, models.bp, health.bp):
+        app.blueprint(bp)
+
+    @app.main_process_start
+    async def _create_channels(app: Sanic) -> None:
+        _set_title("hfserve: main")
+        channels = create_channels(get_context("spawn"), config.workers, config.ring_capacity_bytes)
+        _share(app, channels)
+        app.ctx.channels = channels
+
+    @app.main_process_ready
+    async def _start_host(app: Sanic) -> None:
+        channels: Channels = app.ctx.channels
+        app.manager.manage(
+            HOST_PROCESS_NAME,
+            run_host,
+            {"side": channels.host_side(), "settings": config.host_settings()},
+            restartable=True,
+        )
+        app.ctx.supervisor_stop = threading.Event()
+        threading.Thread(
+            target=_supervise_host,
+            args=(app, app.ctx.supervisor_stop),
+            name="hfserve-supervisor",
+            daemon=True,
+        ).start()
+
+    @app.main_process_stop
+    async def _stop(app: Sanic) -> None:
+        if hasattr(app.ctx, "supervisor_stop"):
+            app.ctx.supervisor_stop.set()
+        app.ctx.channels.close()
+
+    @app.before_server_start
+    async def _attach(app: Sanic) -> None:
+        index = worker_index()
+        _set_title(f"hfserve: worker {index}")
+        client = HostClient(_shared(app).worker_side(index))
+        client.start(app.loop)
+        app.ctx.client = client
+        app.ctx.models = ModelResolver(config)
+
+    @app.after_server_stop
+    async def _detach(app: Sanic) -> None:
+        await app.ctx.client.close()
+
+    @app.exception(APIError)
+    async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
+        return error_response(exc)
+
+    @app.exception(SanicException)
+    async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+        status = getattr(exc, "status_code", 500) or 500
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        from sanic.response import json
+
+        return json(error_body(str(exc), kind, None, code), status=status)
+
+    @app.exception(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        from sanic.response import json
+
+        return json(error_body("Internal server error.", "server_error", None, None), status=500)
+
+    return app

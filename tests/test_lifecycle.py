@@ -1,0 +1,130 @@
+"""Process layout, worker footprint, shutdown, host crash recovery and client disconnects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.server import ServerProcess
+
+MODEL = "hfserve-demo"
+SHM = Path("/dev/shm")
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir(SHM)) if SHM.is_dir() else set()
+
+
+def test_four_workers_one_host_small_torch_free_workers(server: ServerProcess) -> None:
+    workers = server.titled("hfserve: worker")
+    hosts = server.titled("hfserve: model-host")
+    assert len(workers) == 4
+    assert len(hosts) == 1
+    assert psutil.Process(server.proc.pid).children()  # the main process supervises them
+    for w in workers:
+        rss_mb = w.memory_info().rss / 2**20
+        assert rss_mb <= 150, f"worker {w.pid} uses {rss_mb:.0f} MB"
+        maps = Path(f"/proc/{w.pid}/maps").read_text()
+        assert "libtorch" not in maps, f"worker {w.pid} has torch loaded"
+    host_maps = Path(f"/proc/{hosts[0].pid}/maps").read_text()
+    assert "libtorch" in host_maps  # the check above would notice torch if it were there
+
+
+def _long_stream_request(server: ServerProcess) -> socket.socket:
+    """Start a long streaming request over a raw socket and read its first bytes."""
+    body = (
+        b'{"model": "hfserve-demo", "stream": true, "max_tokens": 1900, "ignore_eos": true,'
+        b' "messages": [{"role": "user", "content": "Write a long story"}]}'
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    assert b"200 OK" in sock.recv(4096)
+    return sock
+
+
+def test_client_disconnect_aborts_in_host(server: ServerProcess) -> None:
+    before = server.host_status()["aborted_total"]
+    socks = [_long_stream_request(server) for _ in range(3)]
+    server.wait_for(lambda s: s["running"] >= 1)
+    for s in socks:
+        s.close()
+    status = server.wait_for(
+        lambda s: s["aborted_total"] >= before + 3 and s["running"] == 0 and s["waiting"] == 0
+    )
+    assert status["running"] == 0
+
+
+def test_non_stream_disconnect_aborts_too(server: ServerProcess) -> None:
+    before = server.host_status()["aborted_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.base_url}/v1/chat/completions", timeout=httpx.Timeout(10, read=0.5),
+            json={"model": MODEL, "max_tokens": 1900, "ignore_eos": True,
+                  "messages": [{"role": "user", "content": "Write a long story"}]},
+        )
+    server.wait_for(lambda s: s["aborted_total"] >= before + 1 and s["running"] == 0)
+
+
+def test_stop_leaves_nothing_behind(cache_dir: Path, demo_model: Path) -> None:
+    shm_before = shm_entries()
+    with ServerProcess.start(cache_dir, workers=2) as srv:
+        pids = [p.pid for p in srv.processes()]
+        assert len(srv.titled("hfserve: worker")) == 2
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                         temperature=0).choices[0].message.content
+        assert srv.stop(signal.SIGTERM) == 0
+    time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert shm_entries() - shm_before == set()
+
+
+def test_sigint_stops_cleanly(cache_dir: Path, demo_model: Path) -> None:
+    with ServerProcess.start(cache_dir, workers=1) as srv:
+        pids = [p.pid for p in srv.processes()]
+        assert srv.stop(signal.SIGINT) == 0
+    time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_host_sigkill_fails_inflight_then_recovers(cache_dir: Path, demo_model: Path) -> None:
+    shm_before = shm_entries()
+    with ServerProcess.start(cache_dir, workers=2) as srv:
+        host = srv.titled("hfserve: model-host")[0]
+        sock = _long_stream_request(srv)
+        srv.wait_for(lambda s: s["running"] >= 1)
+        os.kill(host.pid, signal.SIGKILL)
+        # The in-flight stream ends with an in-band error instead of hanging.
+        sock.settimeout(30)
+        received = b""
+        while b"data: [DONE]" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        sock.close()
+        assert b'"error"' in received and b"data: [DONE]" in received
+        # The supervisor restarts the host; the server answers again.
+        srv.wait_healthy(120)
+        status = srv.host_status()
+        assert status["pid"] != host.pid and status["epoch"] >= 2
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        resp = c.chat.completions.create(model=MODEL, temperature=0,
+                                         messages=[{"role": "user", "content": "Hello!"}])
+        assert resp.choices[0].message.content == "Hello! How can I help you today?"
+        pids = [p.pid for p in srv.processes()]
+        assert srv.stop() == 0
+    time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert shm_entries() - shm_before == set()
