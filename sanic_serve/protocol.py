@@ -117,9 +117,16 @@ class ChatCompletionRequest(BaseModel):
 _warned_extras: set[str] = set()
 
 
+# Pydantic adds the tried union member to an error's location (``content.str``); OpenAI names the
+# field alone.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _param_name(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            break
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
