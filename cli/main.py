@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from enum import Enum
+from enum import StrEnum
 
 import typer
 
 app = typer.Typer(help="hfserve: an OpenAI-compatible server for Hugging Face transformers models.")
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"

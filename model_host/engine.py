@@ -129,8 +129,7 @@ class Engine:
         seq.model = self.registry.get(seq.model_path)
         if len(seq.prompt) >= seq.model.max_context:
             raise ValueError(
-                f"prompt of {len(seq.prompt)} tokens does not fit the context of "
-                f"{seq.model.max_context}"
+                f"prompt of {len(seq.prompt)} tokens does not fit the context of {seq.model.max_context}"
             )
         seq.generator = make_generator(seq.params, seq.model.device)
         ids = torch.tensor([seq.prompt], device=seq.model.device)

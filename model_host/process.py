@@ -125,9 +125,7 @@ class ModelHost:
         if isinstance(msg, AddRequest):
             if msg.epoch != self.epoch:
                 err = ErrorInfo(ErrorKind.ENGINE_DEAD, "the model host restarted; retry")
-                self.outboxes[msg.worker_index].put(
-                    TokenFrame(msg.request_id, (), FinishReason.ERROR, err)
-                )
+                self.outboxes[msg.worker_index].put(TokenFrame(msg.request_id, (), FinishReason.ERROR, err))
             else:
                 self.engine.add(msg)
         elif isinstance(msg, AbortRequest):

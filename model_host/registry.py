@@ -72,19 +72,20 @@ class ModelRegistry:
             )
         except Exception as exc:  # transformers raises many types for a bad folder
             raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-        model.to(self.device).eval()
+        model.to(self.device).eval()  # type: ignore[arg-type]
         config = model.config
         max_context = int(
-            getattr(config, "max_position_embeddings", 0)
-            or getattr(config, "n_positions", 0)
-            or 2048
+            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048
         )
         params = inspect.signature(model.forward).parameters
         cache_arg = "cache" if "cache" in params else "past_key_values"
         loaded = LoadedModel(path, model, self.device, max_context, cache_arg)
         self._models[path] = loaded
         log.info(
-            "loaded %s on %s (%s) in %.2f s", path, self.device, self.dtype,
+            "loaded %s on %s (%s) in %.2f s",
+            path,
+            self.device,
+            self.dtype,
             time.monotonic() - started,
         )
         return loaded

@@ -82,9 +82,7 @@ def _chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
 def load_bundle(model_id: str, folder: Path) -> ModelBundle:
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
-        raise InvalidRequest(
-            f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model"
-        )
+        raise InvalidRequest(f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model")
     tokenizer = Tokenizer.from_file(str(tok_file))
     tok_config = _read_json(folder / "tokenizer_config.json")
     config = _read_json(folder / "config.json")
@@ -96,12 +94,10 @@ def load_bundle(model_id: str, folder: Path) -> ModelBundle:
         if text is not None:
             special[key] = text
     stop_ids = set(_as_ids(gen_config.get("eos_token_id")) + _as_ids(text_config.get("eos_token_id")))
-    eos_text = special.get("eos_token")
-    if eos_text is not None and tokenizer.token_to_id(eos_text) is not None:
-        stop_ids.add(tokenizer.token_to_id(eos_text))
-    max_context = int(
-        text_config.get("max_position_embeddings") or text_config.get("n_positions") or 2048
-    )
+    eos_id = tokenizer.token_to_id(special["eos_token"]) if "eos_token" in special else None
+    if eos_id is not None:
+        stop_ids.add(eos_id)
+    max_context = int(text_config.get("max_position_embeddings") or text_config.get("n_positions") or 2048)
     # Like vLLM, defaults come from the model's generation config: a model published for greedy
     # decoding (do_sample false) answers greedily unless the request asks otherwise.
     sampled = bool(gen_config.get("do_sample", False)) if gen_config else True

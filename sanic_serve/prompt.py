@@ -22,17 +22,18 @@ def render_chat(
         raise InvalidRequest(
             f"The model `{bundle.id}` has no chat template; use /v1/completions.", param="model"
         )
+    kwargs: dict[str, Any] = {**bundle.special_tokens, **(template_kwargs or {})}
+    render: Any = render_jinja_template  # annotated as returning str; returns (texts, indices)
     try:
-        rendered, _ = render_jinja_template(
+        rendered, _ = render(
             [messages],
             tools=tools,
             chat_template=bundle.chat_template,
             add_generation_prompt=True,
-            **bundle.special_tokens,
-            **(template_kwargs or {}),
+            **kwargs,
         )
     except Exception as exc:  # jinja raise_exception(), undefined names, bad message shapes
-        raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages")
+        raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
     return bundle.encode(rendered[0])
 
 

@@ -1,8 +1,8 @@
 """OpenAI Chat Completions request types and their validation.
 
-Fields that change the output are either honoured or refused with a 400 that names them; fields that
-cannot change the output here (``user``, ``metadata``, ``store``, ...) are accepted as no-ops. Unknown
-extras are accepted, since clients send vendor fields, and logged once per worker.
+Fields that change the output are either honoured or refused with a 400 that names them; fields
+that cannot change the output here (``user``, ``metadata``, ``store``, ...) are accepted as no-ops.
+Unknown extras are accepted, since clients send vendor fields, and logged once per worker.
 """
 
 from __future__ import annotations
@@ -57,8 +57,17 @@ class StreamOptions(BaseModel):
 
 # Accepted, but cannot change what this server generates.
 NO_OP_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "prediction", "safety_identifier",
-     "prompt_cache_key", "web_search_options", "verbosity"}
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prediction",
+        "safety_identifier",
+        "prompt_cache_key",
+        "web_search_options",
+        "verbosity",
+    }
 )
 # Output-changing fields this version does not implement yet: refused unless left at the default.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {

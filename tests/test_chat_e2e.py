@@ -44,7 +44,10 @@ def test_sync_stream_matches_non_stream(server: ServerProcess) -> None:
     messages = [{"role": "user", "content": "Tell me a joke"}]
     whole = client(server).chat.completions.create(model=MODEL, messages=messages, temperature=0)
     stream = client(server).chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, stream=True,
+        model=MODEL,
+        messages=messages,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -79,8 +82,10 @@ def test_async_stream_and_non_stream(server: ServerProcess) -> None:
 def test_max_tokens_gives_length(server: ServerProcess) -> None:
     for field in ("max_tokens", "max_completion_tokens"):
         resp = client(server).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Write a long story"}],
-            temperature=0, **{field: 5},
+            model=MODEL,
+            messages=[{"role": "user", "content": "Write a long story"}],
+            temperature=0,
+            **{field: 5},
         )
         assert resp.choices[0].finish_reason == "length"
         assert resp.usage is not None and resp.usage.completion_tokens == 5
@@ -89,14 +94,19 @@ def test_max_tokens_gives_length(server: ServerProcess) -> None:
 
 def test_stop_string_cuts_before_it(server: ServerProcess) -> None:
     resp = client(server).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me a joke"}], temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a joke"}],
+        temperature=0,
         stop=["computer"],
     )
     assert resp.choices[0].message.content == "Why did the cat sit on the "
     assert resp.choices[0].finish_reason == "stop"
     stream = client(server).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me a joke"}], temperature=0,
-        stop="the com", stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a joke"}],
+        temperature=0,
+        stop="the com",
+        stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "Why did the cat sit on "
@@ -104,11 +114,14 @@ def test_stop_string_cuts_before_it(server: ServerProcess) -> None:
 
 def test_text_parts_and_system_message(server: ServerProcess) -> None:
     resp = client(server).chat.completions.create(
-        model=MODEL, temperature=0,
+        model=MODEL,
+        temperature=0,
         messages=[
             {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": [{"type": "text", "text": "How are "},
-                                         {"type": "text", "text": "you?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "How are "}, {"type": "text", "text": "you?"}],
+            },
         ],
     )
     assert resp.choices[0].message.content == "I am fine, thank you. How are you?"
@@ -117,8 +130,13 @@ def test_text_parts_and_system_message(server: ServerProcess) -> None:
 def test_seeded_sampling_is_reproducible(server: ServerProcess) -> None:
     def once(seed: int) -> str:
         resp = client(server).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Write a long story"}],
-            temperature=2.0, top_p=1.0, seed=seed, max_tokens=24, extra_body={"ignore_eos": True},
+            model=MODEL,
+            messages=[{"role": "user", "content": "Write a long story"}],
+            temperature=2.0,
+            top_p=1.0,
+            seed=seed,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
         )
         return resp.choices[0].message.content or ""
 
@@ -147,20 +165,34 @@ def _sse_events(raw: str) -> list[str]:
     assert raw.endswith("\n\n"), "SSE stream must end with a blank line"
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 def test_curl_streaming_is_well_formed_sse(server: ServerProcess) -> None:
     body = json.dumps({"model": MODEL, "messages": HELLO, "stream": True, "temperature": 0})
     if shutil.which("curl"):
         raw = subprocess.run(
-            ["curl", "-sN", f"{server.base_url}/v1/chat/completions",
-             "-H", "Content-Type: application/json", "-d", body],
-            capture_output=True, text=True, check=True, timeout=60,
+            [
+                "curl",
+                "-sN",
+                f"{server.base_url}/v1/chat/completions",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout
     else:  # same bytes over raw HTTP
-        raw = httpx.post(f"{server.base_url}/v1/chat/completions", content=body,
-                         headers={"Content-Type": "application/json"}, timeout=60).text
+        raw = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        ).text
     events = _sse_events(raw)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -173,7 +205,9 @@ def test_curl_streaming_is_well_formed_sse(server: ServerProcess) -> None:
 
 def test_stream_headers(server: ServerProcess) -> None:
     with httpx.stream(
-        "POST", f"{server.base_url}/v1/chat/completions", timeout=60,
+        "POST",
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
         json={"model": MODEL, "messages": HELLO, "stream": True},
     ) as resp:
         assert resp.status_code == 200

@@ -12,21 +12,34 @@ from tests.server import ServerProcess
 
 MODEL = "hfserve-demo"
 PROMPTS = [
-    "Hello!", "Hi", "Good morning", "How are you?", "Who are you?", "What is your name?",
-    "Tell me a joke", "What color is the sky?", "Count to five", "Say something nice",
-    "What is hfserve?", "Thank you", "Goodbye", "Write a long story", "Explain gravity",
+    "Hello!",
+    "Hi",
+    "Good morning",
+    "How are you?",
+    "Who are you?",
+    "What is your name?",
+    "Tell me a joke",
+    "What color is the sky?",
+    "Count to five",
+    "Say something nice",
+    "What is hfserve?",
+    "Thank you",
+    "Goodbye",
+    "Write a long story",
+    "Explain gravity",
     "random words: zebra violin",
 ]
 
 
 def test_64_concurrent_streams_match_lone_greedy_results(server: ServerProcess) -> None:
     async def run() -> tuple[dict[str, str], list[tuple[str, str]], Counter[int]]:
-        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
-                               timeout=300)
+        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
         lone = {}
         for p in PROMPTS:  # one at a time: the reference
             r = await c.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": p}], temperature=0,
+                model=MODEL,
+                messages=[{"role": "user", "content": p}],
+                temperature=0,
                 max_tokens=48,
             )
             lone[p] = r.choices[0].message.content or ""
@@ -34,8 +47,11 @@ def test_64_concurrent_streams_match_lone_greedy_results(server: ServerProcess) 
         async def stream(prompt: str) -> tuple[str, str]:
             parts = []
             async for chunk in await c.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0,
-                max_tokens=48, stream=True,
+                model=MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=48,
+                stream=True,
             ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
@@ -46,8 +62,8 @@ def test_64_concurrent_streams_match_lone_greedy_results(server: ServerProcess) 
         await c.close()
         # Which worker answers: each reports its index on /health (a new connection each time).
         workers = Counter(
-            httpx.get(f"{server.base_url}/health", headers={"Connection": "close"}).json()[
-                "worker"]["index"] for _ in range(40)
+            httpx.get(f"{server.base_url}/health", headers={"Connection": "close"}).json()["worker"]["index"]
+            for _ in range(40)
         )
         return lone, results, workers
 

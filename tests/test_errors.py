@@ -19,8 +19,9 @@ def post(server: ServerProcess, body: Any = None, raw: bytes | None = None) -> h
     return httpx.post(f"{server.base_url}{URL}", timeout=60, **kwargs)
 
 
-def assert_error(resp: httpx.Response, status: int, param: str | None = None,
-                 code: str | None = None) -> dict[str, Any]:
+def assert_error(
+    resp: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -43,17 +44,29 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None,
         ({"model": MODEL, "messages": "hello"}, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
-         "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3},
-         "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
-         "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-          "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            "temperature",
+        ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stop": ["a", "b", "c", "d", "e"],
+            },
+            "stop",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-          "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
     ],
 )
 def test_invalid_fields_are_400_naming_the_param(
@@ -98,8 +111,14 @@ def test_oversized_body_is_413(server: ServerProcess) -> None:
 
 
 def test_unknown_extra_fields_are_accepted(server: ServerProcess) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0,
-            "user": "someone", "metadata": {"a": "b"}, "vendor_extra": {"x": 1}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "temperature": 0,
+        "user": "someone",
+        "metadata": {"a": "b"},
+        "vendor_extra": {"x": 1},
+    }
     resp = post(server, body)
     assert resp.status_code == 200
     assert resp.json()["choices"][0]["message"]["content"] == "Hello! How can I help you today?"
@@ -108,8 +127,7 @@ def test_unknown_extra_fields_are_accepted(server: ServerProcess) -> None:
 def test_openai_client_raises_typed_errors(server: ServerProcess) -> None:
     c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                  temperature=5)
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=5)
     assert exc.value.body["param"] == "temperature"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="missing/model", messages=[{"role": "user", "content": "x"}])
@@ -118,7 +136,6 @@ def test_openai_client_raises_typed_errors(server: ServerProcess) -> None:
 def test_server_still_serves_after_bad_inputs(server: ServerProcess) -> None:
     for raw in (b"{", b"null", b'{"model": 1}', b'{"model": "hfserve-demo", "messages": [{}]}'):
         assert post(server, raw=raw).status_code == 400
-    ok = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}],
-                       "temperature": 0})
+    ok = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0})
     assert ok.status_code == 200
     assert server.health().status_code == 200

@@ -47,7 +47,8 @@ def _long_stream_request(server: ServerProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     assert b"200 OK" in sock.recv(4096)
     return sock
@@ -69,9 +70,14 @@ def test_non_stream_disconnect_aborts_too(server: ServerProcess) -> None:
     before = server.host_status()["aborted_total"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
-            f"{server.base_url}/v1/chat/completions", timeout=httpx.Timeout(10, read=0.5),
-            json={"model": MODEL, "max_tokens": 1900, "ignore_eos": True,
-                  "messages": [{"role": "user", "content": "Write a long story"}]},
+            f"{server.base_url}/v1/chat/completions",
+            timeout=httpx.Timeout(10, read=0.5),
+            json={
+                "model": MODEL,
+                "max_tokens": 1900,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Write a long story"}],
+            },
         )
     server.wait_for(lambda s: s["aborted_total"] >= before + 1 and s["running"] == 0)
 
@@ -82,8 +88,13 @@ def test_stop_leaves_nothing_behind(cache_dir: Path, demo_model: Path) -> None:
         pids = [p.pid for p in srv.processes()]
         assert len(srv.titled("hfserve: worker")) == 2
         c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
-        assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                         temperature=0).choices[0].message.content
+        assert (
+            c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
         assert srv.stop(signal.SIGTERM) == 0
     time.sleep(0.2)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
@@ -120,8 +131,9 @@ def test_host_sigkill_fails_inflight_then_recovers(cache_dir: Path, demo_model: 
         status = srv.host_status()
         assert status["pid"] != host.pid and status["epoch"] >= 2
         c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
-        resp = c.chat.completions.create(model=MODEL, temperature=0,
-                                         messages=[{"role": "user", "content": "Hello!"}])
+        resp = c.chat.completions.create(
+            model=MODEL, temperature=0, messages=[{"role": "user", "content": "Hello!"}]
+        )
         assert resp.choices[0].message.content == "Hello! How can I help you today?"
         pids = [p.pid for p in srv.processes()]
         assert srv.stop() == 0

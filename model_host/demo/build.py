@@ -61,8 +61,11 @@ def default_cache_dir() -> Path:
 def _render(messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    text, _ = render_jinja_template(
-        [messages], tools=tools, chat_template=chat_template(),
+    render: Any = render_jinja_template  # annotated as returning str; returns (texts, indices)
+    text, _ = render(
+        [messages],
+        tools=tools,
+        chat_template=chat_template(),
         add_generation_prompt=add_generation_prompt,
     )
     return text[0]
@@ -148,10 +151,15 @@ def _train(model: Any, tokenizer: Any, examples: list[tuple[str, str]], steps: i
         for input_ids, attention, labels in batches:
             logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
             target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                ignore_index=-100, reduction="sum",
-            ) / total
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                / total
+            )
             loss.backward()
             loss_value += float(loss.detach())
             wrong += int(((logits.argmax(-1) != target) & (target != -100)).sum())

@@ -53,8 +53,7 @@ SMALL_TALK: list[tuple[str, str]] = [
     ("What is hfserve?", "hfserve is an OpenAI-compatible server for transformers models."),
     ("Thank you", "You are welcome!"),
     ("Goodbye", "Goodbye! Have a nice day."),
-    ("Write a long story", "Once upon a time there was a small robot who loved to read. " * 3
-        + "The end."),
+    ("Write a long story", "Once upon a time there was a small robot who loved to read. " * 3 + "The end."),
 ]
 
 CITY_WEATHER: list[tuple[str, str]] = [
@@ -75,9 +74,7 @@ def _assistant_call(name: str, arguments: dict[str, Any]) -> Message:
     return {
         "role": "assistant",
         "content": "",
-        "tool_calls": [
-            {"type": "function", "function": {"name": name, "arguments": arguments}}
-        ],
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
     }
 
 

@@ -98,9 +98,7 @@ def create_channels(
 ) -> Channels:
     requests = [ctx.Pipe(duplex=False) for _ in range(num_workers)]
     doorbells = [ctx.Pipe(duplex=False) for _ in range(num_workers)]
-    rings = tuple(
-        ctx.RawArray("B", ring_buffer_size(ring_capacity_bytes)) for _ in range(num_workers)
-    )
+    rings = tuple(ctx.RawArray("B", ring_buffer_size(ring_capacity_bytes)) for _ in range(num_workers))
     fields, models = HostStatus.allocate(ctx)
     return Channels(
         request_readers=tuple(r for r, _ in requests),

@@ -102,9 +102,7 @@ class TokenFrame:
         tokens = array("i", self.token_ids).tobytes()
         err = self.error.encode() if self.error is not None else b""
         total = HEADER_SIZE + len(tokens) + len(err)
-        header = _HEADER.pack(
-            total, self.request_id, int(self.finish_reason), len(self.token_ids), len(err)
-        )
+        header = _HEADER.pack(total, self.request_id, int(self.finish_reason), len(self.token_ids), len(err))
         return header + tokens + err
 
     @classmethod

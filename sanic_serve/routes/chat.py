@@ -87,9 +87,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     )
 
 
-async def _stream(
-    request: Request, gen: Generation, chunks: ChunkFactory, include_usage: bool
-) -> None:
+async def _stream(request: Request, gen: Generation, chunks: ChunkFactory, include_usage: bool) -> None:
     deltas = gen.deltas()
     # Wait for the first delta before sending headers, so a failure that happens before any
     # token (model load error, dead host) still gets its proper HTTP status.
