@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -139,3 +141,21 @@ def test_server_still_serves_after_bad_inputs(server: ServerProcess) -> None:
     ok = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0})
     assert ok.status_code == 200
     assert server.health().status_code == 200
+
+
+def test_model_that_fails_to_load_is_an_error_not_a_crash(
+    server: ServerProcess, demo_model: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"this is not a safetensors file")
+    body = {"model": str(broken), "messages": [{"role": "user", "content": "Hello!"}]}
+    err = assert_error(post(server, body), 500, code="model_load_failed")
+    assert "cannot load model" in err["message"]
+    body["stream"] = True
+    assert_error(post(server, body), 500, code="model_load_failed")
+    # The host survived: the default model still answers.
+    ok = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0})
+    assert ok.json()["choices"][0]["message"]["content"] == "Hello! How can I help you today?"
+    assert server.host_status()["failed_total"] >= 2

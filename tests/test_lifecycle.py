@@ -82,19 +82,22 @@ def test_non_stream_disconnect_aborts_too(server: ServerProcess) -> None:
     server.wait_for(lambda s: s["aborted_total"] >= before + 1 and s["running"] == 0)
 
 
-def test_stop_leaves_nothing_behind(cache_dir: Path, demo_model: Path) -> None:
+def test_pinned_model_and_stop_leaves_nothing_behind(cache_dir: Path, demo_model: Path) -> None:
     shm_before = shm_entries()
-    with ServerProcess.start(cache_dir, workers=2) as srv:
+    pinned = str(demo_model)
+    with ServerProcess.start(cache_dir, workers=2, args=("--model", pinned)) as srv:
         pids = [p.pid for p in srv.processes()]
         assert len(srv.titled("hfserve: worker")) == 2
         c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
-        assert (
-            c.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0
-            )
-            .choices[0]
-            .message.content
+        assert [m.id for m in c.models.list().data] == [pinned]
+        reply = c.chat.completions.create(
+            model=pinned, messages=[{"role": "user", "content": "Hi"}], temperature=0
         )
+        assert reply.choices[0].message.content == "Hi there! What can I do for you?"
+        # Pinned: any other model, even one that exists, is refused.
+        with pytest.raises(openai.NotFoundError) as exc:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+        assert exc.value.body["code"] == "model_not_found"  # type: ignore[index]
         assert srv.stop(signal.SIGTERM) == 0
     time.sleep(0.2)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
