@@ -35,6 +35,13 @@ def start(
     trust_remote_code: bool = typer.Option(False, help="Allow models with custom code."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
     torch_threads: int = typer.Option(0, help="CPU threads for the model host (0: torch default)."),
+    max_batch_size: int = typer.Option(64, min=1, help="Requests generating at once."),
+    max_batch_tokens: int = typer.Option(
+        2048, min=16, help="Prompt tokens prefilled per step; longer prompts are chunked."
+    ),
+    max_queue: int = typer.Option(
+        256, min=0, help="Requests waiting to start, all workers together; more get 429."
+    ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
     from cli.start import DemoModelError, resolve_model_arg, serve
@@ -58,6 +65,9 @@ def start(
         trust_remote_code=trust_remote_code,
         log_level=log_level,
         torch_threads=torch_threads,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        max_queue=max_queue,
     )
     serve(config)
 

@@ -1,33 +1,41 @@
-"""The generation engine: one ``step()`` advances every running request by one token.
+"""The generation engine: iteration-level (continuous) batching.
 
-Requests join between steps (prefill, then their first token) and leave the moment they finish or
-are aborted. Each request keeps its own KV cache, so a request's tokens never depend on what else is
-running: greedy output is exactly that of a lone ``generate()``.
+Each ``step()`` runs one forward pass per running batch (normally one), so every running request
+gets one token; then it admits waiting requests: a group of prompts is prefilled together, within a
+per-step token budget, and joins the running batch. Requests leave the batch the moment they finish
+or are aborted. A prompt longer than the budget is prefilled in chunks, one per step, so it never
+stalls the others for long.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from model_host.batch import DecodeBatch, Sequence
 from model_host.ipc.messages import (
     AddRequest,
     ErrorInfo,
     ErrorKind,
     FinishReason,
-    SamplingParams,
     TokenFrame,
 )
 from model_host.registry import LoadedModel, ModelLoadError, ModelRegistry
-from model_host.sampling import make_generator, sample
 
 log = logging.getLogger(__name__)
 
 RequestKey = tuple[int, int]  # (worker index, request id): ids are unique per worker only
+_MAX_ERROR_CHARS = 2000  # frames must fit the ring; tracebacks go to the log instead
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_size: int = 64  # running requests, all models together
+    max_batch_tokens: int = 2048  # prompt tokens prefilled per step
+    max_queue: int = 256  # requests waiting to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,126 +44,176 @@ class StepOutput:
     frame: TokenFrame
 
 
-@dataclass
-class _Sequence:
-    key: RequestKey
-    model_path: str
-    prompt: list[int]
-    params: SamplingParams
-    model: LoadedModel | None = None
-    generator: torch.Generator | None = None
-    cache: Any = None
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.generated)
+def _error(seq: Sequence, kind: ErrorKind, message: str) -> StepOutput:
+    info = ErrorInfo(kind, message[:_MAX_ERROR_CHARS])
+    return StepOutput(seq.key[0], TokenFrame(seq.key[1], (), FinishReason.ERROR, info))
 
 
 class Engine:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: SchedulerLimits | None = None) -> None:
         self.registry = registry
-        self._waiting: deque[_Sequence] = deque()
-        self._running: dict[RequestKey, _Sequence] = {}
+        self.limits = limits or SchedulerLimits()
+        self._waiting: deque[Sequence] = deque()
+        self._batches: list[DecodeBatch] = []
+        self._chunking: Sequence | None = None
         self.aborted_total = 0
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return sum(len(b) for b in self._batches) + (self._chunking is not None)
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._batches or self._chunking)
 
-    def add(self, req: AddRequest) -> None:
-        key = (req.worker_index, req.request_id)
-        self._waiting.append(_Sequence(key, req.model_path, list(req.prompt_token_ids), req.sampling))
+    def add(self, req: AddRequest) -> StepOutput | None:
+        """Queue a request; returns an immediate error frame when the queue is full."""
+        seq = Sequence(
+            (req.worker_index, req.request_id), req.model_path, list(req.prompt_token_ids), req.sampling
+        )
+        if len(self._waiting) >= self.limits.max_queue:
+            return _error(seq, ErrorKind.OVERLOADED, "the server is busy: too many waiting requests")
+        self._waiting.append(seq)
+        return None
 
     def abort(self, key: RequestKey) -> bool:
-        if self._running.pop(key, None) is not None:
-            self.aborted_total += 1
-            return True
         for seq in self._waiting:
             if seq.key == key:
                 self._waiting.remove(seq)
-                self.aborted_total += 1
-                return True
+                return self._count_abort()
+        if self._chunking is not None and self._chunking.key == key:
+            self._chunking = None
+            return self._count_abort()
+        for batch in self._batches:
+            keep = [i for i, s in enumerate(batch.seqs) if s.key != key]
+            if len(keep) < len(batch):
+                self._shrink(batch, keep)
+                return self._count_abort()
         return False
 
     def abort_worker(self, worker_index: int) -> int:
-        """Drop every request of a worker that went away (its pipe closed)."""
-        keys = [k for k in self._running if k[0] == worker_index]
-        keys += [s.key for s in self._waiting if s.key[0] == worker_index]
-        return sum(self.abort(k) for k in keys)
+        """Drop every request of a worker that went away for good."""
+        keys = [s.key for s in self._waiting] + [s.key for b in self._batches for s in b.seqs]
+        if self._chunking is not None:
+            keys.append(self._chunking.key)
+        return sum(self.abort(k) for k in keys if k[0] == worker_index)
 
+    def _count_abort(self) -> bool:
+        self.aborted_total += 1
+        return True
+
+    def _shrink(self, batch: DecodeBatch, keep: list[int]) -> None:
+        if keep:
+            batch.filter(keep)
+        else:
+            self._batches.remove(batch)
+
+    # -- the step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        decoding = list(self._running.values())
-        while self._waiting:
-            seq = self._waiting.popleft()
-            out = self._guarded(seq, self._prefill)
-            outputs.append(out)
-            if out.frame.finish_reason is FinishReason.NONE:
-                self._running[seq.key] = seq
-        for seq in decoding:
-            out = self._guarded(seq, self._decode)
-            outputs.append(out)
-            if out.frame.finish_reason is not FinishReason.NONE:
-                self._running.pop(seq.key, None)
+        for batch in list(self._batches):
+            try:
+                tokens = batch.sample(batch.decode())
+            except Exception as exc:  # a failing forward ends that batch's requests, not the host
+                log.exception("decode step failed")
+                outputs += [_error(s, ErrorKind.GENERATION_FAILED, repr(exc)) for s in batch.seqs]
+                self._batches.remove(batch)
+                continue
+            outputs += self._emit(batch, tokens)
+        for batch, logits in self._admit(outputs):
+            outputs += self._emit(batch, batch.sample(logits))
+            if not len(batch):
+                continue
+            host = next((b for b in self._batches if b.can_join(batch)), None)
+            if host is not None:
+                host.concatenate(batch)
+            else:
+                self._batches.append(batch)
         return outputs
 
-    # -- per-sequence work -----------------------------------------------------------------------
-    def _guarded(self, seq: _Sequence, work: Any) -> StepOutput:
-        """Run one piece of work; a failure ends this request with an error frame, nothing else."""
+    def _emit(self, batch: DecodeBatch, tokens: list[int]) -> list[StepOutput]:
+        """One frame per row; finished rows leave the batch at once."""
+        outputs: list[StepOutput] = []
+        keep: list[int] = []
+        for i, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
+            params = seq.params
+            if token in params.stop_token_ids:
+                reason = FinishReason.STOP
+            elif len(seq.generated) >= params.max_new_tokens or seq.length >= batch.model.max_context:
+                reason = FinishReason.LENGTH
+            else:
+                reason = FinishReason.NONE
+                keep.append(i)
+            outputs.append(StepOutput(seq.key[0], TokenFrame(seq.key[1], (token,), reason)))
+        self._shrink(batch, keep)
+        return outputs
+
+    # -- admission -------------------------------------------------------------------------------
+    def _admit(self, outputs: list[StepOutput]) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        """Prefill what the limits allow this step. Failures become error frames in ``outputs``."""
+        if self._chunking is not None:
+            return self._continue_chunking(outputs)
+        budget = self.limits.max_batch_tokens
+        room = self.limits.max_batch_size - self.num_running
+        group: list[Sequence] = []
+        model: LoadedModel | None = None
+        while self._waiting and room > len(group):
+            seq = self._waiting[0]
+            if model is not None and seq.model_path != model.path:
+                break  # one model per prefill; the next step takes the others
+            try:
+                candidate = self.registry.get(seq.model_path)
+            except ModelLoadError as exc:
+                self._waiting.popleft()
+                outputs.append(_error(seq, ErrorKind.MODEL_LOAD_FAILED, str(exc)))
+                continue
+            if len(seq.prompt) >= candidate.max_context:
+                self._waiting.popleft()
+                outputs.append(
+                    _error(
+                        seq,
+                        ErrorKind.INVALID_REQUEST,
+                        f"prompt of {len(seq.prompt)} tokens does not fit the "
+                        f"model's context of {candidate.max_context}",
+                    )
+                )
+                continue
+            if len(seq.prompt) > budget:
+                if group:
+                    break
+                self._chunking = self._waiting.popleft()
+                return self._continue_chunking(outputs)
+            model = candidate
+            group.append(self._waiting.popleft())
+            budget -= len(seq.prompt)
+        if not group:
+            return []
+        assert model is not None
         try:
-            token = work(seq)
-        except ModelLoadError as exc:
-            return self._error(seq, ErrorKind.MODEL_LOAD_FAILED, str(exc))
-        except Exception as exc:  # a bad request must never take the host down
-            log.exception("generation failed for request %s", seq.key)
-            return self._error(seq, ErrorKind.GENERATION_FAILED, f"{type(exc).__name__}: {exc}")
-        return StepOutput(seq.key[0], TokenFrame(seq.key[1], (token,), self._finish_reason(seq)))
+            return [DecodeBatch.prefill(model, group)]
+        except Exception as exc:
+            log.exception("prefill failed")
+            outputs += [_error(s, ErrorKind.GENERATION_FAILED, repr(exc)) for s in group]
+            return []
 
-    def _error(self, seq: _Sequence, kind: ErrorKind, message: str) -> StepOutput:
-        seq.cache = None
-        frame = TokenFrame(seq.key[1], (), FinishReason.ERROR, ErrorInfo(kind, message))
-        return StepOutput(seq.key[0], frame)
-
-    def _prefill(self, seq: _Sequence) -> int:
-        seq.model = self.registry.get(seq.model_path)
-        if len(seq.prompt) >= seq.model.max_context:
-            raise ValueError(
-                f"prompt of {len(seq.prompt)} tokens does not fit the context of {seq.model.max_context}"
-            )
-        seq.generator = make_generator(seq.params, seq.model.device)
-        ids = torch.tensor([seq.prompt], device=seq.model.device)
-        return self._forward(seq, ids)
-
-    def _decode(self, seq: _Sequence) -> int:
-        assert seq.model is not None
-        ids = torch.tensor([[seq.generated[-1]]], device=seq.model.device)
-        return self._forward(seq, ids)
-
-    def _forward(self, seq: _Sequence, ids: torch.Tensor) -> int:
-        assert seq.model is not None
-        kwargs = {seq.model.cache_arg: seq.cache}
-        out = seq.model.model(input_ids=ids, use_cache=True, **kwargs)
-        seq.cache = out[seq.model.cache_arg]
-        token = sample(out.logits[:, -1, :], [seq.params], [seq.generator])[0]
-        seq.generated.append(token)
-        return token
-
-    def _finish_reason(self, seq: _Sequence) -> FinishReason:
-        assert seq.model is not None
-        if seq.generated[-1] in seq.params.stop_token_ids:
-            reason = FinishReason.STOP
-        elif len(seq.generated) >= seq.params.max_new_tokens or seq.length >= seq.model.max_context:
-            reason = FinishReason.LENGTH
-        else:
-            return FinishReason.NONE
-        seq.cache = None  # free the KV memory now, not when the dict entry goes
-        return reason
+    def _continue_chunking(self, outputs: list[StepOutput]) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        seq = self._chunking
+        assert seq is not None
+        try:
+            model = self.registry.get(seq.model_path)
+            done = DecodeBatch.prefill_chunk(model, seq, self.limits.max_batch_tokens)
+        except Exception as exc:
+            log.exception("chunked prefill failed")
+            self._chunking = None
+            load_failed = isinstance(exc, ModelLoadError)
+            kind = ErrorKind.MODEL_LOAD_FAILED if load_failed else ErrorKind.GENERATION_FAILED
+            outputs.append(_error(seq, kind, str(exc)))
+            return []
+        if done is None:
+            return []
+        self._chunking = None
+        return [done]

@@ -18,7 +18,7 @@ from types import FrameType
 
 import torch
 
-from model_host.engine import Engine, StepOutput
+from model_host.engine import Engine, SchedulerLimits, StepOutput
 from model_host.ipc.channels import HostSide
 from model_host.ipc.doorbell import Doorbell
 from model_host.ipc.launch import HostSettings
@@ -75,7 +75,10 @@ class ModelHost:
             for ring, bell in zip(side.rings, side.doorbell_writers, strict=True)
         ]
         self.registry = ModelRegistry(settings.device, settings.dtype, settings.trust_remote_code)
-        self.engine = Engine(self.registry)
+        self.engine = Engine(
+            self.registry,
+            SchedulerLimits(settings.max_batch_size, settings.max_batch_tokens, settings.max_queue),
+        )
         self.settings = settings
         self.epoch = 0
         self.stopping = threading.Event()
@@ -127,7 +130,9 @@ class ModelHost:
                 err = ErrorInfo(ErrorKind.ENGINE_DEAD, "the model host restarted; retry")
                 self.outboxes[msg.worker_index].put(TokenFrame(msg.request_id, (), FinishReason.ERROR, err))
             else:
-                self.engine.add(msg)
+                refused = self.engine.add(msg)
+                if refused is not None:
+                    self._deliver([refused])
         elif isinstance(msg, AbortRequest):
             self.engine.abort((msg.worker_index, msg.request_id))
         else:

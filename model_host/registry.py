@@ -45,7 +45,24 @@ class LoadedModel:
     # transformers 5.2x renamed the forward argument ``past_key_values`` to ``cache``; remote-code
     # models may still use the old name.
     cache_arg: str = "cache"
+    keeps_last_logits: bool = True  # forward() takes ``logits_to_keep``
     loaded_at_s: float = field(default_factory=time.monotonic)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """One forward pass; returns the last position's logits ([B, V]) and the grown cache."""
+        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if self.keeps_last_logits:
+            kwargs["logits_to_keep"] = 1  # a prefill needs no logits but the last position's
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        return out.logits[:, -1, :], out[self.cache_arg]
 
 
 class ModelRegistry:
@@ -79,7 +96,7 @@ class ModelRegistry:
         )
         params = inspect.signature(model.forward).parameters
         cache_arg = "cache" if "cache" in params else "past_key_values"
-        loaded = LoadedModel(path, model, self.device, max_context, cache_arg)
+        loaded = LoadedModel(path, model, self.device, max_context, cache_arg, "logits_to_keep" in params)
         self._models[path] = loaded
         log.info(
             "loaded %s on %s (%s) in %.2f s",

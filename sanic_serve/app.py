@@ -91,6 +91,7 @@ def create_app(config: ServerConfig) -> Sanic:
     app.config.REQUEST_MAX_SIZE = config.max_request_bytes
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
+    app.ctx.config = config
     for bp in (chat.bp, models.bp, health.bp):
         app.blueprint(bp)
 

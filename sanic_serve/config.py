@@ -24,6 +24,9 @@ class ServerConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     torch_threads: int = 0
+    max_batch_size: int = 64
+    max_batch_tokens: int = 2048
+    max_queue: int = 256
 
     def host_settings(self) -> HostSettings:
         preload = (self.default_model_path,) if self.default_model_path else ()
@@ -34,4 +37,7 @@ class ServerConfig:
             preload=preload,
             log_level=self.log_level,
             torch_threads=self.torch_threads,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_queue=self.max_queue,
         )

@@ -54,9 +54,19 @@ class ModelNotFound(NotFound):
         )
 
 
-class Overloaded(APIError):
+class Unavailable(APIError):
     status = 503
     type = "server_error"
+
+
+class Overloaded(APIError):
+    """Too many waiting requests: retry shortly (the ``Retry-After`` header says when)."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, code="server_overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
 class ServerError(APIError):
@@ -74,8 +84,10 @@ def from_host_error(info: ErrorInfo) -> APIError:
         return NotFound(info.message, param="model", code="model_not_found")
     if info.kind is ErrorKind.INVALID_REQUEST:
         return InvalidRequest(info.message)
-    if info.kind in (ErrorKind.ENGINE_DEAD, ErrorKind.OVERLOADED):
-        return Overloaded(info.message, code="engine_unavailable")
+    if info.kind is ErrorKind.OVERLOADED:
+        return Overloaded(info.message)
+    if info.kind is ErrorKind.ENGINE_DEAD:
+        return Unavailable(info.message, code="engine_unavailable")
     if info.kind is ErrorKind.MODEL_LOAD_FAILED:
         return ServerError(info.message, code="model_load_failed")
     return ServerError(info.message, code="generation_failed")

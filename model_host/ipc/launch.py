@@ -19,6 +19,9 @@ class HostSettings:
     preload: tuple[str, ...] = ()  # local model folders to load at start
     log_level: str = "INFO"
     torch_threads: int = 0  # 0: torch's default
+    max_batch_size: int = 64  # running requests
+    max_batch_tokens: int = 2048  # prompt tokens prefilled per step
+    max_queue: int = 256  # waiting requests, all workers together
 
 
 def run_host(side: HostSide, settings: HostSettings) -> None:

@@ -11,7 +11,9 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, JSONResponse, json
 
 from model_host.ipc import HostClient, SamplingParams
-from sanic_serve.errors import APIError, InvalidRequest
+from model_host.ipc.status import StatusField
+from sanic_serve.config import ServerConfig
+from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelResolver
 from sanic_serve.prompt import completion_budget, render_chat
@@ -33,15 +35,31 @@ def parse_json_body(request: Request) -> Any:
 async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
     models: ModelResolver = request.app.ctx.models
     client: HostClient = request.app.ctx.client
+    config: ServerConfig = request.app.ctx.config
+    # Refuse at once when the host's queue is already full (the host enforces it too, exactly).
+    if client.status.get(StatusField.WAITING) >= config.max_queue:
+        raise Overloaded("The server is busy: too many waiting requests. Retry shortly.")
     bundle = await models.resolve(req.model)
     prompt_ids = render_chat(bundle, [m.for_template() for m in req.messages])
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     temperature = req.temperature if req.temperature is not None else bundle.default_temperature
+    bias = req.bias_pairs()
+    vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
+    if any(token >= vocab for token, _ in bias):
+        raise InvalidRequest(
+            f"logit_bias names a token id outside the vocabulary of {vocab}.", param="logit_bias"
+        )
     sampling = SamplingParams(
         max_new_tokens=budget,
         temperature=temperature,
         top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
         seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        logit_bias=bias,
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )
     return Generation(client, bundle, prompt_ids, sampling, req.stop_strings)

@@ -1,0 +1,167 @@
+"""A running batch: sequences of one model sharing one left-padded KV cache.
+
+Modelled on TGI's Python server: a batch is built by a (batched) prefill, advanced one token per
+step by a single forward pass, shrunk with :meth:`DecodeBatch.filter` when sequences finish, and
+grown with :meth:`DecodeBatch.concatenate` when newly prefilled sequences join. Rows are
+left-padded: ``attention_mask`` marks real tokens, ``lengths`` counts them, and each row's next
+position is its own length, so padding changes no row's positions.
+
+Only caches made entirely of plain ``DynamicLayer`` tensors can be padded and joined; any other
+cache (sliding windows, recurrent state) keeps one sequence per batch, which still runs every
+sequence each step, just without sharing a forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model_host.sampling import SamplingBatch
+
+
+@dataclass
+class Sequence:
+    """One request inside the host."""
+
+    key: tuple[int, int]  # (worker index, request id)
+    model_path: str
+    prompt: list[int]
+    params: Any  # SamplingParams
+    generated: list[int] = field(default_factory=list)
+    # Chunked prefill of a long prompt: the cache so far and how many prompt tokens it holds.
+    prefill_cache: Any = None
+    prefilled: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+
+def _joinable(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+    return F.pad(t, pad)
+
+
+class DecodeBatch:
+    def __init__(
+        self,
+        model: Any,
+        seqs: list[Sequence],
+        cache: Any,
+        attention_mask: torch.Tensor,
+        sampling: SamplingBatch,
+    ) -> None:
+        self.model = model  # LoadedModel
+        self.seqs = seqs
+        self.cache = cache
+        self.attention_mask = attention_mask  # [B, T] long, T = cache length
+        self.lengths = attention_mask.sum(dim=-1)  # [B] real tokens per row
+        self.sampling = sampling
+        self.joinable = _joinable(cache)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    # -- building --------------------------------------------------------------------------------
+    @classmethod
+    def prefill(cls, model: Any, seqs: list[Sequence]) -> tuple[DecodeBatch, torch.Tensor]:
+        """Run the prompts of ``seqs`` together; returns the batch and last-position logits."""
+        device = model.device
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt, device=device)
+            mask[i, width - len(s.prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = model.forward(ids, mask, positions, None)
+        sampling = SamplingBatch.build(
+            [s.params for s in seqs], [s.prompt for s in seqs], logits.shape[-1], device
+        )
+        return cls(model, seqs, cache, mask, sampling), logits
+
+    @classmethod
+    def prefill_chunk(
+        cls, model: Any, seq: Sequence, chunk_tokens: int
+    ) -> tuple[DecodeBatch, torch.Tensor] | None:
+        """Advance a long prompt by one chunk; returns the batch once the whole prompt is in."""
+        start = seq.prefilled
+        end = min(len(seq.prompt), start + chunk_tokens)
+        ids = torch.tensor([seq.prompt[start:end]], device=model.device)
+        positions = torch.arange(start, end, device=model.device)[None, :]
+        logits, seq.prefill_cache = model.forward(ids, None, positions, seq.prefill_cache)
+        seq.prefilled = end
+        if end < len(seq.prompt):
+            return None
+        mask = torch.ones((1, end), dtype=torch.long, device=model.device)
+        sampling = SamplingBatch.build([seq.params], [seq.prompt], logits.shape[-1], model.device)
+        cache, seq.prefill_cache = seq.prefill_cache, None
+        return cls(model, [seq], cache, mask, sampling), logits
+
+    # -- stepping --------------------------------------------------------------------------------
+    def decode(self) -> torch.Tensor:
+        """One forward pass for every row's last token; returns [B, V] logits."""
+        device = self.model.device
+        last = torch.tensor([[s.generated[-1]] for s in self.seqs], device=device)
+        ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=device)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        positions = self.lengths[:, None]
+        logits, self.cache = self.model.forward(last, self.attention_mask, positions, self.cache)
+        self.lengths = self.lengths + 1
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> list[int]:
+        tokens = self.sampling.sample(logits)
+        self.sampling.record(tokens)
+        out: list[int] = tokens.tolist()
+        for seq, token in zip(self.seqs, out, strict=True):
+            seq.generated.append(token)
+        return out
+
+    # -- joining and leaving ---------------------------------------------------------------------
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows in ``keep`` and drop padding columns no remaining row needs."""
+        if len(keep) == len(self.seqs):
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.attention_mask = self.attention_mask.index_select(0, idx)
+        self.lengths = self.lengths.index_select(0, idx)
+        self.sampling.filter(keep)
+        if self.joinable:
+            lead = int(self.attention_mask.shape[1] - self.lengths.max())
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
+                layer.values = layer.values.index_select(0, idx)[:, :, lead:]
+            self.attention_mask = self.attention_mask[:, lead:]
+        else:
+            self.cache.batch_select_indices(idx)
+
+    def can_join(self, other: DecodeBatch) -> bool:
+        return self.joinable and other.joinable and self.model is other.model
+
+    def concatenate(self, other: DecodeBatch) -> None:
+        """Append ``other``'s rows, left-padding whichever side has the shorter cache."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.attention_mask = torch.cat(
+            [_pad_left(self.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)]
+        )
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.seqs += other.seqs
+        self.sampling.concatenate(other.sampling)
