@@ -74,7 +74,9 @@ class Engine:
         seq = Sequence(
             (req.worker_index, req.request_id), req.model_path, list(req.prompt_token_ids), req.sampling
         )
-        if len(self._waiting) >= self.limits.max_queue:
+        # Requests that will start at the next step (free batch slots) are not queued behind anyone.
+        free_slots = max(0, self.limits.max_batch_size - self.num_running)
+        if len(self._waiting) >= self.limits.max_queue + free_slots:
             return _error(seq, ErrorKind.OVERLOADED, "the server is busy: too many waiting requests")
         self._waiting.append(seq)
         return None

@@ -65,7 +65,9 @@ class SamplingBatch:
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
             for i, prompt in enumerate(prompts):
-                ids = torch.tensor([t for t in prompt if 0 <= t < vocab_size], device=device)
+                ids = torch.tensor(
+                    [t for t in prompt if 0 <= t < vocab_size], dtype=torch.long, device=device
+                )
                 seen[i, ids] = True
         if any(p.logit_bias for p in params):
             bias = torch.zeros((rows, vocab_size), dtype=torch.float32, device=device)
