@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from enum import StrEnum
+from pathlib import Path
 
+import httpx
 import typer
 
 app = typer.Typer(help="hfserve: an OpenAI-compatible server for Hugging Face transformers models.")
@@ -37,7 +39,9 @@ def start(
     torch_threads: int = typer.Option(0, help="CPU threads for the model host (0: torch default)."),
     max_batch_size: int = typer.Option(64, min=1, help="Requests generating at once."),
     max_batch_tokens: int = typer.Option(
-        2048, min=16, help="Prompt tokens prefilled per step; longer prompts are chunked."
+        0,
+        min=0,
+        help="Prompt tokens prefilled per step; longer prompts are chunked. 0: 256 on CPU, 4096 on GPU.",
     ),
     max_queue: int = typer.Option(
         256, min=0, help="Requests waiting to start, all workers together; more get 429."
@@ -70,6 +74,97 @@ def start(
         max_queue=max_queue,
     )
     serve(config)
+
+
+@app.command()
+def bench(
+    base_url: str = typer.Option("http://127.0.0.1:8000", help="Any OpenAI-compatible server."),
+    model: str | None = typer.Option(None, help="Model to request (default: the first listed)."),
+    concurrency: str = typer.Option("1,8,32", help="Concurrent streams; a comma list sweeps."),
+    num_prompts: int = typer.Option(64, min=1, help="Requests per concurrency level."),
+    input_len: int = typer.Option(40, min=1, help="Prompt length: tokens with --tokenizer, else words."),
+    output_len: int = typer.Option(64, min=1, help="Tokens to generate (max_tokens, ignore_eos)."),
+    request_rate: float = typer.Option(float("inf"), help="Requests/s, Poisson arrivals (inf: all at once)."),
+    seed: int = typer.Option(0, help="Prompt and arrival seed."),
+    tokenizer: str | None = typer.Option(None, help="tokenizer.json or model folder for exact lengths."),
+    label: str = typer.Option("server", help="Name of this server in results and plots."),
+    out: Path | None = typer.Option(None, help="Write JSON results here."),
+    plot: Path | None = typer.Option(None, help="Write a PNG plot here."),
+    ignore_eos: bool = typer.Option(True, help="Send ignore_eos for a fixed output length."),
+) -> None:
+    """Measure throughput and latency of a running server under streaming load."""
+    from rich.console import Console
+
+    from cli.bench import BenchConfig, run_bench
+    from cli.bench_plot import table
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter("--concurrency takes integers, e.g. 1,8,32") from exc
+    console = Console()
+    cfg = BenchConfig(
+        base_url,
+        model,
+        levels,
+        num_prompts,
+        input_len,
+        output_len,
+        request_rate,
+        seed,
+        tokenizer,
+        label,
+        out,
+        plot,
+    )
+    try:
+        report = run_bench(cfg, console)
+    except (OSError, RuntimeError, httpx.HTTPError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(table([report]))
+    if any(run["failed"] for run in report["runs"]):
+        console.print("[yellow]some requests failed:[/yellow]", [r["errors"] for r in report["runs"]])
+
+
+@app.command()
+def chat(
+    base_url: str = typer.Argument("http://127.0.0.1:8000", help="The server (any OpenAI-compatible)."),
+    model: str | None = typer.Option(None, help="Model to talk to (default: the server's first)."),
+    api_key: str = typer.Option("", envvar="OPENAI_API_KEY", help="Sent as a bearer token."),
+    prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot: answer this and exit."),
+    as_json: bool = typer.Option(False, "--json", help="One-shot: print the final response object."),
+    system: str | None = typer.Option(None, help="System prompt."),
+    temperature: float | None = typer.Option(None, min=0.0, max=2.0),
+    top_p: float | None = typer.Option(None, min=0.0, max=1.0),
+    max_tokens: int | None = typer.Option(None, min=1),
+    seed: int | None = typer.Option(None),
+    mcp_config: Path | None = typer.Option(None, exists=True, dir_okay=False, help="MCP servers (JSON)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Run tool calls without asking."),
+    max_tool_rounds: int = typer.Option(5, min=0, help="Model → tools → model rounds per message."),
+    save_dir: Path = typer.Option(
+        Path.home() / ".local" / "share" / "hfserve" / "chats", help="Where !save and history go."
+    ),
+) -> None:
+    """Chat with a server: streamed replies, !-commands, MCP tools."""
+    from cli.chat.main import run_interactive, run_one_shot
+    from cli.chat.session import ChatSession
+
+    settings = {
+        k: v
+        for k, v in {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "seed": seed,
+        }.items()
+        if v is not None
+    }
+    session = ChatSession(base_url, api_key, model, settings)
+    session.system = system
+    if prompt is not None:
+        raise typer.Exit(run_one_shot(session, prompt, as_json, mcp_config, max_tool_rounds))
+    raise typer.Exit(run_interactive(session, save_dir, mcp_config, not yes, max_tool_rounds))
 
 
 if __name__ == "__main__":

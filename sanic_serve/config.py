@@ -25,7 +25,7 @@ class ServerConfig:
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     torch_threads: int = 0
     max_batch_size: int = 64
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = 0  # 0: chosen by the host for its device
     max_queue: int = 256
 
     def host_settings(self) -> HostSettings:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, ModelNotFound
+from sanic_serve.tool_parsers import detect_parser
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ModelBundle:
     max_context: int
     default_temperature: float = 1.0
     default_top_p: float = 1.0
+    tool_parser: str | None = None  # see sanic_serve.tool_parsers
     created: int = field(default_factory=lambda: int(time.time()))
 
     def encode(self, text: str) -> list[int]:
@@ -101,13 +103,15 @@ def load_bundle(model_id: str, folder: Path) -> ModelBundle:
     # Like vLLM, defaults come from the model's generation config: a model published for greedy
     # decoding (do_sample false) answers greedily unless the request asks otherwise.
     sampled = bool(gen_config.get("do_sample", False)) if gen_config else True
+    template = _chat_template(folder, tok_config)
     return ModelBundle(
+        tool_parser=detect_parser(template),
         default_temperature=float(gen_config.get("temperature", 1.0)) if sampled else 0.0,
         default_top_p=float(gen_config.get("top_p", 1.0)) if sampled else 1.0,
         id=model_id,
         path=str(folder.resolve()),
         tokenizer=tokenizer,
-        chat_template=_chat_template(folder, tok_config),
+        chat_template=template,
         special_tokens=special,
         stop_token_ids=tuple(sorted(stop_ids)),
         max_context=max_context,

@@ -51,6 +51,27 @@ class ChatMessage(BaseModel):
         return msg
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
@@ -74,8 +95,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -101,6 +120,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Common extensions (vLLM, llama.cpp, TGI).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -135,6 +157,12 @@ class ChatCompletionRequest(BaseModel):
     def stop_strings(self) -> list[str]:
         return self.stop if isinstance(self.stop, list) else []
 
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """Tools for the chat template; ``tool_choice: none`` offers none, so none is called."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -166,6 +194,13 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         first = exc.errors()[0]
         param = _param_name(tuple(first["loc"]))
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+    if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
+        # Forcing a call needs constrained decoding; refusing beats a silently optional call.
+        raise InvalidRequest(
+            "tool_choice 'required' or a named function is not supported by this server yet.",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     for name, value in (req.model_extra or {}).items():
         if name in _UNSUPPORTED_DEFAULTS:
             if value not in _UNSUPPORTED_DEFAULTS[name]:

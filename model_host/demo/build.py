@@ -42,6 +42,8 @@ class ModelSpec:
     max_position_embeddings: int = 2048
     train_steps: int = 0
     seed: int = 0
+    # Feed the tokenizer trainer synthetic text too, so a large vocab_size is really reached.
+    synthetic_vocab_text: bool = False
 
 
 DEMO_SPEC = ModelSpec(train_steps=800)
@@ -188,6 +190,8 @@ def build_model(out_dir: Path, spec: ModelSpec) -> Path:
     torch.manual_seed(spec.seed)
     examples = _examples()
     texts = [p + r for p, r in examples] + [corpus.EXTRA_TOKENIZER_TEXT]
+    if spec.synthetic_vocab_text:
+        texts += [" ".join(f"{w}{i}" for w in ("a", "item", "x", "no", "z")) for i in range(20000)]
     tokenizer = build_tokenizer(out_dir, spec.vocab_size, texts)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(

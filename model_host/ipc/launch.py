@@ -20,7 +20,7 @@ class HostSettings:
     log_level: str = "INFO"
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = 64  # running requests
-    max_batch_tokens: int = 2048  # prompt tokens prefilled per step
+    max_batch_tokens: int = 0  # prompt tokens prefilled per step; 0: by device (see process.py)
     max_queue: int = 256  # waiting requests, all workers together
 
 

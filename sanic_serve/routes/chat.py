@@ -12,6 +12,7 @@ from sanic.response import HTTPResponse, JSONResponse, json
 
 from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
+from sanic_serve.chat_output import ChoiceAssembler
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation import Delta, Generation
@@ -40,7 +41,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
     if client.status.get(StatusField.WAITING) >= config.max_queue:
         raise Overloaded("The server is busy: too many waiting requests. Retry shortly.")
     bundle = await models.resolve(req.model)
-    prompt_ids = render_chat(bundle, [m.for_template() for m in req.messages])
+    prompt_ids = render_chat(bundle, [m.for_template() for m in req.messages], req.offered_tools())
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     temperature = req.temperature if req.temperature is not None else bundle.default_temperature
     bias = req.bias_pairs()
@@ -79,11 +80,16 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     gen = await prepare(request, req)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    parser = gen.bundle.tool_parser if req.offered_tools() else None
+    out = ChoiceAssembler(parser, parallel_tool_calls=req.parallel_tool_calls is not False)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        await _stream(request, gen, ChunkFactory(completion_id, created, req.model), include_usage)
+        chunks = ChunkFactory(completion_id, created, req.model)
+        await _stream(request, gen, out, chunks, include_usage)
         return None
-    text = "".join([d.text async for d in gen.deltas()])
+    async for delta in gen.deltas():
+        out.feed(delta.text)
+    out.finish()
     return json(
         {
             "id": completion_id,
@@ -94,9 +100,9 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": out.message(),
                     "logprobs": None,
-                    "finish_reason": gen.finish_reason,
+                    "finish_reason": out.finish_reason(gen.finish_reason),
                 }
             ],
             "usage": usage(gen),
@@ -105,7 +111,9 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     )
 
 
-async def _stream(request: Request, gen: Generation, chunks: ChunkFactory, include_usage: bool) -> None:
+async def _stream(
+    request: Request, gen: Generation, out: ChoiceAssembler, chunks: ChunkFactory, include_usage: bool
+) -> None:
     deltas = gen.deltas()
     # Wait for the first delta before sending headers, so a failure that happens before any
     # token (model load error, dead host) still gets its proper HTTP status.
@@ -119,10 +127,15 @@ async def _stream(request: Request, gen: Generation, chunks: ChunkFactory, inclu
     try:
         delta: Delta | None = first
         while delta is not None:
-            if delta.text:
-                await response.send(event(chunks.chunk({"content": delta.text})))
+            parsed = out.feed(delta.text)
             if delta.finish_reason is not None:
-                await response.send(event(chunks.chunk({}, delta.finish_reason)))
+                rest = out.finish()
+                parsed.content += rest.content
+                parsed.calls += rest.calls
+            for payload in out.stream_deltas(parsed):
+                await response.send(event(chunks.chunk(payload)))
+            if delta.finish_reason is not None:
+                await response.send(event(chunks.chunk({}, out.finish_reason(delta.finish_reason))))
             delta = await anext(deltas, None)
     except APIError as exc:
         # Headers are gone already: report the error in-band, as OpenAI does.

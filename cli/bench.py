@@ -1,0 +1,254 @@
+"""``hfserve bench``: a streaming load generator for any OpenAI-compatible server.
+
+Metrics follow ``vllm bench serve``: TTFT is the time to the first chunk with content; ITL the gaps
+between content chunks; TPOT ``(E2E - TTFT) / (output tokens - 1)``; request and output-token
+throughput over the run's wall time; mean, p50, p90 and p99 of each latency in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+_WORDS = (
+    "the of and to in is was he for it with as his on be at by had are but from or have an they "
+    "which one you were her all she there would their we him been has when who will more no if out "
+    "so said what up its about into than them can only other new some could time these two may then "
+    "do first any my now such like our over man me even most made after also did many before must "
+    "through back years where much your way well down should because each just those people how too"
+).split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def make_prompts(count: int, input_len: int, seed: int, tokenizer_path: str | None) -> list[str]:
+    """Random prompts of ``input_len`` tokens (with a tokenizer) or words (without one)."""
+    rng = random.Random(seed)
+    if tokenizer_path is None:
+        return [" ".join(rng.choice(_WORDS) for _ in range(input_len)) for _ in range(count)]
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    usable = [i for tkn, i in tok.get_vocab().items() if tkn not in special]
+    return [tok.decode([rng.choice(usable) for _ in range(input_len)]) for _ in range(count)]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000.0
+
+    return {
+        "mean": statistics.fmean(ordered) * 1000.0,
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+    }
+
+
+async def stream_one(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int, ignore_eos: bool
+) -> RequestResult:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": output_len,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:  # an extension (vLLM, hfserve); strict servers refuse unknown fields
+        body["ignore_eos"] = True
+    started = time.perf_counter()
+    stamps: list[float] = []
+    usage: dict[str, Any] | None = None
+    done = finished = False
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                return RequestResult(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                if not line.startswith("data: ") or done:
+                    continue
+                chunk = orjson.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(False, error=str(chunk["error"]))
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        stamps.append(time.perf_counter())
+                    # Some servers end with the finish chunk and no [DONE].
+                    finished = finished or bool(choice.get("finish_reason"))
+    except httpx.HTTPError as exc:
+        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+    end = time.perf_counter()
+    if not (done or finished):
+        return RequestResult(False, error="stream ended without a finish reason or [DONE]")
+    # Servers that send no usage: one content chunk per token, as they stream.
+    output_tokens = int(usage["completion_tokens"]) if usage else len(stamps)
+    return RequestResult(
+        ok=True,
+        prompt_tokens=int(usage["prompt_tokens"]) if usage else 0,
+        output_tokens=output_tokens,
+        # Tokens that decode to no text (special tokens of a random model) make no content chunk.
+        ttft_s=(stamps[0] if stamps else end) - started,
+        e2e_s=end - started,
+        itl_s=[b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+    )
+
+
+async def run_level(
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    output_len: int,
+    concurrency: int,
+    request_rate: float,
+    seed: int,
+    ignore_eos: bool = True,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """One measurement: all prompts, at most ``concurrency`` in flight, Poisson arrivals."""
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def one(prompt: str) -> RequestResult:
+            async with gate:
+                result = await stream_one(client, url, model, prompt, output_len, ignore_eos)
+            if progress is not None:
+                progress()
+            return result
+
+        started = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(prompt)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - started
+    return summarize(results, duration, concurrency, request_rate)
+
+
+def summarize(
+    results: list[RequestResult], duration_s: float, concurrency: int, request_rate: float
+) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in done)
+    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    return {
+        "concurrency": concurrency,
+        "request_rate": None if request_rate == float("inf") else request_rate,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration_s,
+        "total_input_tokens": sum(r.prompt_tokens for r in done),
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(done) / duration_s if duration_s else 0.0,
+        "output_throughput": out_tokens / duration_s if duration_s else 0.0,
+        "ttft_ms": percentiles([r.ttft_s for r in done]),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles([gap for r in done for gap in r.itl_s]),
+        "e2e_ms": percentiles([r.e2e_s for r in done]),
+    }
+
+
+@dataclass
+class BenchConfig:
+    base_url: str
+    model: str | None
+    concurrency: list[int]
+    num_prompts: int
+    input_len: int
+    output_len: int
+    request_rate: float
+    seed: int
+    tokenizer: str | None
+    label: str
+    out: Path | None
+    plot: Path | None
+    ignore_eos: bool = True
+
+
+def discover_model(base_url: str) -> str:
+    resp = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30)
+    resp.raise_for_status()
+    data = resp.json()["data"]
+    if not data:
+        raise RuntimeError("the server lists no models; pass --model")
+    return str(data[0]["id"])
+
+
+def run_bench(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    model = cfg.model or discover_model(cfg.base_url)
+    prompts = make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed, cfg.tokenizer)
+    runs = []
+    with Progress(console=console, transient=True) as bar:
+        for level in cfg.concurrency:
+            task = bar.add_task(f"{cfg.label} c={level}", total=len(prompts))
+            runs.append(
+                asyncio.run(
+                    run_level(
+                        cfg.base_url,
+                        model,
+                        prompts,
+                        cfg.output_len,
+                        level,
+                        cfg.request_rate,
+                        cfg.seed,
+                        cfg.ignore_eos,
+                        lambda t=task: bar.advance(t),
+                    )
+                )
+            )
+    report = {
+        "label": cfg.label,
+        "base_url": cfg.base_url,
+        "model": model,
+        "input_len": cfg.input_len,
+        "output_len": cfg.output_len,
+        "num_prompts": cfg.num_prompts,
+        "ignore_eos": cfg.ignore_eos,
+        "runs": runs,
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+    }
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(json.dumps(report, indent=2))
+    if cfg.plot is not None:
+        from cli.bench_plot import plot_reports
+
+        plot_reports([report], cfg.plot)
+    return report

@@ -1,0 +1,1 @@
+"""`hfserve chat`: an interactive client for hfserve and any OpenAI-compatible server."""

@@ -1,0 +1,126 @@
+"""Tool-call parsing of generated text, streaming and whole.
+
+A parser is fed text deltas and returns the part that is plain content plus every tool call that
+completed within them; markup never leaks into content. Parsers are chosen per model from its chat
+template (or by name).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(slots=True)
+class Parsed:
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+class ToolParser(Protocol):
+    def feed(self, text: str) -> Parsed: ...
+
+    def finish(self) -> Parsed: ...
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _call_from_json(raw: str) -> ToolCall | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models emit the arguments already encoded
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+class HermesToolParser:
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes, Qwen 2/2.5/3)."""
+
+    START = "<tool_call>"
+    END = "</tool_call>"
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> Parsed:
+        self._buffer += text
+        out = Parsed()
+        while True:
+            if not self._in_call:
+                at = self._buffer.find(self.START)
+                if at == -1:
+                    keep = _partial_suffix(self._buffer, self.START)
+                    out.content += self._buffer[: len(self._buffer) - keep]
+                    self._buffer = self._buffer[len(self._buffer) - keep :]
+                    return out
+                out.content += self._buffer[:at]
+                self._buffer = self._buffer[at + len(self.START) :]
+                self._in_call = True
+            end = self._buffer.find(self.END)
+            if end == -1:
+                return out
+            raw, self._buffer = self._buffer[:end], self._buffer[end + len(self.END) :]
+            self._in_call = False
+            call = _call_from_json(raw.strip())
+            if call is not None:
+                out.calls.append(call)
+            else:  # not a call after all: show the model's text as it was
+                out.content += self.START + raw + self.END
+
+    def finish(self) -> Parsed:
+        out = Parsed()
+        rest, self._buffer = self._buffer, ""
+        if self._in_call:
+            call = _call_from_json(rest.strip())  # a call cut short of its closing tag
+            if call is not None:
+                out.calls.append(call)
+                return out
+            rest = self.START + rest
+        out.content = rest
+        return out
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return k
+    return 0
+
+
+PARSERS: dict[str, type[HermesToolParser]] = {"hermes": HermesToolParser}
+
+
+def detect_parser(chat_template: str | None) -> str | None:
+    """The parser a chat template's markup calls for, if any."""
+    if chat_template and HermesToolParser.START in chat_template:
+        return "hermes"
+    return None

@@ -1,0 +1,137 @@
+"""Tool calling: parsing (unit), and the demo model's calls through the real server."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
+from sanic_serve.chat_output import ChoiceAssembler
+from sanic_serve.tool_parsers import HermesToolParser
+from tests.server import ServerProcess
+
+MODEL = "hfserve-demo"
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def parse_in_pieces(text: str, size: int) -> tuple[str, list[tuple[str, str]]]:
+    p = HermesToolParser()
+    content, calls = "", []
+    for i in range(0, len(text), size):
+        out = p.feed(text[i : i + size])
+        content += out.content
+        calls += [(c.name, c.arguments) for c in out.calls]
+    out = p.finish()
+    return content + out.content, calls + [(c.name, c.arguments) for c in out.calls]
+
+
+def test_hermes_parser_is_split_independent() -> None:
+    text = (
+        'Sure. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> done'
+    )
+    whole = parse_in_pieces(text, len(text))
+    assert whole == ("Sure.  done", [("add", '{"a": 1, "b": 2}'), ("get_weather", '{"city": "Oslo"}')])
+    for size in (1, 2, 3, 7, 13):
+        assert parse_in_pieces(text, size) == whole
+
+
+def test_hermes_parser_keeps_bad_calls_as_text() -> None:
+    assert parse_in_pieces("a <tool_call>not json</tool_call> b", 4) == (
+        "a <tool_call>not json</tool_call> b",
+        [],
+    )
+    assert parse_in_pieces("x <tool_c", 2) == ("x <tool_c", [])
+    # a call cut off by the length limit, JSON complete: still a call
+    assert parse_in_pieces('<tool_call>{"name": "f", "arguments": {}}', 5) == ("", [("f", "{}")])
+
+
+def test_parallel_tool_calls_false_keeps_the_first() -> None:
+    out = ChoiceAssembler("hermes", parallel_tool_calls=False)
+    out.feed(
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+        '<tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    )
+    out.finish()
+    assert [c.name for c in out.calls] == ["a"]
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+
+
+def test_tool_call_non_stream_and_stream_agree(server: ServerProcess) -> None:
+    c = client(server)
+    whole = c.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(
+        c.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0, stream=True)
+    )
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert "<tool_call>" not in content and content == ""
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    first = deltas[0]
+    assert first.index == 0 and first.id and first.type == "function"
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    streamed_args = "".join(d.function.arguments or "" for d in deltas)
+    assert streamed_args == call.function.arguments
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_tool_result_conversation_continues(server: ServerProcess) -> None:
+    c = client(server)
+    first = c.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER_TOOL, ADD_TOOL], temperature=0
+    )
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"weather": "sunny, 22 C"})},
+    ]
+    final = c.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER_TOOL, ADD_TOOL], temperature=0
+    )
+    assert final.choices[0].message.content == "The weather in Paris is sunny, 22 C."
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_sum_tool_call(server: ServerProcess) -> None:
+    reply = client(server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 4 plus 5?"}],
+        tools=[ADD_TOOL],
+        temperature=0,
+    )
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 4, "b": 5}
+
+
+def test_tool_choice_none_offers_no_tools(server: ServerProcess) -> None:
+    reply = client(server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello!"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        temperature=0,
+    )
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].message.content == "Hello! How can I help you today?"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_choice_is_refused_until_enforced(server: ServerProcess, choice: object) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(server).chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER_TOOL], tool_choice=choice
+        )  # type: ignore[arg-type]
+    assert exc.value.body["param"] == "tool_choice"  # type: ignore[index]
