@@ -30,7 +30,7 @@ def spawn_chat(server: ServerProcess, save_dir: Path, *args: str) -> pexpect.spa
 
 
 def prompt(child: pexpect.spawn) -> None:
-    child.expect_exact(">>> ")
+    child.expect_exact(">>>")
 
 
 def test_interactive_session_and_commands(server: ServerProcess, tmp_path: Path) -> None:
@@ -82,10 +82,8 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(server: ServerProcess, tmp_pa
     before = server.host_status()["aborted_total"]
     child = spawn_chat(server, tmp_path, "--temperature", "0")
     prompt(child)
-    child.sendline("Hi")
-    child.expect_exact("Hi there! What can I do for you?")
-    prompt(child)
     child.sendline("!set ignore_eos=true max_tokens=1900")
+    child.expect_exact("set ignore_eos=True, max_tokens=1900")
     prompt(child)
     child.sendline("Write a long story")
     child.expect_exact("Once upon a time")
@@ -94,7 +92,17 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(server: ServerProcess, tmp_pa
     prompt(child)
     server.wait_for(lambda s: s["aborted_total"] >= before + 1 and s["running"] == 0)
     child.sendline("!status")
-    child.expect_exact("messages: 2")  # the first exchange, not the interrupted one
+    child.expect_exact("messages: 0")  # the interrupted turn left nothing behind
+    prompt(child)
+    child.sendline("!set ignore_eos=false")
+    child.expect_exact("set ignore_eos=False")
+    prompt(child)
+    child.sendline("Hi")
+    child.expect_exact("Hi there! What can I do for you?")
+    child.expect(USAGE_LINE)
+    prompt(child)
+    child.sendline("!status")
+    child.expect_exact("messages: 2")
     prompt(child)
     child.sendintr()  # Ctrl-C at the prompt leaves
     child.expect(pexpect.EOF)
@@ -194,13 +202,17 @@ def test_mcp_stdio_tool_round_trip(server: ServerProcess, tmp_path: Path) -> Non
     child.expect_exact("The weather in Paris is sunny, 22 C.")
     prompt(child)
     # A tool that raises: its error goes back to the model and the chat goes on.
+    child.sendline("!new")
+    child.expect_exact("new conversation")
+    prompt(child)
     child.sendline("What is 1 plus 1?")
     child.expect_exact("run add")
     child.sendline("")
     child.expect_exact("← Error:")
-    child.expect(USAGE_LINE)
-    child.expect(USAGE_LINE)
+    child.expect(USAGE_LINE)  # the model answered the error result
     prompt(child)
+    child.sendline("!status")
+    child.expect_exact("messages: 4")  # user, tool call, tool error, answer
     child.sendline("!exit")
     child.expect(pexpect.EOF)
 
