@@ -116,6 +116,7 @@ def bench(
         label,
         out,
         plot,
+        ignore_eos,
     )
     try:
         report = run_bench(cfg, console)

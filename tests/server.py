@@ -33,7 +33,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_env(cache_dir: Path) -> dict[str, str]:
+def server_env(cache_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "HFSERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"})
     return env
@@ -42,7 +42,7 @@ def test_env(cache_dir: Path) -> dict[str, str]:
 def build_demo_model(cache_dir: Path) -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "model_host.demo", str(cache_dir)],
-        env=test_env(cache_dir),
+        env=server_env(cache_dir),
         stdout=subprocess.PIPE,
         check=True,
         text=True,
@@ -67,7 +67,7 @@ class ServerProcess:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd,
-                env=test_env(cache_dir),
+                env=server_env(cache_dir),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

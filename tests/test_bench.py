@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.server import ServerProcess, free_port, hfserve_cmd, test_env
+from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 
 
-def run_bench(base_url: str, tmp: Path, label: str, model: str | None = None) -> dict:
+def run_bench(base_url: str, tmp: Path, label: str, *extra: str) -> dict:
     out, png = tmp / f"{label}.json", tmp / f"{label}.png"
     cmd = [
         *hfserve_cmd(),
@@ -36,8 +36,7 @@ def run_bench(base_url: str, tmp: Path, label: str, model: str | None = None) ->
         "--plot",
         str(png),
     ]
-    if model:
-        cmd += ["--model", model]
+    cmd += list(extra)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,7 +92,7 @@ def test_bench_against_transformers_serve(cache_dir: Path, demo_model: Path, tmp
         ["transformers", "serve", "--port", str(port), "--device", "cpu", str(demo_model)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=test_env(cache_dir),
+        env=server_env(cache_dir),
         start_new_session=True,
     )
     try:
@@ -107,8 +106,11 @@ def test_bench_against_transformers_serve(cache_dir: Path, demo_model: Path, tmp
                 pass
             assert time.monotonic() < deadline, "transformers serve did not start"
             time.sleep(0.5)
-        report = run_bench(f"http://127.0.0.1:{port}", tmp_path, "tserve", model=str(demo_model))
-        assert all(r["completed"] == 6 for r in report["runs"])
+        # It refuses the ignore_eos extension with a 422.
+        report = run_bench(
+            f"http://127.0.0.1:{port}", tmp_path, "tserve", "--model", str(demo_model), "--no-ignore-eos"
+        )
+        assert all(r["completed"] == 6 for r in report["runs"]), [r["errors"] for r in report["runs"]]
         assert all(r["total_output_tokens"] > 0 for r in report["runs"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
