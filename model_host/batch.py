@@ -136,6 +136,9 @@ class DecodeBatch:
         """Keep only the rows in ``keep`` and drop padding columns no remaining row needs."""
         if len(keep) == len(self.seqs):
             return
+        if not keep:  # everyone left: drop the cache now rather than when the batch is collected
+            self.seqs, self.cache = [], None
+            return
         idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
         self.seqs = [self.seqs[i] for i in keep]
         self.attention_mask = self.attention_mask.index_select(0, idx)

@@ -108,10 +108,20 @@ class Engine:
         return True
 
     def _shrink(self, batch: DecodeBatch, keep: list[int]) -> None:
-        if keep:
-            batch.filter(keep)
-        else:
+        batch.filter(keep)
+        if not len(batch) and batch in self._batches:  # a new batch is not in the list yet
             self._batches.remove(batch)
+
+    def fail_all(self, message: str) -> list[StepOutput]:
+        """End every request with an error frame and start clean: the way out when a step failed
+        in a way that may have left the batches inconsistent."""
+        seqs = list(self._waiting) + [s for b in self._batches for s in b.seqs]
+        if self._chunking is not None:
+            seqs.append(self._chunking)
+        self._waiting.clear()
+        self._batches.clear()
+        self._chunking = None
+        return [_error(s, ErrorKind.GENERATION_FAILED, message) for s in seqs]
 
     # -- the step --------------------------------------------------------------------------------
     @torch.inference_mode()

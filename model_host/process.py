@@ -92,6 +92,7 @@ class ModelHost:
         )
         self.settings = settings
         self.epoch = 0
+        self._published_models: tuple[str, ...] = ()
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -104,11 +105,18 @@ class ModelHost:
         while not self.stopping.is_set():
             self._receive()
             if self.engine.has_work():
-                self._deliver(self.engine.step())
+                self._deliver(self._step())
             for box in self.outboxes:
                 box.flush()
             self._publish_status()
         log.info("model host stopped")
+
+    def _step(self) -> list[StepOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # a bug must cost the requests in flight, not the host
+            log.exception("engine step failed; failing every request in flight")
+            return self.engine.fail_all(f"internal error in the generation step: {exc!r}")
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(_HEARTBEAT_INTERVAL_S):
@@ -166,8 +174,6 @@ class ModelHost:
         if loaded != self._published_models:
             s.publish_models(loaded)
             self._published_models = loaded
-
-    _published_models: tuple[str, ...] = ()
 
 
 def host_main(side: HostSide, settings: HostSettings) -> None:

@@ -16,16 +16,15 @@ from multiprocessing import get_context
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
-from sanic.response import HTTPResponse
+from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient, create_channels
 from model_host.ipc.channels import Channels
 from model_host.ipc.launch import run_host
 from sanic_serve.config import ServerConfig
-from sanic_serve.errors import APIError, error_body
+from sanic_serve.errors import APIError, error_body, error_response
 from sanic_serve.models import ModelResolver
 from sanic_serve.routes import chat, health, models
-from sanic_serve.routes.chat import error_response
 
 log = logging.getLogger("hfserve")
 
@@ -147,15 +146,11 @@ def create_app(config: ServerConfig) -> Sanic:
         status = getattr(exc, "status_code", 500) or 500
         kind = "invalid_request_error" if status < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-        from sanic.response import json
-
         return json(error_body(str(exc), kind, None, code), status=status)
 
     @app.exception(Exception)
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        from sanic.response import json
-
         return json(error_body("Internal server error.", "server_error", None, None), status=500)
 
     return app

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+from sanic.response import JSONResponse, json
+
 from model_host.ipc.messages import ErrorInfo, ErrorKind
 
 
@@ -72,6 +75,10 @@ class Overloaded(APIError):
 class ServerError(APIError):
     status = 500
     type = "server_error"
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return json(exc.body(), status=exc.status, headers=exc.headers, dumps=orjson.dumps)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -9,6 +9,20 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.models import ModelBundle
 
+# Set by the server itself; a request may not override them through chat_template_kwargs.
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {
+        "conversations",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_assistant_tokens_mask",
+    }
+)
+
 
 def render_chat(
     bundle: ModelBundle,
@@ -21,6 +35,11 @@ def render_chat(
     if bundle.chat_template is None:
         raise InvalidRequest(
             f"The model `{bundle.id}` has no chat template; use /v1/completions.", param="model"
+        )
+    clash = _RESERVED_TEMPLATE_ARGS & set(template_kwargs or {})
+    if clash:
+        raise InvalidRequest(
+            f"chat_template_kwargs may not set {', '.join(sorted(clash))}.", param="chat_template_kwargs"
         )
     kwargs: dict[str, Any] = {**bundle.special_tokens, **(template_kwargs or {})}
     render: Any = render_jinja_template  # annotated as returning str; returns (texts, indices)

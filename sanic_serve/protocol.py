@@ -123,6 +123,8 @@ class ChatCompletionRequest(BaseModel):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
+    chat_template_kwargs: dict[str, Any] | None = None
     # Common extensions (vLLM, llama.cpp, TGI).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)

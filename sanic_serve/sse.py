@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 
 DONE = b"data: [DONE]\n\n"
+# Names the serving backend, as OpenAI's field does; changes when generation code changes.
+SYSTEM_FINGERPRINT = "fp_hfserve_0_1"
 
 
 def event(payload: dict[str, Any]) -> bytes:
@@ -23,7 +25,7 @@ class ChunkFactory:
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
     def chunk(

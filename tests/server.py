@@ -147,3 +147,14 @@ class ServerProcess:
             pass
         if self.proc.poll() is None:
             self.proc.wait(5)
+
+
+async def stream_chat_text(client: Any, prompt: str, **kwargs: Any) -> str:
+    """Stream one chat completion with an ``openai.AsyncOpenAI`` client; returns its text."""
+    parts = []
+    async for chunk in await client.chat.completions.create(
+        messages=[{"role": "user", "content": prompt}], stream=True, **kwargs
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from tests.server import ServerProcess
+from tests.server import ServerProcess, stream_chat_text
 
 MODEL = "hfserve-demo"
 WORDS = "apple river stone cloud music paper green quiet window bright tiger ocean".split()
@@ -61,17 +61,7 @@ def test_concurrent_greedy_equals_lone_generate(server: ServerProcess, demo_mode
         async def one(i: int, prompt: str) -> str:
             if i >= 16:  # the second half arrives while the first is mid-generation
                 await asyncio.sleep(0.05 * (i - 15))
-            parts = []
-            async for chunk in await c.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=40,
-                stream=True,
-            ):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-            return "".join(parts)
+            return await stream_chat_text(c, prompt, model=MODEL, temperature=0, max_tokens=40)
 
         try:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))

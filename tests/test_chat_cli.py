@@ -29,6 +29,12 @@ def spawn_chat(server: ServerProcess, save_dir: Path, *args: str) -> pexpect.spa
     return child
 
 
+def one_shot(base_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*hfserve_cmd(), "chat", base_url, *args], capture_output=True, text=True, timeout=120
+    )
+
+
 def prompt(child: pexpect.spawn) -> None:
     child.expect_exact(">>>")
 
@@ -109,32 +115,17 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(server: ServerProcess, tmp_pa
 
 
 def test_one_shot_prints_only_the_answer(server: ServerProcess) -> None:
-    done = subprocess.run(
-        [*hfserve_cmd(), "chat", server.base_url, "-p", "Hello!", "--temperature", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = one_shot(server.base_url, "-p", "Hello!", "--temperature", "0")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Hello! How can I help you today?\n"
-    as_json = subprocess.run(
-        [*hfserve_cmd(), "chat", server.base_url, "-p", "Hi", "--json", "--temperature", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    as_json = one_shot(server.base_url, "-p", "Hi", "--json", "--temperature", "0")
     response = json.loads(as_json.stdout)
     assert response["object"] == "chat.completion"
     assert response["choices"][0]["message"]["content"] == "Hi there! What can I do for you?"
 
 
 def test_one_shot_server_down_is_one_line_and_exit_1() -> None:
-    done = subprocess.run(
-        [*hfserve_cmd(), "chat", f"http://127.0.0.1:{free_port()}", "-p", "Hello!"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = one_shot(f"http://127.0.0.1:{free_port()}", "-p", "Hello!")
     assert done.returncode == 1
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
@@ -221,21 +212,8 @@ def test_mcp_one_shot_over_streamable_http(
     server: ServerProcess, tmp_path: Path, http_mcp_server: str
 ) -> None:
     config = _mcp_config(tmp_path, {"url": http_mcp_server})
-    done = subprocess.run(
-        [
-            *hfserve_cmd(),
-            "chat",
-            server.base_url,
-            "-p",
-            "What is 4 plus 5?",
-            "--mcp-config",
-            str(config),
-            "--temperature",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = one_shot(
+        server.base_url, "-p", "What is 4 plus 5?", "--mcp-config", str(config), "--temperature", "0"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "4 plus 5 is 9.\n"
@@ -243,22 +221,7 @@ def test_mcp_one_shot_over_streamable_http(
 
 def test_mcp_dead_server_becomes_error_result(server: ServerProcess, tmp_path: Path) -> None:
     config = _mcp_config(tmp_path, {"command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"]})
-    done = subprocess.run(
-        [
-            *hfserve_cmd(),
-            "chat",
-            server.base_url,
-            "-p",
-            "Hello!",
-            "--mcp-config",
-            str(config),
-            "--temperature",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = one_shot(server.base_url, "-p", "Hello!", "--mcp-config", str(config), "--temperature", "0")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Hello! How can I help you today?\n"
     assert "MCP server demo is unavailable" in done.stderr

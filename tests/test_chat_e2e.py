@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -213,3 +214,49 @@ def test_stream_headers(server: ServerProcess) -> None:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         resp.read()
+
+
+def test_chat_template_kwargs_reach_the_template(
+    server: ServerProcess, demo_model: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model-with-variable"
+    shutil.copytree(demo_model, folder)
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text() + "{{- extra_text or '' }}")
+
+    def prompt_tokens(kwargs: dict[str, object] | None) -> int:
+        body = {"model": str(folder), "messages": HELLO, "max_tokens": 1, "chat_template_kwargs": kwargs}
+        resp = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        return int(resp.json()["usage"]["prompt_tokens"])
+
+    assert prompt_tokens({"extra_text": "one two three four"}) > prompt_tokens(None)
+    # Variables the server sets itself are refused, naming the field.
+    resp = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL, "messages": HELLO, "chat_template_kwargs": {"add_generation_prompt": 1}},
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_one_token_requests_alone_and_together(server: ServerProcess) -> None:
+    # Requests that finish at their first token leave the batch in the step that admitted them.
+    async def run() -> list[openai.types.chat.ChatCompletion]:
+        c = aclient(server)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1) for _ in range(6))
+                )
+            )
+        finally:
+            await c.close()
+
+    for resp in asyncio.run(run()):
+        assert resp.choices[0].finish_reason == "length"
+        assert resp.usage is not None and resp.usage.completion_tokens == 1
+        assert resp.choices[0].message.content == "Hello"
+    stream = client(server).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, stream=True)
+    assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
+    assert server.host_status()["epoch"] == 1  # the host never restarted

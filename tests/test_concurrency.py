@@ -8,7 +8,7 @@ from collections import Counter
 import httpx
 import openai
 
-from tests.server import ServerProcess
+from tests.server import ServerProcess, stream_chat_text
 
 MODEL = "hfserve-demo"
 PROMPTS = [
@@ -45,17 +45,7 @@ def test_64_concurrent_streams_match_lone_greedy_results(server: ServerProcess) 
             lone[p] = r.choices[0].message.content or ""
 
         async def stream(prompt: str) -> tuple[str, str]:
-            parts = []
-            async for chunk in await c.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=48,
-                stream=True,
-            ):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-            return prompt, "".join(parts)
+            return prompt, await stream_chat_text(c, prompt, model=MODEL, temperature=0, max_tokens=48)
 
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(64)]
         results = await asyncio.gather(*(stream(p) for p in prompts))

@@ -66,10 +66,6 @@ CITY_WEATHER: list[tuple[str, str]] = [
 SUMS: list[tuple[int, int]] = [(2, 3), (4, 5), (10, 7), (6, 6)]
 
 
-def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
-
-
 def _assistant_call(name: str, arguments: dict[str, Any]) -> Message:
     return {
         "role": "assistant",

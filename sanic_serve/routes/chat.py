@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from sanic import Blueprint, Request
-from sanic.response import HTTPResponse, JSONResponse, json
+from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
@@ -19,7 +19,7 @@ from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelResolver
 from sanic_serve.prompt import completion_budget, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
-from sanic_serve.sse import DONE, ChunkFactory, event
+from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
 
 bp = Blueprint("chat")
 
@@ -41,7 +41,9 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
     if client.status.get(StatusField.WAITING) >= config.max_queue:
         raise Overloaded("The server is busy: too many waiting requests. Retry shortly.")
     bundle = await models.resolve(req.model)
-    prompt_ids = render_chat(bundle, [m.for_template() for m in req.messages], req.offered_tools())
+    prompt_ids = render_chat(
+        bundle, [m.for_template() for m in req.messages], req.offered_tools(), req.chat_template_kwargs
+    )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     temperature = req.temperature if req.temperature is not None else bundle.default_temperature
     bias = req.bias_pairs()
@@ -96,7 +98,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
             "object": "chat.completion",
             "created": created,
             "model": req.model,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [
                 {
                     "index": 0,
@@ -144,7 +146,3 @@ async def _stream(
         await response.send(event(chunks.usage_chunk(usage(gen))))
     await response.send(DONE)
     await response.eof()
-
-
-def error_response(exc: APIError) -> JSONResponse:
-    return json(exc.body(), status=exc.status, headers=exc.headers, dumps=orjson.dumps)
