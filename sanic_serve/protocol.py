@@ -17,6 +17,7 @@ from sanic_serve.errors import InvalidRequest
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # each choice is a full generation in the batch
 
 
 class TextPart(BaseModel):
@@ -92,7 +93,6 @@ NO_OP_FIELDS = frozenset(
 )
 # Output-changing fields this version does not implement yet: refused unless left at the default.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
@@ -116,6 +116,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)

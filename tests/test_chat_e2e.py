@@ -260,3 +260,30 @@ def test_one_token_requests_alone_and_together(server: ServerProcess) -> None:
     stream = client(server).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, stream=True)
     assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
     assert server.host_status()["epoch"] == 1  # the host never restarted
+
+
+def test_n_choices_stream_and_non_stream(server: ServerProcess) -> None:
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "zebra violin quantum"}],
+        n=3,
+        seed=11,
+        temperature=1.5,
+        max_tokens=12,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client(server).chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) == 3  # seeds 11, 12, 13: three different samples
+    assert whole.usage is not None and whole.usage.completion_tokens == 3 * 12
+    chunks = list(client(server).chat.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
+    streamed = {0: "", 1: "", 2: ""}
+    finishes = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == texts  # the same seeds give the same texts
+    assert finishes == {0: "length", 1: "length", 2: "length"}

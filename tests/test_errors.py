@@ -60,7 +60,9 @@ def assert_error(
             },
             "stop",
         ),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
         (
             {
                 "model": MODEL,

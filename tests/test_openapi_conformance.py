@@ -44,6 +44,7 @@ MATRIX: list[dict[str, Any]] = [
         "temperature": 0,
         "max_tokens": 10,
     },
+    {"messages": [{"role": "user", "content": "zebra violin"}], "n": 3, "seed": 1, "max_tokens": 6},
 ]
 
 
@@ -80,7 +81,7 @@ def test_stream_chunks_match_schema(server: ServerProcess, body: dict[str, Any])
     [
         {"messages": []},
         {"messages": [{"role": "user", "content": "hi"}], "temperature": 9},
-        {"messages": [{"role": "user", "content": "hi"}], "n": 3},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 0},
         {"model": "nobody/nothing", "messages": [{"role": "user", "content": "hi"}]},
         {"messages": [{"role": "user", "content": "hi " * 5000}]},
     ],

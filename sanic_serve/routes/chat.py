@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from sanic.response import HTTPResponse, json
 from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
 from sanic_serve.chat_output import ChoiceAssembler
+from sanic_serve.choices import Choice, merged, usage
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation import Delta, Generation
@@ -33,7 +35,7 @@ def parse_json_body(request: Request) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
 
 
-async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
+async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     models: ModelResolver = request.app.ctx.models
     client: HostClient = request.app.ctx.client
     config: ServerConfig = request.app.ctx.config
@@ -65,33 +67,31 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> Generation:
         logit_bias=bias,
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )
-    return Generation(client, bundle, prompt_ids, sampling, req.stop_strings)
-
-
-def usage(gen: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-    }
+    parser = bundle.tool_parser if req.offered_tools() else None
+    choices = []
+    for index in range(req.n or 1):
+        # n seeded choices: seed, seed + 1, ... so they differ and each is reproducible.
+        seeded = replace(sampling, seed=req.seed + index) if req.seed is not None else sampling
+        out = ChoiceAssembler(parser, parallel_tool_calls=req.parallel_tool_calls is not False)
+        choices.append(Choice(index, Generation(client, bundle, prompt_ids, seeded, req.stop_strings), out))
+    return choices
 
 
 @bp.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     req = parse_chat_request(parse_json_body(request))
-    gen = await prepare(request, req)
+    choices = await prepare(request, req)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    parser = gen.bundle.tool_parser if req.offered_tools() else None
-    out = ChoiceAssembler(parser, parallel_tool_calls=req.parallel_tool_calls is not False)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = ChunkFactory(completion_id, created, req.model)
-        await _stream(request, gen, out, chunks, include_usage)
+        await _stream(request, choices, chunks, include_usage)
         return None
-    async for delta in gen.deltas():
-        out.feed(delta.text)
-    out.finish()
+    async for choice, delta in merged(choices):
+        choice.out.feed(delta.text)
+    for choice in choices:
+        choice.out.finish()
     return json(
         {
             "id": completion_id,
@@ -101,48 +101,50 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [
                 {
-                    "index": 0,
-                    "message": out.message(),
+                    "index": c.index,
+                    "message": c.out.message(),
                     "logprobs": None,
-                    "finish_reason": out.finish_reason(gen.finish_reason),
+                    "finish_reason": c.out.finish_reason(c.gen.finish_reason),
                 }
+                for c in choices
             ],
-            "usage": usage(gen),
+            "usage": usage(choices),
         },
         dumps=orjson.dumps,
     )
 
 
-async def _stream(
-    request: Request, gen: Generation, out: ChoiceAssembler, chunks: ChunkFactory, include_usage: bool
-) -> None:
-    deltas = gen.deltas()
+async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory, include_usage: bool) -> None:
+    deltas = merged(choices)
     # Wait for the first delta before sending headers, so a failure that happens before any
     # token (model load error, dead host) still gets its proper HTTP status.
-    first: Delta = await deltas.__anext__()
+    first = await anext(deltas)
     response = await request.respond(
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
     assert response is not None
-    await response.send(event(chunks.chunk({"role": "assistant", "content": ""})))
+    for c in choices:
+        await response.send(event(chunks.chunk({"role": "assistant", "content": ""}, index=c.index)))
     try:
-        delta: Delta | None = first
-        while delta is not None:
-            parsed = out.feed(delta.text)
+        item: tuple[Choice, Delta] | None = first
+        while item is not None:
+            choice, delta = item
+            parsed = choice.out.feed(delta.text)
             if delta.finish_reason is not None:
-                rest = out.finish()
+                rest = choice.out.finish()
                 parsed.content += rest.content
                 parsed.calls += rest.calls
-            for payload in out.stream_deltas(parsed):
-                await response.send(event(chunks.chunk(payload)))
+            for payload in choice.out.stream_deltas(parsed):
+                await response.send(event(chunks.chunk(payload, index=choice.index)))
             if delta.finish_reason is not None:
-                await response.send(event(chunks.chunk({}, out.finish_reason(delta.finish_reason))))
-            delta = await anext(deltas, None)
+                reason = choice.out.finish_reason(delta.finish_reason)
+                await response.send(event(chunks.chunk({}, reason, index=choice.index)))
+            item = await anext(deltas, None)
     except APIError as exc:
         # Headers are gone already: report the error in-band, as OpenAI does.
         await response.send(event(exc.body()))
     if include_usage:
-        await response.send(event(chunks.usage_chunk(usage(gen))))
+        await response.send(event(chunks.usage_chunk(usage(choices))))
     await response.send(DONE)
     await response.eof()

@@ -1,0 +1,60 @@
+"""The ``n`` choices of one completion request: run together, merged into one stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from sanic_serve.chat_output import ChoiceAssembler
+from sanic_serve.errors import APIError
+from sanic_serve.generation import Delta, Generation
+
+
+@dataclass
+class Choice:
+    index: int
+    gen: Generation
+    out: ChoiceAssembler
+
+
+def usage(choices: Sequence[Choice]) -> dict[str, int]:
+    """The prompt is counted once, however many choices share it (as OpenAI does)."""
+    prompt = choices[0].gen.prompt_tokens
+    completion = sum(c.gen.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[Choice, Delta]]:
+    """Deltas of all choices as they come. The first error of any choice is raised; leaving the
+    iteration early (error, client gone) cancels every choice, which aborts it in the host."""
+    if len(choices) == 1:  # the common case needs no tasks
+        async for delta in choices[0].gen.deltas():
+            yield choices[0], delta
+        return
+    queue: asyncio.Queue[tuple[Choice, Delta | None, APIError | None]] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for delta in choice.gen.deltas():
+                await queue.put((choice, delta, None))
+        except APIError as exc:
+            await queue.put((choice, None, exc))
+        else:
+            await queue.put((choice, None, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        running = len(tasks)
+        while running:
+            source, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                running -= 1
+            else:
+                yield source, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
