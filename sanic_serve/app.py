@@ -24,7 +24,7 @@ from model_host.ipc.launch import run_host
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, error_body, error_response
 from sanic_serve.models import ModelResolver
-from sanic_serve.routes import chat, health, models
+from sanic_serve.routes import chat, completions, health, models
 
 log = logging.getLogger("hfserve")
 
@@ -91,7 +91,7 @@ def create_app(config: ServerConfig) -> Sanic:
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
     app.ctx.config = config
-    for bp in (chat.bp, models.bp, health.bp):
+    for bp in (chat.bp, completions.bp, models.bp, health.bp):
         app.blueprint(bp)
 
     @app.main_process_start

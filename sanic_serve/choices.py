@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from model_host.ipc import HostClient, SamplingParams
 from sanic_serve.chat_output import ChoiceAssembler
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
+from sanic_serve.models import ModelBundle
 
 
 @dataclass
@@ -18,9 +20,30 @@ class Choice:
     out: ChoiceAssembler
 
 
-def usage(choices: Sequence[Choice]) -> dict[str, int]:
-    """The prompt is counted once, however many choices share it (as OpenAI does)."""
-    prompt = choices[0].gen.prompt_tokens
+def fan_out(
+    client: HostClient,
+    bundle: ModelBundle,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    stop_strings: list[str],
+    n: int,
+    first_index: int = 0,
+    parser: str | None = None,
+    parallel_tool_calls: bool = True,
+) -> list[Choice]:
+    """``n`` generations of one prompt. With a seed, choice *i* uses ``seed + i``: the choices
+    differ, and each is reproducible."""
+    choices = []
+    for i in range(n):
+        seeded = replace(sampling, seed=sampling.seed + i) if sampling.seed is not None else sampling
+        gen = Generation(client, bundle, prompt_ids, seeded, stop_strings)
+        choices.append(Choice(first_index + i, gen, ChoiceAssembler(parser, parallel_tool_calls)))
+    return choices
+
+
+def usage(choices: Sequence[Choice], n: int = 1) -> dict[str, int]:
+    """Each prompt is counted once, however many choices share it (as OpenAI does)."""
+    prompt = sum(c.gen.prompt_tokens for c in choices if c.index % n == 0)
     completion = sum(c.gen.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

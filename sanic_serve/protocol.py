@@ -8,7 +8,7 @@ Unknown extras are accepted, since clients send vendor fields, and logged once p
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -104,15 +104,15 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class GenerationFields(BaseModel):
+    """What chat and text completions share: the model, sampling, stopping and streaming."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
@@ -121,11 +121,6 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
-    chat_template_kwargs: dict[str, Any] | None = None
     # Common extensions (vLLM, llama.cpp, TGI).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -160,6 +155,24 @@ class ChatCompletionRequest(BaseModel):
     def stop_strings(self) -> list[str]:
         return self.stop if isinstance(self.stop, list) else []
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
+    chat_template_kwargs: dict[str, Any] | None = None
+
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """Tools for the chat template; ``tool_choice: none`` offers none, so none is called."""
         if not self.tools or self.tool_choice == "none":
@@ -169,6 +182,32 @@ class ChatCompletionRequest(BaseModel):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationFields):
+    """The legacy ``/v1/completions``: raw prompts, no chat template."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("token prompts must not be empty")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        v = self.prompt
+        if isinstance(v, str):
+            return [v]
+        if all(isinstance(x, int) for x in v):
+            return [list(v)]  # type: ignore[arg-type]
+        return list(v)  # type: ignore[arg-type]
 
 
 _warned_extras: set[str] = set()
@@ -188,25 +227,27 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "logprobs": (None, 0),
+    "best_of": (None, 1),
+}
+
+RequestT = TypeVar("RequestT", bound=GenerationFields)
+
+
+def parse_request(model: type[RequestT], body: Any, unsupported: dict[str, tuple[Any, ...]]) -> RequestT:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        req = ChatCompletionRequest.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param_name(tuple(first["loc"]))
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
-    if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
-        # Forcing a call needs constrained decoding; refusing beats a silently optional call.
-        raise InvalidRequest(
-            "tool_choice 'required' or a named function is not supported by this server yet.",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
     for name, value in (req.model_extra or {}).items():
-        if name in _UNSUPPORTED_DEFAULTS:
-            if value not in _UNSUPPORTED_DEFAULTS[name]:
+        if name in unsupported:
+            if value not in unsupported[name]:
                 raise InvalidRequest(
                     f"'{name}' is not supported by this server yet.",
                     param=name,
@@ -216,3 +257,19 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
             _warned_extras.add(name)
             log.warning("ignoring unknown request field %r", name)
     return req
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
+    if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
+        # Forcing a call needs constrained decoding; refusing beats a silently optional call.
+        raise InvalidRequest(
+            "tool_choice 'required' or a named function is not supported by this server yet.",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
+    return req
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    return parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)

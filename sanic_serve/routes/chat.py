@@ -4,77 +4,42 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
-from typing import Any
 
 import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from model_host.ipc import HostClient, SamplingParams
-from model_host.ipc.status import StatusField
-from sanic_serve.chat_output import ChoiceAssembler
-from sanic_serve.choices import Choice, merged, usage
-from sanic_serve.config import ServerConfig
-from sanic_serve.errors import APIError, InvalidRequest, Overloaded
-from sanic_serve.generation import Delta, Generation
-from sanic_serve.models import ModelResolver
+from model_host.ipc import HostClient
+from sanic_serve.choices import Choice, fan_out, merged, usage
+from sanic_serve.errors import APIError
+from sanic_serve.generation import Delta
 from sanic_serve.prompt import completion_budget, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
+from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
 
 bp = Blueprint("chat")
 
 
-def parse_json_body(request: Request) -> Any:
-    if not request.body:
-        raise InvalidRequest("The request body is empty; send a JSON object.")
-    try:
-        return orjson.loads(request.body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
-
-
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
-    models: ModelResolver = request.app.ctx.models
     client: HostClient = request.app.ctx.client
-    config: ServerConfig = request.app.ctx.config
-    # Refuse at once when the host's queue is already full (the host enforces it too, exactly).
-    if client.status.get(StatusField.WAITING) >= config.max_queue:
-        raise Overloaded("The server is busy: too many waiting requests. Retry shortly.")
-    bundle = await models.resolve(req.model)
+    bundle = await admit(request, req.model)
     prompt_ids = render_chat(
         bundle, [m.for_template() for m in req.messages], req.offered_tools(), req.chat_template_kwargs
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
-    temperature = req.temperature if req.temperature is not None else bundle.default_temperature
-    bias = req.bias_pairs()
-    vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
-    if any(token >= vocab for token, _ in bias):
-        raise InvalidRequest(
-            f"logit_bias names a token id outside the vocabulary of {vocab}.", param="logit_bias"
-        )
-    sampling = SamplingParams(
-        max_new_tokens=budget,
-        temperature=temperature,
-        top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
-        top_k=max(req.top_k or 0, 0),
-        min_p=req.min_p or 0.0,
-        seed=req.seed,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        logit_bias=bias,
-        stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
-    )
+    sampling = sampling_params(req, bundle, budget)
     parser = bundle.tool_parser if req.offered_tools() else None
-    choices = []
-    for index in range(req.n or 1):
-        # n seeded choices: seed, seed + 1, ... so they differ and each is reproducible.
-        seeded = replace(sampling, seed=req.seed + index) if req.seed is not None else sampling
-        out = ChoiceAssembler(parser, parallel_tool_calls=req.parallel_tool_calls is not False)
-        choices.append(Choice(index, Generation(client, bundle, prompt_ids, seeded, req.stop_strings), out))
-    return choices
+    return fan_out(
+        client,
+        bundle,
+        prompt_ids,
+        sampling,
+        req.stop_strings,
+        req.n or 1,
+        parser=parser,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+    )
 
 
 @bp.post("/v1/chat/completions")
@@ -84,9 +49,8 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = ChunkFactory(completion_id, created, req.model)
-        await _stream(request, choices, chunks, include_usage)
+        await _stream(request, choices, chunks, req.include_usage)
         return None
     async for choice, delta in merged(choices):
         choice.out.feed(delta.text)

@@ -1,0 +1,117 @@
+"""``POST /v1/completions`` (legacy text completions): raw prompts, no chat template."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+from model_host.ipc import HostClient
+from sanic_serve.choices import Choice, fan_out, merged, usage
+from sanic_serve.errors import APIError, InvalidRequest
+from sanic_serve.generation import Delta
+from sanic_serve.models import ModelBundle
+from sanic_serve.prompt import completion_budget
+from sanic_serve.protocol import CompletionRequest, parse_completion_request
+from sanic_serve.requests import admit, parse_json_body, sampling_params
+from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, event
+
+bp = Blueprint("completions")
+
+
+def _prompt_ids(bundle: ModelBundle, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        # As vLLM does for raw prompts: the tokenizer adds its BOS (if it has one).
+        return list(bundle.tokenizer.encode(prompt, add_special_tokens=True).ids)
+    vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise InvalidRequest(f"prompt token ids must be within [0, {vocab}).", param="prompt")
+    return prompt
+
+
+async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice], list[str]]:
+    """All choices (``n`` per prompt, indexed prompt by prompt) and each prompt's echo text."""
+    client: HostClient = request.app.ctx.client
+    bundle = await admit(request, req.model)
+    n = req.n or 1
+    choices: list[Choice] = []
+    echoes: list[str] = []
+    for p, prompt in enumerate(req.prompts()):
+        ids = _prompt_ids(bundle, prompt)
+        budget = completion_budget(bundle, len(ids), req.max_new_tokens)
+        sampling = sampling_params(req, bundle, budget)
+        choices += fan_out(client, bundle, ids, sampling, req.stop_strings, n, first_index=p * n)
+        text = prompt if isinstance(prompt, str) else bundle.tokenizer.decode(ids)
+        echoes += [text] * n
+    return choices, echoes
+
+
+@bp.post("/v1/completions")
+async def completions(request: Request) -> HTTPResponse | None:
+    req = parse_completion_request(parse_json_body(request))
+    choices, echoes = await prepare(request, req)
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    n = req.n or 1
+    if req.stream:
+        await _stream(request, req, choices, echoes, base, n)
+        return None
+    texts = {c.index: (echoes[c.index] if req.echo else "") for c in choices}
+    async for choice, delta in merged(choices):
+        texts[choice.index] += delta.text
+    body = {
+        **base,
+        "choices": [
+            {"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.gen.finish_reason}
+            for c in choices
+        ],
+        "usage": usage(choices, n),
+    }
+    return json(body, dumps=orjson.dumps)
+
+
+def _chunk(base: dict[str, Any], index: int, text: str, finish_reason: str | None) -> bytes:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return event({**base, "choices": [choice]})
+
+
+async def _stream(
+    request: Request,
+    req: CompletionRequest,
+    choices: list[Choice],
+    echoes: list[str],
+    base: dict[str, Any],
+    n: int,
+) -> None:
+    deltas = merged(choices)
+    first = await anext(deltas)  # errors before any token keep their HTTP status
+    response = await request.respond(
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    assert response is not None
+    if req.echo:
+        for c in choices:
+            await response.send(_chunk(base, c.index, echoes[c.index], None))
+    try:
+        item: tuple[Choice, Delta] | None = first
+        while item is not None:
+            choice, delta = item
+            if delta.text or delta.finish_reason is not None:
+                await response.send(_chunk(base, choice.index, delta.text, delta.finish_reason))
+            item = await anext(deltas, None)
+    except APIError as exc:
+        await response.send(event(exc.body()))
+    if req.include_usage:
+        await response.send(event({**base, "choices": [], "usage": usage(choices, n)}))
+    await response.send(DONE)
+    await response.eof()
