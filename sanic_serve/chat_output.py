@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sanic_serve.reasoning import ReasoningParser, Split
 from sanic_serve.tool_parsers import PARSERS, Parsed, ToolCall, ToolParser
 
 
@@ -11,19 +12,44 @@ class ChoiceAssembler:
     """Feeds generated text through the tool-call parser (when tools were offered) and keeps
     what the final message needs."""
 
-    def __init__(self, parser_name: str | None, parallel_tool_calls: bool = True) -> None:
+    def __init__(
+        self,
+        parser_name: str | None,
+        parallel_tool_calls: bool = True,
+        reasoning: ReasoningParser | None = None,
+    ) -> None:
         self._parser: ToolParser | None = PARSERS[parser_name]() if parser_name else None
         self._parallel = parallel_tool_calls
+        self._reasoning = reasoning
         self.content = ""
+        self.reasoning = ""
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> Parsed:
-        return self._keep(self._parser.feed(text) if self._parser else Parsed(text))
+        split = self._reasoning.feed(text) if self._reasoning else Split(content=text)
+        return self._keep(self._parser.feed(split.content) if self._parser else Parsed(split.content), split)
 
     def finish(self) -> Parsed:
-        return self._keep(self._parser.finish() if self._parser else Parsed())
+        split = self._reasoning.finish() if self._reasoning else Split()
+        parsed = self._parser.feed(split.content) if self._parser else Parsed(split.content)
+        if self._parser:
+            rest = self._parser.finish()
+            parsed.content += rest.content
+            parsed.calls += rest.calls
+        return self._keep(parsed, split)
 
-    def _keep(self, parsed: Parsed) -> Parsed:
+    def feed_last(self, text: str) -> Parsed:
+        """The last delta of the choice, and whatever the parsers still held back."""
+        parsed = self.feed(text)
+        rest = self.finish()
+        parsed.content += rest.content
+        parsed.calls += rest.calls
+        parsed.reasoning += rest.reasoning
+        return parsed
+
+    def _keep(self, parsed: Parsed, split: Split) -> Parsed:
+        parsed.reasoning = split.reasoning
+        self.reasoning += split.reasoning
         if not self._parallel and self.calls:
             parsed.calls = []  # parallel_tool_calls=false: the first call only
         elif not self._parallel:
@@ -41,6 +67,8 @@ class ChoiceAssembler:
             "content": self.content if (self.content or not self.calls) else None,
             "refusal": None,
         }
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
         if self.calls:
             msg["tool_calls"] = [c.to_dict() for c in self.calls]
         return msg
@@ -49,6 +77,8 @@ class ChoiceAssembler:
         """OpenAI's streaming shape: content as it comes; each tool call as a first delta with
         its index, id, type, name and empty arguments, then one with the arguments."""
         deltas: list[dict[str, Any]] = []
+        if parsed.reasoning:
+            deltas.append({"reasoning_content": parsed.reasoning})
         if parsed.content:
             deltas.append({"content": parsed.content})
         first_index = len(self.calls) - len(parsed.calls)

@@ -11,6 +11,7 @@ from sanic_serve.chat_output import ChoiceAssembler
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelBundle
+from sanic_serve.reasoning import ReasoningParser
 
 
 @dataclass
@@ -30,14 +31,17 @@ def fan_out(
     first_index: int = 0,
     parser: str | None = None,
     parallel_tool_calls: bool = True,
+    reasoning: bool | None = None,
 ) -> list[Choice]:
     """``n`` generations of one prompt. With a seed, choice *i* uses ``seed + i``: the choices
-    differ, and each is reproducible."""
+    differ, and each is reproducible. ``reasoning``: split ``<think>`` out of the text, starting
+    inside it (True) or outside (False); None: the model does not reason."""
     choices = []
     for i in range(n):
         seeded = replace(sampling, seed=sampling.seed + i) if sampling.seed is not None else sampling
         gen = Generation(client, bundle, prompt_ids, seeded, stop_strings)
-        choices.append(Choice(first_index + i, gen, ChoiceAssembler(parser, parallel_tool_calls)))
+        split = ReasoningParser(reasoning) if reasoning is not None else None
+        choices.append(Choice(first_index + i, gen, ChoiceAssembler(parser, parallel_tool_calls, split)))
     return choices
 
 

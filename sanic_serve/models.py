@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, ModelNotFound
+from sanic_serve.reasoning import template_reasons
 from sanic_serve.tool_parsers import detect_parser
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ModelBundle:
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     tool_parser: str | None = None  # see sanic_serve.tool_parsers
+    reasons: bool = False  # the template knows <think>...</think>
     created: int = field(default_factory=lambda: int(time.time()))
 
     def encode(self, text: str) -> list[int]:
@@ -106,6 +108,7 @@ def load_bundle(model_id: str, folder: Path) -> ModelBundle:
     template = _chat_template(folder, tok_config)
     return ModelBundle(
         tool_parser=detect_parser(template),
+        reasons=template_reasons(template),
         default_temperature=float(gen_config.get("temperature", 1.0)) if sampled else 0.0,
         default_top_p=float(gen_config.get("top_p", 1.0)) if sampled else 1.0,
         id=model_id,

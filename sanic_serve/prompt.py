@@ -29,9 +29,10 @@ def render_chat(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     template_kwargs: dict[str, Any] | None = None,
-) -> list[int]:
+) -> tuple[list[int], str]:
     """Render the conversation with the model's template and tokenize it (the template already
-    writes any BOS token, so no special tokens are added, as in ``apply_chat_template``)."""
+    writes any BOS token, so no special tokens are added, as in ``apply_chat_template``).
+    Returns the token ids and the rendered text."""
     if bundle.chat_template is None:
         raise InvalidRequest(
             f"The model `{bundle.id}` has no chat template; use /v1/completions.", param="model"
@@ -53,7 +54,7 @@ def render_chat(
         )
     except Exception as exc:  # jinja raise_exception(), undefined names, bad message shapes
         raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
-    return bundle.encode(rendered[0])
+    return bundle.encode(rendered[0]), rendered[0]
 
 
 def completion_budget(bundle: ModelBundle, prompt_tokens: int, requested: int | None) -> int:

@@ -25,6 +25,18 @@ class IncrementalDetokenizer:
         return "".join(parts)
 
 
+def partial_suffix(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of one of ``markers``: text that
+    must be held back until the next chunk tells whether the marker is really there."""
+    markers = list(markers)
+    longest = max((len(m) for m in markers), default=1) - 1
+    for k in range(min(longest, len(text)), 0, -1):
+        tail = text[-k:]
+        if any(m.startswith(tail) for m in markers):
+            return k
+    return 0
+
+
 class StopMatcher:
     """Finds the first stop string in streamed text.
 
@@ -34,7 +46,6 @@ class StopMatcher:
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._buffer = ""
         self.matched: str | None = None
 
@@ -52,19 +63,10 @@ class StopMatcher:
         if cut != -1:
             out, self._buffer = self._buffer[:cut], ""
             return out
-        keep = self._partial_suffix()
+        keep = partial_suffix(self._buffer, self._stops)
         out = self._buffer[: len(self._buffer) - keep]
         self._buffer = self._buffer[len(out) :]
         return out
-
-    def _partial_suffix(self) -> int:
-        """Length of the longest end of the buffer that begins some stop string."""
-        buf = self._buffer
-        for k in range(min(self._hold, len(buf)), 0, -1):
-            tail = buf[-k:]
-            if any(stop.startswith(tail) for stop in self._stops):
-                return k
-        return 0
 
     def flush(self) -> str:
         out, self._buffer = self._buffer, ""

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sanic_serve.text import partial_suffix
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
@@ -31,6 +33,7 @@ class ToolCall:
 class Parsed:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: str = ""  # filled in by the reasoning split, ahead of tool parsing
 
 
 class ToolParser(Protocol):
@@ -78,7 +81,7 @@ class HermesToolParser:
             if not self._in_call:
                 at = self._buffer.find(self.START)
                 if at == -1:
-                    keep = _partial_suffix(self._buffer, self.START)
+                    keep = partial_suffix(self._buffer, [self.START])
                     out.content += self._buffer[: len(self._buffer) - keep]
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     return out
@@ -107,13 +110,6 @@ class HermesToolParser:
             rest = self.START + rest
         out.content = rest
         return out
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-k:]):
-            return k
-    return 0
 
 
 PARSERS: dict[str, type[HermesToolParser]] = {"hermes": HermesToolParser}

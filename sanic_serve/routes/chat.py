@@ -15,6 +15,7 @@ from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta
 from sanic_serve.prompt import completion_budget, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
+from sanic_serve.reasoning import prompt_opens_reasoning
 from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
 
@@ -24,12 +25,13 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
-    prompt_ids = render_chat(
+    prompt_ids, prompt_text = render_chat(
         bundle, [m.for_template() for m in req.messages], req.offered_tools(), req.chat_template_kwargs
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
     parser = bundle.tool_parser if req.offered_tools() else None
+    reasoning = prompt_opens_reasoning(prompt_text) if bundle.reasons else None
     return fan_out(
         client,
         bundle,
@@ -39,6 +41,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         req.n or 1,
         parser=parser,
         parallel_tool_calls=req.parallel_tool_calls is not False,
+        reasoning=reasoning,
     )
 
 
@@ -53,9 +56,10 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         await _stream(request, choices, chunks, req.include_usage)
         return None
     async for choice, delta in merged(choices):
-        choice.out.feed(delta.text)
-    for choice in choices:
-        choice.out.finish()
+        if delta.finish_reason is not None:
+            choice.out.feed_last(delta.text)
+        else:
+            choice.out.feed(delta.text)
     return json(
         {
             "id": completion_id,
@@ -94,11 +98,8 @@ async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory,
         item: tuple[Choice, Delta] | None = first
         while item is not None:
             choice, delta = item
-            parsed = choice.out.feed(delta.text)
-            if delta.finish_reason is not None:
-                rest = choice.out.finish()
-                parsed.content += rest.content
-                parsed.calls += rest.calls
+            last = delta.finish_reason is not None
+            parsed = choice.out.feed_last(delta.text) if last else choice.out.feed(delta.text)
             for payload in choice.out.stream_deltas(parsed):
                 await response.send(event(chunks.chunk(payload, index=choice.index)))
             if delta.finish_reason is not None:

@@ -1,0 +1,71 @@
+"""Reasoning models: ``<think>...</think>`` goes to ``reasoning_content``, never to ``content``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+
+from sanic_serve.reasoning import ReasoningParser, prompt_opens_reasoning
+from tests.server import ServerProcess
+
+
+def split_in_pieces(text: str, size: int, opened: bool) -> tuple[str, str]:
+    p = ReasoningParser(opened)
+    reasoning = content = ""
+    for i in range(0, len(text), size):
+        out = p.feed(text[i : i + size])
+        reasoning, content = reasoning + out.reasoning, content + out.content
+    out = p.finish()
+    return reasoning + out.reasoning, content + out.content
+
+
+def test_split_is_independent_of_chunking() -> None:
+    text = "<think>weigh options</think>\nThe answer is 4."
+    assert split_in_pieces(text, len(text), False) == ("weigh options", "The answer is 4.")
+    for size in (1, 2, 3, 5, 8):
+        assert split_in_pieces(text, size, False) == ("weigh options", "The answer is 4.")
+    # The prompt opened <think> already (Qwen3-style templates): no opening tag in the output.
+    assert split_in_pieces("hmm</think>\n\nYes.", 2, True) == ("hmm", "Yes.")
+    assert split_in_pieces("no tags at all", 3, False) == ("", "no tags at all")
+    assert split_in_pieces("cut off <thi", 4, False) == ("", "cut off <thi")
+
+
+def test_prompt_opens_reasoning() -> None:
+    assert prompt_opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_reasoning("<think>a</think><|im_start|>assistant\n")
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n")
+
+
+def test_reasoning_content_stream_and_non_stream(
+    server: ServerProcess, demo_model: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "thinking-model"
+    shutil.copytree(demo_model, folder)
+    template = folder / "chat_template.jinja"
+    # A template that opens the model's thinking at the start of every answer.
+    text = template.read_text().replace(
+        "{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+        "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}",
+    )
+    assert text != template.read_text()
+    template.write_text(text + "{#- answers follow </think> -#}")
+    body = {
+        "model": str(folder),
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "temperature": 0,
+        "max_tokens": 12,
+    }
+    whole = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120).json()
+    message = whole["choices"][0]["message"]
+    assert message["reasoning_content"]  # the demo model never closes the thought
+    assert message["content"] == ""
+    raw = httpx.post(
+        f"{server.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ).text
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == ""
