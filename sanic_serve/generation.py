@@ -50,9 +50,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yields text deltas, the last one with a finish reason. Raises ``APIError`` on a host
         error. Whatever way the caller stops iterating, an unfinished request is aborted."""
-        self._stream = stream = await self.client.submit(
-            self.bundle.path, self.prompt_token_ids, self.sampling
-        )
+        self._stream = stream = self.client.submit(self.bundle.path, self.prompt_token_ids, self.sampling)
         try:
             while self.finish_reason is None:
                 text = ""

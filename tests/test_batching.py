@@ -147,9 +147,10 @@ def test_hundred_cut_streams_leave_nothing_running(server: ServerProcess) -> Non
             return list(await asyncio.gather(*(_cut_stream(h, url, 0.5) for _ in range(100))))
 
     chunks = asyncio.run(run())
-    assert all(n > 0 for n in chunks)
+    assert all(n > 0 for n in chunks), chunks
     status = server.wait_for(lambda s: s["running"] == 0 and s["waiting"] == 0, timeout_s=30)
-    assert status["aborted_total"] - before >= 90  # a few may have been refused or finished
+    # Every stream was cut long before its 1900 tokens: each one was aborted in the host.
+    assert status["aborted_total"] - before == 100, status
     started = time.monotonic()
     reply = openai.OpenAI(
         base_url=f"{server.base_url}/v1", api_key="x", max_retries=0

@@ -73,6 +73,7 @@ class HostClient:
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfserve-send")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -98,9 +99,9 @@ class HostClient:
     def host_alive(self) -> bool:
         return self.status.host_alive(HOST_DEAD_AFTER_S)
 
-    async def submit(
-        self, model_path: str, prompt_token_ids: list[int], sampling: SamplingParams
-    ) -> RequestStream:
+    def submit(self, model_path: str, prompt_token_ids: list[int], sampling: SamplingParams) -> RequestStream:
+        """Register a request and queue its message; returns at once. Synchronous on purpose: a
+        caller cancelled mid-await could otherwise leave a request running that nobody aborts."""
         rid = next(self._ids)
         epoch = self.status.get(StatusField.EPOCH)
         stream = RequestStream(rid, epoch)
@@ -109,7 +110,7 @@ class HostClient:
             self._fail(rid, ErrorKind.ENGINE_DEAD, "the model host is not running")
             return stream
         msg = AddRequest(rid, self.worker_index, epoch, model_path, tuple(prompt_token_ids), sampling)
-        await self._send(msg)
+        self._send_soon(msg)
         return stream
 
     def abort(self, stream: RequestStream) -> None:
@@ -117,11 +118,19 @@ class HostClient:
         if self._streams.pop(stream.request_id, None) is None or stream.finished:
             return
         stream.finished = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.create_task(self._send(AbortRequest(stream.request_id, self.worker_index)))
+        self._send_soon(AbortRequest(stream.request_id, self.worker_index))
 
     def release(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request_id, None)
+
+    def _send_soon(self, msg: HostMessage) -> None:
+        # Tasks start in creation order and the sender is one thread, so messages keep their
+        # order: an abort never overtakes its add.
+        if self._loop is None or self._loop.is_closed():
+            return
+        task = self._loop.create_task(self._send(msg))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, msg: HostMessage) -> None:
         payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
