@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model_host.ipc.messages import TokenLogprob
 from model_host.sampling import SamplingBatch
 
 
@@ -123,13 +124,15 @@ class DecodeBatch:
         self.lengths = self.lengths + 1
         return logits
 
-    def sample(self, logits: torch.Tensor) -> list[int]:
+    def sample(self, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row, and its logprobs for the rows that asked for them."""
         tokens = self.sampling.sample(logits)
+        logprobs = self.sampling.logprobs(logits, tokens)
         self.sampling.record(tokens)
         out: list[int] = tokens.tolist()
         for seq, token in zip(self.seqs, out, strict=True):
             seq.generated.append(token)
-        return out
+        return out, logprobs
 
     # -- joining and leaving ---------------------------------------------------------------------
     def filter(self, keep: list[int]) -> None:

@@ -22,6 +22,7 @@ from model_host.ipc.messages import (
     ErrorKind,
     FinishReason,
     TokenFrame,
+    TokenLogprob,
 )
 from model_host.registry import LoadedModel, ModelLoadError, ModelRegistry
 
@@ -129,15 +130,15 @@ class Engine:
         outputs: list[StepOutput] = []
         for batch in list(self._batches):
             try:
-                tokens = batch.sample(batch.decode())
+                sampled = batch.sample(batch.decode())
             except Exception as exc:  # a failing forward ends that batch's requests, not the host
                 log.exception("decode step failed")
                 outputs += [_error(s, ErrorKind.GENERATION_FAILED, repr(exc)) for s in batch.seqs]
                 self._batches.remove(batch)
                 continue
-            outputs += self._emit(batch, tokens)
+            outputs += self._emit(batch, *sampled)
         for batch, logits in self._admit(outputs):
-            outputs += self._emit(batch, batch.sample(logits))
+            outputs += self._emit(batch, *batch.sample(logits))
             if not len(batch):
                 continue
             host = next((b for b in self._batches if b.can_join(batch)), None)
@@ -147,11 +148,13 @@ class Engine:
                 self._batches.append(batch)
         return outputs
 
-    def _emit(self, batch: DecodeBatch, tokens: list[int]) -> list[StepOutput]:
+    def _emit(
+        self, batch: DecodeBatch, tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[StepOutput]:
         """One frame per row; finished rows leave the batch at once."""
         outputs: list[StepOutput] = []
         keep: list[int] = []
-        for i, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
+        for i, (seq, token, lp) in enumerate(zip(batch.seqs, tokens, logprobs, strict=True)):
             params = seq.params
             if token in params.stop_token_ids:
                 reason = FinishReason.STOP
@@ -160,7 +163,8 @@ class Engine:
             else:
                 reason = FinishReason.NONE
                 keep.append(i)
-            outputs.append(StepOutput(seq.key[0], TokenFrame(seq.key[1], (token,), reason)))
+            frame = TokenFrame(seq.key[1], (token,), reason, None, None if lp is None else (lp,))
+            outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
         return outputs
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_host.ipc.messages import SamplingParams
+from model_host.ipc.messages import SamplingParams, TokenLogprob
 
 
 def _optional_cat(
@@ -161,6 +161,26 @@ class SamplingBatch:
         drop |= (cumulative - sorted_probs) >= self.top_p[:, None]
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """Log probabilities under the model's own distribution (before temperature, penalties and
+        truncation, as vLLM reports them by default), for the rows that asked."""
+        wanted = [p.logprobs for p in self.params]
+        if max(wanted) < 0:
+            return [None] * len(wanted)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k = max(wanted)
+        top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+        values, ids = top_values.tolist(), top_ids.tolist()
+        out: list[TokenLogprob | None] = []
+        for row, want in enumerate(wanted):
+            if want < 0:
+                out.append(None)
+            else:
+                top = tuple(zip(ids[row][:want], values[row][:want], strict=True))
+                out.append(TokenLogprob(chosen[row], top))
+        return out
 
     def record(self, tokens: torch.Tensor) -> None:
         """Account for the tokens just sampled (penalties see them from the next step on)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams
+from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams, TokenFrame
 from sanic_serve.errors import from_host_error
 from sanic_serve.models import ModelBundle
 from sanic_serve.text import IncrementalDetokenizer, StopMatcher
@@ -22,6 +22,12 @@ FinishReasonName = Literal["stop", "length"]
 class Delta:
     text: str
     finish_reason: FinishReasonName | None = None
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI ``ChatCompletionTokenLogprob`` entries
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    # -inf (a token the model rules out) is not JSON; OpenAI reports such tokens as -9999.0.
+    return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode())}
 
 
 class Generation:
@@ -43,6 +49,23 @@ class Generation:
         self._detok = IncrementalDetokenizer(bundle.tokenizer)
         self._stream: RequestStream | None = None
 
+    def _detok_with_logprobs(self, frame: TokenFrame, entries: list[dict[str, Any]]) -> str:
+        """Detokenize token by token, so each logprob entry carries exactly the text its token
+        added: the entries' tokens concatenate to the content."""
+        assert frame.logprobs is not None
+        text = ""
+        for tid, lp in zip(frame.token_ids, frame.logprobs, strict=True):
+            piece = self._detok.feed([tid])
+            text += piece
+            if tid in self.sampling.stop_token_ids:
+                continue  # the end-of-turn token is not part of the content
+            top = [
+                _entry(self.bundle.tokenizer.decode([alt], skip_special_tokens=False), value)
+                for alt, value in lp.top
+            ]
+            entries.append({**_entry(piece, lp.logprob), "top_logprobs": top})
+        return text
+
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
@@ -54,11 +77,15 @@ class Generation:
         try:
             while self.finish_reason is None:
                 text = ""
+                entries: list[dict[str, Any]] | None = [] if self.sampling.logprobs >= 0 else None
                 for frame in await stream.frames():
                     if frame.error is not None:
                         raise from_host_error(frame.error)
                     self.completion_tokens += len(frame.token_ids)
-                    text += self._stop.feed(self._detok.feed(frame.token_ids))
+                    if frame.logprobs is not None and entries is not None:
+                        text += self._stop.feed(self._detok_with_logprobs(frame, entries))
+                    else:
+                        text += self._stop.feed(self._detok.feed(frame.token_ids))
                     if self._stop.matched is not None:
                         self.finish_reason = "stop"
                         break
@@ -68,8 +95,8 @@ class Generation:
                         )
                         text += self._stop.flush()
                         break
-                if text or self.finish_reason is not None:
-                    yield Delta(text, self.finish_reason)
+                if text or entries or self.finish_reason is not None:
+                    yield Delta(text, self.finish_reason, entries or None)
         finally:
             # Stop string hit, client gone, or error: the host must stop spending steps on it.
             self.client.abort(stream)

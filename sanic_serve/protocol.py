@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # each choice is a full generation in the batch
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class TextPart(BaseModel):
@@ -93,8 +94,6 @@ NO_OP_FIELDS = frozenset(
 )
 # Output-changing fields this version does not implement yet: refused unless left at the default.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -159,6 +158,10 @@ class GenerationFields(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprob_count(self) -> int:
+        """-1: no logprobs; 0: the sampled token's; k: and k alternatives."""
+        return -1
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -172,6 +175,11 @@ class ChatCompletionRequest(GenerationFields):
     parallel_tool_calls: bool | None = None
     # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """Tools for the chat template; ``tool_choice: none`` offers none, so none is called."""
@@ -261,6 +269,8 @@ def parse_request(model: type[RequestT], body: Any, unsupported: dict[str, tuple
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
     if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
         # Forcing a call needs constrained decoding; refusing beats a silently optional call.
         raise InvalidRequest(

@@ -53,5 +53,6 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0,
         logit_bias=bias,
+        logprobs=req.logprob_count(),
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )

@@ -29,9 +29,14 @@ class ChunkFactory:
         }
 
     def chunk(
-        self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        index: int = 0,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         return {**self._base, "choices": [choice]}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:

@@ -62,7 +62,10 @@ def assert_error(
         ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21},
+            "top_logprobs",
+        ),
         (
             {
                 "model": MODEL,

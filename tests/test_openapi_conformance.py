@@ -45,6 +45,12 @@ MATRIX: list[dict[str, Any]] = [
         "max_tokens": 10,
     },
     {"messages": [{"role": "user", "content": "zebra violin"}], "n": 3, "seed": 1, "max_tokens": 6},
+    {
+        "messages": [{"role": "user", "content": "Tell me a joke"}],
+        "logprobs": True,
+        "top_logprobs": 3,
+        "temperature": 0,
+    },
 ]
 
 

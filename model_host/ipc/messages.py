@@ -66,6 +66,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1: off
+    logprobs: int = -1  # -1: none; 0: the sampled token's; k: and the k most likely alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
 
@@ -90,9 +91,21 @@ class AbortRequest:
 
 HostMessage = AddRequest | AbortRequest
 
-# Frame header: total length, request id, finish reason, token count, error length.
-_HEADER = struct.Struct("<IQBxxxII")
+# Frame header: total length, request id, finish reason, has-logprobs flag, token count, error
+# length. Then the token ids (i32 each), the error (JSON), and, with the flag, one logprob record
+# per token: its logprob (f32), the number of alternatives (u16), and each alternative (i32, f32).
+_HEADER = struct.Struct("<IQBBxxII")
 HEADER_SIZE = _HEADER.size
+_LP_HEAD = struct.Struct("<fH")
+_LP_ALT = struct.Struct("<if")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The sampled token's log probability and the most likely alternatives, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,19 +116,44 @@ class TokenFrame:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason = FinishReason.NONE
     error: ErrorInfo | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
 
     def encode(self) -> bytes:
         tokens = array("i", self.token_ids).tobytes()
         err = self.error.encode() if self.error is not None else b""
-        total = HEADER_SIZE + len(tokens) + len(err)
-        header = _HEADER.pack(total, self.request_id, int(self.finish_reason), len(self.token_ids), len(err))
-        return header + tokens + err
+        lps = b""
+        if self.logprobs is not None:
+            parts = []
+            for lp in self.logprobs:
+                parts.append(_LP_HEAD.pack(lp.logprob, len(lp.top)))
+                parts += [_LP_ALT.pack(tid, value) for tid, value in lp.top]
+            lps = b"".join(parts)
+        total = HEADER_SIZE + len(tokens) + len(err) + len(lps)
+        header = _HEADER.pack(
+            total,
+            self.request_id,
+            int(self.finish_reason),
+            self.logprobs is not None,
+            len(self.token_ids),
+            len(err),
+        )
+        return header + tokens + err + lps
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> TokenFrame:
-        total, request_id, finish, n_tokens, n_err = _HEADER.unpack_from(raw, 0)
+        total, request_id, finish, has_lp, n_tokens, n_err = _HEADER.unpack_from(raw, 0)
         tokens = array("i")
         tok_end = HEADER_SIZE + 4 * n_tokens
         tokens.frombytes(bytes(raw[HEADER_SIZE:tok_end]))
         error = ErrorInfo.decode(bytes(raw[tok_end : tok_end + n_err])) if n_err else None
-        return cls(request_id, tuple(tokens), FinishReason(finish), error)
+        logprobs = None
+        if has_lp:
+            at, records = tok_end + n_err, []
+            for _ in range(n_tokens):
+                value, k = _LP_HEAD.unpack_from(raw, at)
+                at += _LP_HEAD.size
+                top = tuple(_LP_ALT.unpack_from(raw, at + i * _LP_ALT.size) for i in range(k))
+                at += k * _LP_ALT.size
+                records.append(TokenLogprob(value, top))
+            logprobs = tuple(records)
+        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs)

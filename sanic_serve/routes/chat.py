@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import orjson
 from sanic import Blueprint, Request
@@ -55,7 +56,9 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         chunks = ChunkFactory(completion_id, created, req.model)
         await _stream(request, choices, chunks, req.include_usage)
         return None
+    logprobs: dict[int, list[dict[str, Any]]] = {c.index: [] for c in choices}
     async for choice, delta in merged(choices):
+        logprobs[choice.index] += delta.logprobs or []
         if delta.finish_reason is not None:
             choice.out.feed_last(delta.text)
         else:
@@ -71,7 +74,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 {
                     "index": c.index,
                     "message": c.out.message(),
-                    "logprobs": None,
+                    "logprobs": {"content": logprobs[c.index], "refusal": None} if req.logprobs else None,
                     "finish_reason": c.out.finish_reason(c.gen.finish_reason),
                 }
                 for c in choices
@@ -100,8 +103,12 @@ async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory,
             choice, delta = item
             last = delta.finish_reason is not None
             parsed = choice.out.feed_last(delta.text) if last else choice.out.feed(delta.text)
-            for payload in choice.out.stream_deltas(parsed):
-                await response.send(event(chunks.chunk(payload, index=choice.index)))
+            payloads = choice.out.stream_deltas(parsed)
+            if delta.logprobs and not payloads:  # text held back, but the tokens came
+                payloads = [{}]
+            for i, payload in enumerate(payloads):
+                logprobs = delta.logprobs if i == 0 else None
+                await response.send(event(chunks.chunk(payload, index=choice.index, logprobs=logprobs)))
             if delta.finish_reason is not None:
                 reason = choice.out.finish_reason(delta.finish_reason)
                 await response.send(event(chunks.chunk({}, reason, index=choice.index)))
