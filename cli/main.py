@@ -19,6 +19,13 @@ class Dtype(StrEnum):
     float16 = "float16"
 
 
+class ToolParserName(StrEnum):
+    auto = "auto"
+    hermes = "hermes"
+    llama3_json = "llama3_json"
+    mistral = "mistral"
+
+
 @app.callback()
 def main() -> None:
     """hfserve: an OpenAI-compatible server for Hugging Face transformers models."""
@@ -35,6 +42,9 @@ def start(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Weights dtype."),
     trust_remote_code: bool = typer.Option(False, help="Allow models with custom code."),
+    tool_parser: ToolParserName = typer.Option(
+        ToolParserName.auto, help="How tool calls are read from model output (auto: from the chat template)."
+    ),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
     torch_threads: int = typer.Option(0, help="CPU threads for the model host (0: torch default)."),
     max_batch_size: int = typer.Option(64, min=1, help="Requests generating at once."),
@@ -72,6 +82,7 @@ def start(
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_queue=max_queue,
+        tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
     )
     serve(config)
 

@@ -27,6 +27,7 @@ class ServerConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 0  # 0: chosen by the host for its device
     max_queue: int = 256
+    tool_parser: str | None = None  # None: chosen from each model's chat template
 
     def host_settings(self) -> HostSettings:
         preload = (self.default_model_path,) if self.default_model_path else ()

@@ -83,7 +83,7 @@ def _chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def load_bundle(model_id: str, folder: Path) -> ModelBundle:
+def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> ModelBundle:
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
         raise InvalidRequest(f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model")
@@ -107,7 +107,7 @@ def load_bundle(model_id: str, folder: Path) -> ModelBundle:
     sampled = bool(gen_config.get("do_sample", False)) if gen_config else True
     template = _chat_template(folder, tok_config)
     return ModelBundle(
-        tool_parser=detect_parser(template),
+        tool_parser=tool_parser or detect_parser(template),
         reasons=template_reasons(template),
         default_temperature=float(gen_config.get("temperature", 1.0)) if sampled else 0.0,
         default_top_p=float(gen_config.get("top_p", 1.0)) if sampled else 1.0,
@@ -145,7 +145,7 @@ class ModelResolver:
         self._bundles: dict[str, ModelBundle] = {}
         self._loading: dict[str, asyncio.Future[ModelBundle]] = {}
         if config.default_model_id and config.default_model_path:
-            bundle = load_bundle(config.default_model_id, Path(config.default_model_path))
+            bundle = load_bundle(config.default_model_id, Path(config.default_model_path), config.tool_parser)
             self._bundles[config.default_model_id] = bundle
 
     @property
@@ -171,7 +171,7 @@ class ModelResolver:
         pending = self._loading.get(model_id)
         if pending is None:
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(None, self._load, model_id)
+            pending = loop.run_in_executor(None, self._load, model_id, self.config.tool_parser)
             self._loading[model_id] = pending
             pending.add_done_callback(lambda _f: self._loading.pop(model_id, None))
         bundle = await asyncio.shield(pending)
@@ -179,5 +179,5 @@ class ModelResolver:
         return bundle
 
     @staticmethod
-    def _load(model_id: str) -> ModelBundle:
-        return load_bundle(model_id, _locate(model_id))
+    def _load(model_id: str, tool_parser: str | None) -> ModelBundle:
+        return load_bundle(model_id, _locate(model_id), tool_parser)

@@ -112,11 +112,88 @@ class HermesToolParser:
         return out
 
 
-PARSERS: dict[str, type[HermesToolParser]] = {"hermes": HermesToolParser}
+class _JsonAtStartParser:
+    """Models whose whole reply is the call when they call: content streams as it comes until the
+    reply turns out to start with a call marker, then everything is kept for the end."""
+
+    MARKERS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._mode: str | None = None  # None: undecided; "text"; "call"
+
+    def feed(self, text: str) -> Parsed:
+        if self._mode == "text":
+            return Parsed(text)
+        self._buffer += text
+        head = self._buffer.lstrip()
+        if self._mode is None:
+            if any(head.startswith(m) for m in self.MARKERS):
+                self._mode = "call"
+            elif not head or any(m.startswith(head) for m in self.MARKERS):
+                return Parsed()  # too early to tell
+            else:
+                self._mode = "text"
+                out, self._buffer = self._buffer, ""
+                return Parsed(out)
+        return Parsed()
+
+    def finish(self) -> Parsed:
+        rest, self._buffer = self._buffer, ""
+        if self._mode == "call":
+            calls = self._calls(rest.strip())
+            if calls:
+                return Parsed(calls=calls)
+        return Parsed(rest)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        raise NotImplementedError
+
+
+class Llama3JsonToolParser(_JsonAtStartParser):
+    """Llama 3.x: ``{"name": ..., "parameters": {...}}`` (after ``<|python_tag|>`` when the
+    tokenizer keeps it), several separated by ``;``."""
+
+    MARKERS = ("<|python_tag|>", "{")
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        text = text.removeprefix("<|python_tag|>").strip()
+        calls = [_call_from_json(part.strip()) for part in text.split(";") if part.strip()]
+        return [c for c in calls if c is not None] if all(calls) else []
+
+
+class MistralToolParser(_JsonAtStartParser):
+    """Mistral: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``; the marker is a special
+    token that detokenization may already have dropped, leaving the bare JSON list."""
+
+    MARKERS = ("[TOOL_CALLS]", "[{")
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        try:
+            items = json.loads(text.removeprefix("[TOOL_CALLS]").strip())
+        except ValueError:
+            return []
+        if not isinstance(items, list):
+            return []
+        calls = [_call_from_json(json.dumps(item)) for item in items]
+        return [c for c in calls if c is not None] if calls and all(calls) else []
+
+
+PARSERS: dict[str, type[HermesToolParser] | type[_JsonAtStartParser]] = {
+    "hermes": HermesToolParser,
+    "llama3_json": Llama3JsonToolParser,
+    "mistral": MistralToolParser,
+}
 
 
 def detect_parser(chat_template: str | None) -> str | None:
     """The parser a chat template's markup calls for, if any."""
-    if chat_template and HermesToolParser.START in chat_template:
+    if not chat_template:
+        return None
+    if HermesToolParser.START in chat_template:
         return "hermes"
+    if "[TOOL_CALLS]" in chat_template:
+        return "mistral"
+    if "<|python_tag|>" in chat_template or "ipython" in chat_template:
+        return "llama3_json"
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -135,3 +136,55 @@ def test_forced_tool_choice_is_refused_until_enforced(server: ServerProcess, cho
             model=MODEL, messages=ASK, tools=[WEATHER_TOOL], tool_choice=choice
         )  # type: ignore[arg-type]
     assert exc.value.body["param"] == "tool_choice"  # type: ignore[index]
+
+
+def _run(parser_cls: type, text: str, size: int) -> tuple[str, list[tuple[str, dict]]]:
+    p = parser_cls()
+    content, calls = "", []
+    for i in range(0, len(text), size):
+        out = p.feed(text[i : i + size])
+        content += out.content
+        calls += [(c.name, json.loads(c.arguments)) for c in out.calls]
+    out = p.finish()
+    return content + out.content, calls + [(c.name, json.loads(c.arguments)) for c in out.calls]
+
+
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_llama3_json_parser(size: int) -> None:
+    from sanic_serve.tool_parsers import Llama3JsonToolParser as P
+
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert _run(P, call, size) == ("", [("get_weather", {"city": "Paris"})])
+    assert _run(P, "<|python_tag|>" + call + "; " + call, size)[1] == [("get_weather", {"city": "Paris"})] * 2
+    assert _run(P, "Plain answer {not a call}", size) == ("Plain answer {not a call}", [])
+    assert _run(P, "{broken json", size) == ("{broken json", [])
+
+
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_mistral_parser(size: int) -> None:
+    from sanic_serve.tool_parsers import MistralToolParser as P
+
+    body = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3, "b": 4}}]'
+    expected = [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
+    assert _run(P, "[TOOL_CALLS]" + body, size) == ("", expected)
+    assert _run(P, body, size) == ("", expected)  # the marker was a special token, already dropped
+    assert _run(P, "[1, 2] is a list", size) == ("[1, 2] is a list", [])
+
+
+def test_parser_detection() -> None:
+    from sanic_serve.tool_parsers import detect_parser
+
+    assert detect_parser("... <tool_call> ...") == "hermes"
+    assert detect_parser("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_parser("Environment: ipython") == "llama3_json"
+    assert detect_parser("{{ messages }}") is None
+
+
+def test_tool_parser_option_overrides_the_template(cache_dir: Path, demo_model: Path) -> None:
+    # Hermes markup read by the Llama-3 parser is plain content: the option really is applied.
+    with ServerProcess.start(cache_dir, workers=1, args=("--tool-parser", "llama3_json")) as srv:
+        reply = client(srv).chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0
+        )
+    assert reply.choices[0].message.tool_calls is None
+    assert (reply.choices[0].message.content or "").startswith("<tool_call>")
