@@ -290,8 +290,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hfserve-bench-"))
     logs = work / "logs"
     logs.mkdir()
-    hfserve = shutil.which("hfserve") or "hfserve"
-    tserve = shutil.which("transformers") or "transformers"
+    here = os.path.dirname(sys.executable)  # this environment's scripts, activated or not
+    hfserve = shutil.which("hfserve", path=here) or shutil.which("hfserve") or "hfserve"
+    tserve = shutil.which("transformers", path=here) or shutil.which("transformers") or "transformers"
     from cli.bench import make_prompts
 
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "models": {}}

@@ -30,6 +30,7 @@ from model_host.ipc.messages import (
     ErrorKind,
     FinishReason,
     TokenFrame,
+    WorkerReset,
 )
 from model_host.ipc.ring import RingBuffer
 from model_host.ipc.status import HostStatus, StatusField
@@ -157,6 +158,10 @@ class ModelHost:
                     self._deliver([refused])
         elif isinstance(msg, AbortRequest):
             self.engine.abort((msg.worker_index, msg.request_id))
+        elif isinstance(msg, WorkerReset):
+            dropped = self.engine.abort_worker(msg.worker_index)
+            if dropped:
+                log.warning("worker %d restarted: aborted %d orphaned requests", msg.worker_index, dropped)
         else:
             log.error("ignoring unknown message %r", type(msg).__name__)
 

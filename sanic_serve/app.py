@@ -71,18 +71,19 @@ def _shared(app: Sanic) -> Channels:
     )
 
 
-def _supervise_host(app: Sanic, stop: threading.Event) -> None:
-    """Restart the model host when it dies (crash, OOM kill). Sanic's manager does not restart a
-    managed process by itself; it does act on a restart message from its monitor pipe."""
+def _supervise(app: Sanic, stop: threading.Event) -> None:
+    """Restart the model host or an HTTP worker that died (crash, OOM kill). Sanic's manager does
+    not restart a dead process by itself; it does act on a restart message from its monitor pipe."""
     manager = app.manager
     while not stop.wait(_SUPERVISE_INTERVAL_S):
         if getattr(manager, "_shutting_down", False):
             return
-        for process in manager.processes:
-            if HOST_PROCESS_NAME in process.name and not process.is_alive():
-                log.error("model host died (exit %s); restarting it", process.exitcode)
-                manager.monitor_publisher.send(process.name)
-                stop.wait(5.0)  # give the restart time before judging again
+        dead = [p.name for p in manager.processes if p.is_alive() is False and p.exitcode is not None]
+        for name in dead:
+            log.error("process %s died; restarting it", name)
+            manager.monitor_publisher.send(name)
+        if dead:
+            stop.wait(5.0)  # give the restarts time before judging again
 
 
 def create_app(config: ServerConfig) -> Sanic:
@@ -112,7 +113,7 @@ def create_app(config: ServerConfig) -> Sanic:
         )
         app.ctx.supervisor_stop = threading.Event()
         threading.Thread(
-            target=_supervise_host,
+            target=_supervise,
             args=(app, app.ctx.supervisor_stop),
             name="hfserve-supervisor",
             daemon=True,

@@ -22,9 +22,14 @@ START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
 
 
+def venv_script(name: str) -> str:
+    """A console script of this Python's environment, found even when it is not on PATH."""
+    return shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name) or name
+
+
 def hfserve_cmd() -> list[str]:
-    exe = shutil.which("hfserve", path=os.path.dirname(sys.executable)) or shutil.which("hfserve")
-    return [exe] if exe else [sys.executable, "-m", "cli.main"]
+    exe = venv_script("hfserve")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
 
 
 def free_port() -> int:

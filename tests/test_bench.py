@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
+from tests.server import ServerProcess, free_port, hfserve_cmd, server_env, venv_script
 
 
 def run_bench(base_url: str, tmp: Path, label: str, *extra: str) -> dict:
@@ -89,7 +89,7 @@ def test_bench_against_transformers_serve(cache_dir: Path, demo_model: Path, tmp
     port = free_port()
     log = (tmp_path / "tserve.log").open("wb")
     proc = subprocess.Popen(
-        ["transformers", "serve", "--port", str(port), "--device", "cpu", str(demo_model)],
+        [venv_script("transformers"), "serve", "--port", str(port), "--device", "cpu", str(demo_model)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=server_env(cache_dir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -143,3 +144,46 @@ def test_host_sigkill_fails_inflight_then_recovers(cache_dir: Path, demo_model: 
     time.sleep(0.2)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert shm_entries() - shm_before == set()
+
+
+def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, demo_model: Path) -> None:
+    with ServerProcess.start(cache_dir, workers=2) as srv:
+        # One keep-alive connection: ask which worker it reached, then start a long stream on it.
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = sock.recv(65536).decode()
+        index = json.loads(head.split("\r\n\r\n", 1)[1])["worker"]["index"]
+        body = (
+            b'{"model": "hfserve-demo", "stream": true, "max_tokens": 1900, "ignore_eos": true,'
+            b' "messages": [{"role": "user", "content": "Write a long story"}]}'
+        )
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert b"200 OK" in sock.recv(4096)
+        srv.wait_for(lambda s: s["running"] >= 1)
+        (victim,) = srv.titled(f"hfserve: worker {index}")
+        before = srv.host_status()["aborted_total"]
+        os.kill(victim.pid, signal.SIGKILL)
+        sock.close()
+        # The supervisor starts a new worker in its place, which tells the host to drop the
+        # requests nobody can read any more.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = srv.titled("hfserve: worker")
+            if len(workers) == 2 and victim.pid not in [w.pid for w in workers]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the killed worker was not replaced")
+        status = srv.wait_for(lambda s: s["running"] == 0 and s["aborted_total"] >= before + 1)
+        assert status["epoch"] == 1  # the host itself kept running
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        for _ in range(6):  # whichever worker answers
+            reply = c.chat.completions.create(
+                model=MODEL, temperature=0, messages=[{"role": "user", "content": "Hello!"}]
+            )
+            assert reply.choices[0].message.content == "Hello! How can I help you today?"
+        assert srv.stop() == 0

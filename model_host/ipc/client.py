@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from model_host.ipc.messages import (
     HostMessage,
     SamplingParams,
     TokenFrame,
+    WorkerReset,
 )
 from model_host.ipc.ring import RingBuffer
 from model_host.ipc.status import HostStatus, StatusField
@@ -69,7 +71,9 @@ class HostClient:
         self._ring = RingBuffer(side.ring)
         self._doorbell = Doorbell(side.doorbell_reader)
         self._streams: dict[int, RequestStream] = {}
-        self._ids = itertools.count(1)
+        # Ids unique across incarnations of this worker: a restarted worker must never take a
+        # frame still in the ring for its predecessor's request as one of its own.
+        self._ids = itertools.count(((os.getpid() & 0xFFFFFF) << 32) + 1)
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfserve-send")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -80,6 +84,7 @@ class HostClient:
         self._loop = loop
         loop.add_reader(self._doorbell.fileno(), self._on_doorbell)
         self._watchdog = loop.create_task(self._watch_host())
+        self._send_soon(WorkerReset(self.worker_index))
         self._on_doorbell()  # frames left from a previous incarnation of this worker
 
     async def close(self) -> None:

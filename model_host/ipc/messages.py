@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 class MessageKind(enum.IntEnum):
     ADD = 1
     ABORT = 2
+    WORKER_RESET = 3
 
 
 class FinishReason(enum.IntEnum):
@@ -89,7 +90,15 @@ class AbortRequest:
     kind: MessageKind = field(default=MessageKind.ABORT, init=False)
 
 
-HostMessage = AddRequest | AbortRequest
+@dataclass(frozen=True, slots=True)
+class WorkerReset:
+    """A worker (re)started: whatever its predecessor left running has no reader any more."""
+
+    worker_index: int
+    kind: MessageKind = field(default=MessageKind.WORKER_RESET, init=False)
+
+
+HostMessage = AddRequest | AbortRequest | WorkerReset
 
 # Frame header: total length, request id, finish reason, has-logprobs flag, token count, error
 # length. Then the token ids (i32 each), the error (JSON), and, with the flag, one logprob record
