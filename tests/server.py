@@ -32,6 +32,16 @@ def hfserve_cmd() -> list[str]:
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
 
 
+def model_with_template(src: Path, dst: Path, edit: Any) -> Path:
+    """A copy of the model folder ``src`` whose chat template is ``edit(old_template)``."""
+    shutil.copytree(src, dst)
+    template = dst / "chat_template.jinja"
+    new = edit(template.read_text())
+    assert new != template.read_text(), "the template edit changed nothing"
+    template.write_text(new)
+    return dst
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

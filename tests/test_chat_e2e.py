@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import ServerProcess
+from tests.server import ServerProcess, model_with_template
 
 MODEL = "hfserve-demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -219,10 +219,9 @@ def test_stream_headers(server: ServerProcess) -> None:
 def test_chat_template_kwargs_reach_the_template(
     server: ServerProcess, demo_model: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "model-with-variable"
-    shutil.copytree(demo_model, folder)
-    template = folder / "chat_template.jinja"
-    template.write_text(template.read_text() + "{{- extra_text or '' }}")
+    folder = model_with_template(
+        demo_model, tmp_path / "with-variable", lambda t: t + "{{- extra_text or '' }}"
+    )
 
     def prompt_tokens(kwargs: dict[str, object] | None) -> int:
         body = {"model": str(folder), "messages": HELLO, "max_tokens": 1, "chat_template_kwargs": kwargs}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import httpx
 
 from sanic_serve.reasoning import ReasoningParser, prompt_opens_reasoning
-from tests.server import ServerProcess
+from tests.server import ServerProcess, model_with_template
 
 
 def split_in_pieces(text: str, size: int, opened: bool) -> tuple[str, str]:
@@ -42,16 +41,15 @@ def test_prompt_opens_reasoning() -> None:
 def test_reasoning_content_stream_and_non_stream(
     server: ServerProcess, demo_model: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "thinking-model"
-    shutil.copytree(demo_model, folder)
-    template = folder / "chat_template.jinja"
-    # A template that opens the model's thinking at the start of every answer.
-    text = template.read_text().replace(
-        "{{- '<|im_start|>assistant\\n' }}{%- endif %}",
-        "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}",
-    )
-    assert text != template.read_text()
-    template.write_text(text + "{#- answers follow </think> -#}")
+    def open_thinking(template: str) -> str:
+        # A template that opens the model's thinking at the start of every answer.
+        opened = template.replace(
+            "{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+            "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}",
+        )
+        return opened + "{#- answers follow </think> -#}"
+
+    folder = model_with_template(demo_model, tmp_path / "thinking-model", open_thinking)
     body = {
         "model": str(folder),
         "messages": [{"role": "user", "content": "Hello!"}],
