@@ -48,6 +48,10 @@ def _joinable(cache: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def _matchers(model: Any) -> Any:
+    return lambda params: model.matcher(params.grammar, params.stop_token_ids)
+
+
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - t.shape[dim]
     if missing <= 0:
@@ -90,7 +94,7 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = model.forward(ids, mask, positions, None)
         sampling = SamplingBatch.build(
-            [s.params for s in seqs], [s.prompt for s in seqs], logits.shape[-1], device
+            [s.params for s in seqs], [s.prompt for s in seqs], logits.shape[-1], device, _matchers(model)
         )
         return cls(model, seqs, cache, mask, sampling), logits
 
@@ -108,7 +112,9 @@ class DecodeBatch:
         if end < len(seq.prompt):
             return None
         mask = torch.ones((1, end), dtype=torch.long, device=model.device)
-        sampling = SamplingBatch.build([seq.params], [seq.prompt], logits.shape[-1], model.device)
+        sampling = SamplingBatch.build(
+            [seq.params], [seq.prompt], logits.shape[-1], model.device, _matchers(model)
+        )
         cache, seq.prefill_cache = seq.prefill_cache, None
         return cls(model, [seq], cache, mask, sampling), logits
 

@@ -47,6 +47,23 @@ class LoadedModel:
     cache_arg: str = "cache"
     keeps_last_logits: bool = True  # forward() takes ``logits_to_keep``
     loaded_at_s: float = field(default_factory=time.monotonic)
+    _grammar_tokenizer: Any = None
+
+    def matcher(self, grammar: str, stop_token_ids: tuple[int, ...]) -> Any:
+        """An llguidance matcher that only lets this model emit text matching ``grammar``."""
+        import llguidance
+        import llguidance.hf
+        from transformers import AutoTokenizer
+
+        if self._grammar_tokenizer is None:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            hf_tokenizer: Any = AutoTokenizer.from_pretrained(self.path)
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(
+                hf_tokenizer,
+                n_vocab=vocab,
+                eos_token=list(stop_token_ids) or None,
+            )
+        return llguidance.LLMatcher(self._grammar_tokenizer, grammar)
 
     def forward(
         self,

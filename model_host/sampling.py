@@ -9,8 +9,9 @@ exactly from ``p`` and lets seeded and unseeded rows share one vectorised select
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ class SamplingBatch:
     counts: torch.Tensor | None  # [B, V] generated-token counts, only if a row has a penalty
     seen: torch.Tensor | None  # [B, V] prompt or generated, only if a row has repetition penalty
     bias: torch.Tensor | None  # [B, V] additive logit bias, only if a row has one
+    matchers: list[Any]  # per row: an llguidance matcher (structured output) or None
 
     @classmethod
     def build(
@@ -54,6 +56,7 @@ class SamplingBatch:
         prompts: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
+        make_matcher: Callable[[SamplingParams], Any] | None = None,
     ) -> SamplingBatch:
         def col(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
@@ -95,6 +98,7 @@ class SamplingBatch:
             counts=counts,
             seen=seen,
             bias=bias,
+            matchers=[make_matcher(p) if (p.grammar and make_matcher) else None for p in params],
         )
 
     # -- joining and leaving (mirrors the KV cache's filter/concatenate) -------------------------
@@ -102,6 +106,7 @@ class SamplingBatch:
         idx = torch.tensor(keep, dtype=torch.long, device=self.temperature.device)
         self.params = [self.params[i] for i in keep]
         self.generators = [self.generators[i] for i in keep]
+        self.matchers = [self.matchers[i] for i in keep]
         for name in ("temperature", "top_p", "top_k", "min_p", "presence", "frequency", "repetition"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         for name in ("counts", "seen", "bias"):
@@ -113,6 +118,7 @@ class SamplingBatch:
         rows_a, rows_b = len(self.params), len(other.params)
         self.params += other.params
         self.generators += other.generators
+        self.matchers += other.matchers
         for name in ("temperature", "top_p", "top_k", "min_p", "presence", "frequency", "repetition"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.counts = _optional_cat(self.counts, rows_a, other.counts, rows_b, 0)
@@ -125,6 +131,8 @@ class SamplingBatch:
         logits = logits.float()
         if self.bias is not None:
             logits = logits + self.bias
+        if any(m is not None for m in self.matchers):
+            logits = self._constrain(logits)
         if self.seen is not None:
             rep = self.repetition[:, None]
             penalised = torch.where(logits > 0, logits / rep, logits * rep)
@@ -145,6 +153,18 @@ class SamplingBatch:
                 noise[i] = torch.empty_like(probs[i]).exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(self.temperature > 0, sampled, greedy)
+
+    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask, per constrained row, every token its grammar does not allow next."""
+        import llguidance.torch as llg
+
+        logits = logits.clone()
+        mask = llg.allocate_token_bitmask(1, logits.shape[-1])
+        for i, matcher in enumerate(self.matchers):
+            if matcher is not None:
+                llg.fill_next_token_bitmask(matcher, mask, 0)
+                llg.apply_token_bitmask_inplace(logits[i : i + 1], mask.to(logits.device))
+        return logits
 
     def _truncate(self, probs: torch.Tensor) -> torch.Tensor:
         if bool((self.min_p > 0).any()):
@@ -185,6 +205,9 @@ class SamplingBatch:
     def record(self, tokens: torch.Tensor) -> None:
         """Account for the tokens just sampled (penalties see them from the next step on)."""
         rows = torch.arange(tokens.shape[0], device=tokens.device)
+        for matcher, token in zip(self.matchers, tokens.tolist(), strict=True):
+            if matcher is not None:
+                matcher.consume_token(token)
         if self.counts is not None:
             self.counts[rows, tokens] += 1
         if self.seen is not None:

@@ -7,6 +7,7 @@ Unknown extras are accepted, since clients send vendor fields, and logged once p
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal, TypeVar
 
@@ -74,6 +75,28 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must satisfy; None for free text."""
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequest("response_format.json_schema is required.", param="response_format")
+            return json.dumps(self.json_schema.schema_)
+        return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
@@ -94,7 +117,6 @@ NO_OP_FIELDS = frozenset(
 )
 # Output-changing fields this version does not implement yet: refused unless left at the default.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "reasoning_effort": (None,),
@@ -177,6 +199,7 @@ class ChatCompletionRequest(GenerationFields):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     def logprob_count(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else -1

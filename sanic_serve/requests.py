@@ -35,6 +35,23 @@ async def admit(request: Request, model_id: str) -> ModelBundle:
     return await models.resolve(model_id)
 
 
+def output_grammar(req: GenerationFields) -> str | None:
+    """The grammar of a structured-output request, compiled here so that a schema the decoder
+    cannot enforce is a 400 naming the field, before anything is generated."""
+    response_format = getattr(req, "response_format", None)
+    schema = response_format.schema_text() if response_format is not None else None
+    if schema is None:
+        return None
+    import llguidance
+
+    try:
+        return str(llguidance.JsonCompiler().compile(schema))
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"response_format: unsupported JSON schema: {exc}", param="response_format"
+        ) from exc
+
+
 def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: int) -> SamplingParams:
     bias = req.bias_pairs()
     vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -54,5 +71,6 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         repetition_penalty=req.repetition_penalty or 1.0,
         logit_bias=bias,
         logprobs=req.logprob_count(),
+        grammar=output_grammar(req),
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )

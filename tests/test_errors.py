@@ -70,7 +70,10 @@ def assert_error(
             {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": "hi"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"if": {}}},
+                },
             },
             "response_format",
         ),

@@ -51,6 +51,23 @@ MATRIX: list[dict[str, Any]] = [
         "top_logprobs": 3,
         "temperature": 0,
     },
+    {
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "temperature": 0,
+        "max_tokens": 40,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "g",
+                "schema": {
+                    "type": "object",
+                    "properties": {"greeting": {"type": "string", "maxLength": 10}},
+                    "required": ["greeting"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+    },
 ]
 
 

@@ -68,6 +68,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1: off
     logprobs: int = -1  # -1: none; 0: the sampled token's; k: and the k most likely alternatives
+    grammar: str | None = None  # an llguidance grammar the output must match (structured output)
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
 

@@ -1,0 +1,140 @@
+"""Structured output: ``response_format`` enforced by constrained decoding, per request in the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from model_host.demo.build import ModelSpec, build_model
+from tests.server import ServerProcess
+
+MODEL = "hfserve-demo"
+STR = {"type": "string", "maxLength": 12}
+INT = {"type": "integer", "minimum": -50, "maximum": 50}
+
+
+def obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": props,
+        "required": required if required is not None else list(props),
+        "additionalProperties": False,
+    }
+
+
+SCHEMAS: list[dict[str, Any]] = [
+    obj({"name": STR}),
+    obj({"age": INT}),
+    obj({"ok": {"type": "boolean"}}),
+    obj({"color": {"enum": ["red", "green", "blue"]}}),
+    obj({"name": STR, "age": INT, "admin": {"type": "boolean"}}),
+    obj({"tags": {"type": "array", "items": STR, "minItems": 1, "maxItems": 3}}),
+    obj({"scores": {"type": "array", "items": INT, "maxItems": 4}}),
+    obj({"point": obj({"x": INT, "y": INT})}),
+    obj(
+        {
+            "user": obj(
+                {
+                    "name": STR,
+                    "address": obj({"city": STR, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}),
+                }
+            )
+        }
+    ),
+    obj({"items": {"type": "array", "items": obj({"id": INT, "label": STR}), "maxItems": 2}}),
+    obj({"level": {"type": "integer", "minimum": 1, "maximum": 5}}),
+    obj({"ratio": {"type": "number", "minimum": 0, "maximum": 1}}),
+    obj({"status": {"enum": ["on", "off"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}}),
+    obj({"name": STR, "nickname": STR}, required=["name"]),
+    obj({"maybe": {"anyOf": [INT, {"type": "null"}]}}),
+    obj(
+        {"matrix": {"type": "array", "items": {"type": "array", "items": INT, "maxItems": 2}, "maxItems": 2}}
+    ),
+    obj({"kind": {"const": "fixed"}, "value": INT}),
+    obj({"flags": {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2}}),
+    obj({"a": obj({"b": obj({"c": obj({"d": INT})})})}),
+    obj(
+        {
+            "title": STR,
+            "pages": {"type": "integer", "minimum": 1, "maximum": 999},
+            "genre": {"enum": ["sf", "crime"]},
+        }
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("random-tiny")
+    return build_model(folder, ModelSpec(hidden_size=64, intermediate_size=128, train_steps=0, seed=1))
+
+
+def test_twenty_schemas_with_a_random_model(server: ServerProcess, random_model: Path) -> None:
+    async def run() -> list[openai.types.chat.ChatCompletion]:
+        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        c.chat.completions.create(
+                            model=str(random_model),
+                            messages=[{"role": "user", "content": f"case {i}"}],
+                            temperature=0.8,
+                            seed=i,
+                            max_tokens=400,
+                            response_format={
+                                "type": "json_schema",
+                                "json_schema": {"name": f"s{i}", "schema": schema},
+                            },
+                        )
+                        for i, schema in enumerate(SCHEMAS)
+                    )
+                )
+            )
+        finally:
+            await c.close()
+
+    for schema, resp in zip(SCHEMAS, asyncio.run(run()), strict=True):
+        text = resp.choices[0].message.content or ""
+        assert resp.choices[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_and_unconstrained_neighbours(server: ServerProcess, random_model: Path) -> None:
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    for i in range(3):
+        resp = c.chat.completions.create(
+            model=str(random_model),
+            messages=[{"role": "user", "content": f"object {i}"}],
+            temperature=0.8,
+            seed=i,
+            max_tokens=400,
+            response_format={"type": "json_object"},
+        )
+        assert resp.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(resp.choices[0].message.content or ""), dict)
+    # The constraint is per request: the same prompt without it is the usual greeting.
+    free = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], temperature=0
+    )
+    assert free.choices[0].message.content == "Hello! How can I help you today?"
+
+
+def test_unsupported_schema_is_400(server: ServerProcess) -> None:
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"if": {"type": "string"}}},
+            },
+        )
+    assert exc.value.body["param"] == "response_format"  # type: ignore[index]
