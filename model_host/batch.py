@@ -35,6 +35,7 @@ class Sequence:
     # Chunked prefill of a long prompt: the cache so far and how many prompt tokens it holds.
     prefill_cache: Any = None
     prefilled: int = 0
+    matcher: Any = None  # llguidance matcher when the output must follow a grammar
 
     @property
     def length(self) -> int:
@@ -46,10 +47,6 @@ def _joinable(cache: Any) -> bool:
 
     layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def _matchers(model: Any) -> Any:
-    return lambda params: model.matcher(params.grammar, params.stop_token_ids)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -94,7 +91,11 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = model.forward(ids, mask, positions, None)
         sampling = SamplingBatch.build(
-            [s.params for s in seqs], [s.prompt for s in seqs], logits.shape[-1], device, _matchers(model)
+            [s.params for s in seqs],
+            [s.prompt for s in seqs],
+            logits.shape[-1],
+            device,
+            [s.matcher for s in seqs],
         )
         return cls(model, seqs, cache, mask, sampling), logits
 
@@ -113,7 +114,7 @@ class DecodeBatch:
             return None
         mask = torch.ones((1, end), dtype=torch.long, device=model.device)
         sampling = SamplingBatch.build(
-            [seq.params], [seq.prompt], logits.shape[-1], model.device, _matchers(model)
+            [seq.params], [seq.prompt], logits.shape[-1], model.device, [seq.matcher]
         )
         cache, seq.prefill_cache = seq.prefill_cache, None
         return cls(model, [seq], cache, mask, sampling), logits

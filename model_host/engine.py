@@ -198,6 +198,15 @@ class Engine:
                     )
                 )
                 continue
+            if seq.params.grammar and seq.matcher is None:
+                try:
+                    seq.matcher = candidate.matcher(seq.params.grammar, seq.params.stop_token_ids)
+                except Exception as exc:  # a grammar the decoder cannot build: this request's error
+                    self._waiting.popleft()
+                    outputs.append(
+                        _error(seq, ErrorKind.INVALID_REQUEST, f"cannot enforce the output format: {exc}")
+                    )
+                    continue
             if len(seq.prompt) > budget:
                 if group:
                     break

@@ -63,7 +63,10 @@ class LoadedModel:
                 n_vocab=vocab,
                 eos_token=list(stop_token_ids) or None,
             )
-        return llguidance.LLMatcher(self._grammar_tokenizer, grammar)
+        matcher = llguidance.LLMatcher(self._grammar_tokenizer, grammar)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher
 
     def forward(
         self,

@@ -9,7 +9,7 @@ exactly from ``p`` and lets seeded and unseeded rows share one vectorised select
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ class SamplingBatch:
         prompts: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
-        make_matcher: Callable[[SamplingParams], Any] | None = None,
+        matchers: Sequence[Any] | None = None,
     ) -> SamplingBatch:
         def col(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
@@ -98,7 +98,7 @@ class SamplingBatch:
             counts=counts,
             seen=seen,
             bias=bias,
-            matchers=[make_matcher(p) if (p.grammar and make_matcher) else None for p in params],
+            matchers=list(matchers) if matchers is not None else [None] * len(params),
         )
 
     # -- joining and leaving (mirrors the KV cache's filter/concatenate) -------------------------

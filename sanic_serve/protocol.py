@@ -204,6 +204,12 @@ class ChatCompletionRequest(GenerationFields):
     def logprob_count(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else -1
 
+    def forced_tool(self) -> str | None:
+        """None: calls are optional; "": some call is required; a name: that function's call."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
+
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """Tools for the chat template; ``tool_choice: none`` offers none, so none is called."""
         if not self.tools or self.tool_choice == "none":
@@ -294,13 +300,19 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
-    if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
-        # Forcing a call needs constrained decoding; refusing beats a silently optional call.
-        raise InvalidRequest(
-            "tool_choice 'required' or a named function is not supported by this server yet.",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
+    forced = req.forced_tool()
+    if forced is not None:
+        if not req.tools:
+            raise InvalidRequest("tool_choice names a call but no tools are given.", param="tool_choice")
+        names = {t.function.name for t in req.tools}
+        if forced and forced not in names:
+            raise InvalidRequest(
+                f"tool_choice names {forced!r}, which is not among the tools.", param="tool_choice"
+            )
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequest(
+                "tool_choice and response_format cannot both constrain the output.", param="tool_choice"
+            )
     return req
 
 

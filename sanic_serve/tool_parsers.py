@@ -197,3 +197,41 @@ def detect_parser(chat_template: str | None) -> str | None:
     if "<|python_tag|>" in chat_template or "ipython" in chat_template:
         return "llama3_json"
     return None
+
+
+def forced_call_grammar(
+    parser: str, tools: list[dict[str, Any]], name: str | None, token_id: Any = None
+) -> str:
+    """An llguidance grammar under which the model can only answer with one call, in its own
+    markup, of ``name`` or of any offered tool, with arguments valid for that function's schema:
+    how ``tool_choice`` ``required`` and a named function are enforced. ``token_id(text)`` gives
+    the id of a markup string that the tokenizer keeps as one added token: the grammar must name
+    such a token by id, since the decoder sees it as a token, not as its text."""
+    import llguidance
+
+    args_key = "parameters" if parser == "llama3_json" else "arguments"
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                args_key: t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
+        for t in tools
+        if name is None or t["function"]["name"] == name
+    ]
+    call = json.dumps(variants[0] if len(variants) == 1 else {"anyOf": variants})
+
+    def lit(text: str) -> str:
+        tid = token_id(text) if token_id is not None else None
+        return f"<[{tid}]>" if tid is not None else json.dumps(text)
+
+    start = {
+        "hermes": f'start: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+        "llama3_json": "start: call",
+        "mistral": 'start: "[" call "]"',
+    }[parser]
+    return str(llguidance.grammar_from("lark", f"{start}\ncall: %json {call}\n"))

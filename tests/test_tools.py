@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 
@@ -129,12 +130,55 @@ def test_tool_choice_none_offers_no_tools(server: ServerProcess) -> None:
     assert reply.choices[0].message.content == "Hello! How can I help you today?"
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
-def test_forced_tool_choice_is_refused_until_enforced(server: ServerProcess, choice: object) -> None:
+def test_named_tool_choice_is_enforced(server: ServerProcess) -> None:
+    # "Hello!" never leads the demo model to a call on its own; a named tool_choice forces one.
+    reply = client(server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello!"}],
+        tools=[WEATHER_TOOL, ADD_TOOL],
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        temperature=0,
+        max_tokens=60,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), ADD_TOOL["function"]["parameters"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_gives_a_valid_call(server: ServerProcess, stream: bool) -> None:
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a joke"}],
+        tools=[WEATHER_TOOL, ADD_TOOL],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
+    )
+    if stream:
+        chunks = list(client(server).chat.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
+        deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+        name = deltas[0].function.name
+        arguments = "".join(d.function.arguments or "" for d in deltas)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+    else:
+        reply = client(server).chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        (call,) = reply.choices[0].message.tool_calls or []
+        name, arguments, finish = call.function.name, call.function.arguments, reply.choices[0].finish_reason
+    assert finish == "tool_calls"
+    tool = {"get_weather": WEATHER_TOOL, "add": ADD_TOOL}[name]
+    jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+
+
+def test_tool_choice_naming_an_unknown_function_is_400(server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client(server).chat.completions.create(
-            model=MODEL, messages=ASK, tools=[WEATHER_TOOL], tool_choice=choice
-        )  # type: ignore[arg-type]
+            model=MODEL,
+            messages=ASK,
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     assert exc.value.body["param"] == "tool_choice"  # type: ignore[index]
 
 

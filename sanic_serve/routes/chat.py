@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -12,13 +13,14 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
 from sanic_serve.choices import Choice, fan_out, merged, usage
-from sanic_serve.errors import APIError
+from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
 from sanic_serve.prompt import completion_budget, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
 from sanic_serve.reasoning import prompt_opens_reasoning
 from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
+from sanic_serve.tool_parsers import forced_call_grammar
 
 bp = Blueprint("chat")
 
@@ -32,6 +34,17 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
     parser = bundle.tool_parser if req.offered_tools() else None
+    forced = req.forced_tool()
+    if forced is not None:
+        if parser is None:
+            raise InvalidRequest(
+                f"The model `{bundle.id}` has no known tool-call format to enforce; start the server "
+                "with --tool-parser.",
+                param="tool_choice",
+            )
+        tools = req.offered_tools() or []
+        grammar = forced_call_grammar(parser, tools, forced or None, bundle.tokenizer.token_to_id)
+        sampling = replace(sampling, grammar=grammar)
     reasoning = prompt_opens_reasoning(prompt_text) if bundle.reasons else None
     return fan_out(
         client,
