@@ -111,6 +111,8 @@ NO_OP_FIELDS = frozenset(
         "prediction",
         "safety_identifier",
         "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
         "web_search_options",
         "verbosity",
     }
@@ -122,6 +124,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "reasoning_effort": (None,),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
+    "moderation": (None,),
 }
 
 

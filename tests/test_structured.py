@@ -138,3 +138,52 @@ def test_unsupported_schema_is_400(server: ServerProcess) -> None:
             },
         )
     assert exc.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_choice_with_a_random_model(
+    server: ServerProcess, random_model: Path, choice: Any
+) -> None:
+    from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
+
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    reply = c.chat.completions.create(
+        model=str(random_model),
+        messages=[{"role": "user", "content": "anything"}],
+        tools=[WEATHER_TOOL, ADD_TOOL],
+        tool_choice=choice,
+        temperature=0.8,
+        seed=2,
+        max_tokens=400,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    (call,) = reply.choices[0].message.tool_calls or []
+    if isinstance(choice, dict):
+        assert call.function.name == "add"
+    tool = {"get_weather": WEATHER_TOOL, "add": ADD_TOOL}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_logit_bias_bans_a_token(server: ServerProcess, demo_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    first = (
+        Tokenizer.from_file(str(demo_model / "tokenizer.json"))
+        .encode("Hello", add_special_tokens=False)
+        .ids[0]
+    )
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    free = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], temperature=0, logprobs=True
+    )
+    assert free.choices[0].message.content == "Hello! How can I help you today?"
+    banned = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello!"}],
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(first): -100},
+    )
+    assert not (banned.choices[0].message.content or "").startswith("Hello")
+    first_tokens = [e.token for e in banned.choices[0].logprobs.content]  # type: ignore[union-attr]
+    assert "Hello" not in first_tokens
