@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # each choice is a full generation in the batch
 MAX_TOP_LOGPROBS = 20  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
 
 
 class TextPart(BaseModel):
@@ -229,6 +230,11 @@ class CompletionRequest(GenerationFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    def logprob_count(self) -> int:
+        return -1 if self.logprobs is None else self.logprobs
+
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
 
     @field_validator("prompt")
@@ -269,7 +275,6 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
 
 _COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
-    "logprobs": (None, 0),
     "best_of": (None, 1),
 }
 
@@ -320,4 +325,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
-    return parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
+    req = parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("logprobs together with echo is not supported yet.", param="logprobs")
+    return req

@@ -95,7 +95,8 @@ def test_echo_and_stream(server: ServerProcess) -> None:
     ("body", "param"),
     [
         ({"prompt": HELLO, "suffix": "x"}, "suffix"),
-        ({"prompt": HELLO, "logprobs": 2}, "logprobs"),
+        ({"prompt": HELLO, "logprobs": 6}, "logprobs"),
+        ({"prompt": HELLO, "logprobs": 2, "echo": True}, "logprobs"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1, 2], []]}, "prompt"),
         ({"prompt": [10**9]}, "prompt"),
@@ -107,3 +108,31 @@ def test_bad_completion_requests(server: ServerProcess, body: dict[str, object],
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
     validate("ErrorResponse", resp.json())
+
+
+def test_legacy_logprobs(server: ServerProcess) -> None:
+    whole = client(server).completions.create(
+        model=MODEL, prompt=JOKE, temperature=0, max_tokens=30, logprobs=2
+    )
+    lp = whole.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert "".join(lp.tokens) == whole.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    raw = httpx.post(
+        f"{server.base_url}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": JOKE,
+            "temperature": 0,
+            "max_tokens": 30,
+            "logprobs": 2,
+            "stream": True,
+        },
+    ).text
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    tokens = [t for ch in chunks for t in (ch["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    offsets = [o for ch in chunks for o in (ch["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+    assert tokens == lp.tokens and offsets == lp.text_offset

@@ -66,12 +66,19 @@ async def completions(request: Request) -> HTTPResponse | None:
         await _stream(request, req, choices, echoes, base, n)
         return None
     texts = {c.index: (echoes[c.index] if req.echo else "") for c in choices}
+    entries: dict[int, list[dict[str, Any]]] = {c.index: [] for c in choices}
     async for choice, delta in merged(choices):
         texts[choice.index] += delta.text
+        entries[choice.index] += delta.logprobs or []
     body = {
         **base,
         "choices": [
-            {"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.gen.finish_reason}
+            {
+                "index": c.index,
+                "text": texts[c.index],
+                "logprobs": legacy_logprobs(entries[c.index]) if req.logprobs is not None else None,
+                "finish_reason": c.gen.finish_reason,
+            }
             for c in choices
         ],
         "usage": usage(choices, n),
@@ -79,8 +86,24 @@ async def completions(request: Request) -> HTTPResponse | None:
     return json(body, dumps=orjson.dumps)
 
 
-def _chunk(base: dict[str, Any], index: int, text: str, finish_reason: str | None) -> bytes:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def legacy_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """The completions endpoint's older shape of the same information: parallel lists."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chunk(
+    base: dict[str, Any], index: int, text: str, finish_reason: str | None, logprobs: Any = None
+) -> bytes:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return event({**base, "choices": [choice]})
 
 
@@ -102,12 +125,17 @@ async def _stream(
     if req.echo:
         for c in choices:
             await response.send(_chunk(base, c.index, echoes[c.index], None))
+    offsets = {c.index: 0 for c in choices}
     try:
         item: tuple[Choice, Delta] | None = first
         while item is not None:
             choice, delta = item
-            if delta.text or delta.finish_reason is not None:
-                await response.send(_chunk(base, choice.index, delta.text, delta.finish_reason))
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                lp = None
+                if req.logprobs is not None:
+                    lp = legacy_logprobs(delta.logprobs or [], offsets[choice.index])
+                    offsets[choice.index] += sum(len(t) for t in lp["tokens"])
+                await response.send(_chunk(base, choice.index, delta.text, delta.finish_reason, lp))
             item = await anext(deltas, None)
     except APIError as exc:
         await response.send(event(exc.body()))
