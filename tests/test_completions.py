@@ -18,6 +18,18 @@ HELLO = "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
 JOKE = "<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n"
 
 
+def stream_completion(server: ServerProcess, **body: object) -> list[dict]:
+    """POST a streamed completion of JOKE; returns the JSON events before ``[DONE]``."""
+    raw = httpx.post(
+        f"{server.base_url}/v1/completions",
+        timeout=60,
+        json={"model": MODEL, "prompt": JOKE, "temperature": 0, "max_tokens": 30, "stream": True, **body},
+    ).text
+    events = [e[len("data: ") :] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
 def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
 
@@ -57,22 +69,7 @@ def test_echo_and_stream(server: ServerProcess) -> None:
         model=MODEL, prompt=JOKE, temperature=0, max_tokens=30, echo=True
     )
     assert whole.choices[0].text.startswith(JOKE) and "mouse" in whole.choices[0].text
-    raw = httpx.post(
-        f"{server.base_url}/v1/completions",
-        timeout=60,
-        json={
-            "model": MODEL,
-            "prompt": JOKE,
-            "temperature": 0,
-            "max_tokens": 30,
-            "echo": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    ).text
-    events = [e[len("data: ") :] for e in raw.split("\n\n") if e]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    chunks = stream_completion(server, echo=True, stream_options={"include_usage": True})
     text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
     assert text == whole.choices[0].text
     assert chunks[-1]["usage"]["completion_tokens"] == whole.usage.completion_tokens  # type: ignore[union-attr]
@@ -120,19 +117,7 @@ def test_legacy_logprobs(server: ServerProcess) -> None:
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
-    raw = httpx.post(
-        f"{server.base_url}/v1/completions",
-        timeout=60,
-        json={
-            "model": MODEL,
-            "prompt": JOKE,
-            "temperature": 0,
-            "max_tokens": 30,
-            "logprobs": 2,
-            "stream": True,
-        },
-    ).text
-    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    chunks = stream_completion(server, logprobs=2)
     tokens = [t for ch in chunks for t in (ch["choices"][0]["logprobs"] or {}).get("tokens", [])]
     offsets = [o for ch in chunks for o in (ch["choices"][0]["logprobs"] or {}).get("text_offset", [])]
     assert tokens == lp.tokens and offsets == lp.text_offset
