@@ -119,12 +119,16 @@ async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory,
             payloads = choice.out.stream_deltas(parsed)
             if delta.logprobs and not payloads:  # text held back, but the tokens came
                 payloads = [{}]
-            for i, payload in enumerate(payloads):
-                logprobs = delta.logprobs if i == 0 else None
-                await response.send(event(chunks.chunk(payload, index=choice.index, logprobs=logprobs)))
+            # One write per delta: its content, tool-call and finish chunks go out together.
+            out = [
+                event(chunks.chunk(payload, index=choice.index, logprobs=delta.logprobs if i == 0 else None))
+                for i, payload in enumerate(payloads)
+            ]
             if delta.finish_reason is not None:
                 reason = choice.out.finish_reason(delta.finish_reason)
-                await response.send(event(chunks.chunk({}, reason, index=choice.index)))
+                out.append(event(chunks.chunk({}, reason, index=choice.index)))
+            if out:
+                await response.send(b"".join(out))
             item = await anext(deltas, None)
     except APIError as exc:
         # Headers are gone already: report the error in-band, as OpenAI does.
