@@ -78,7 +78,12 @@ def _supervise(app: Sanic, stop: threading.Event) -> None:
     while not stop.wait(_SUPERVISE_INTERVAL_S):
         if getattr(manager, "_shutting_down", False):
             return
-        dead = [p.name for p in manager.processes if p.is_alive() is False and p.exitcode is not None]
+        # A process that exited 0 was stopped on purpose (shutdown); only crashes are restarted.
+        dead = [p.name for p in manager.processes if not p.is_alive() and p.exitcode not in (None, 0)]
+        # A shutdown starts by stopping processes and only then sets its flag: look again after a
+        # moment, so that no process is brought back while the server is going down.
+        if dead and (stop.wait(_SUPERVISE_INTERVAL_S) or getattr(manager, "_shutting_down", False)):
+            return
         for name in dead:
             log.error("process %s died; restarting it", name)
             manager.monitor_publisher.send(name)
