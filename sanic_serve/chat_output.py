@@ -1,42 +1,73 @@
-"""Assembling one choice's output: text deltas become content and tool calls."""
+"""Assembling one choice's output: text deltas become content, reasoning and tool calls."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from sanic_serve.reasoning import ReasoningParser, Split
+from sanic_serve.models import RESPONSE_TEMPLATE, ModelBundle
+from sanic_serve.reasoning import ReasoningParser, Split, prompt_opens_reasoning
+from sanic_serve.response_template import TemplateParser
 from sanic_serve.tool_parsers import PARSERS, Parsed, ToolCall, ToolParser
 
 
-class ChoiceAssembler:
-    """Feeds generated text through the tool-call parser (when tools were offered) and keeps
-    what the final message needs."""
+class OutputParser(Protocol):
+    """Fed text deltas; returns the content, reasoning and completed calls within them."""
 
-    def __init__(
-        self,
-        parser_name: str | None,
-        parallel_tool_calls: bool = True,
-        reasoning: ReasoningParser | None = None,
-    ) -> None:
-        self._parser: ToolParser | None = PARSERS[parser_name]() if parser_name else None
-        self._parallel = parallel_tool_calls
+    def feed(self, text: str) -> Parsed: ...
+
+    def finish(self) -> Parsed: ...
+
+
+class MarkupOutput:
+    """The reasoning split (``<think>``) first, then a tool-call markup parser on the rest."""
+
+    def __init__(self, tools: ToolParser | None = None, reasoning: ReasoningParser | None = None) -> None:
+        self._tools = tools
         self._reasoning = reasoning
+
+    def feed(self, text: str) -> Parsed:
+        split = self._reasoning.feed(text) if self._reasoning else Split(content=text)
+        return self._parse(split, last=False)
+
+    def finish(self) -> Parsed:
+        return self._parse(self._reasoning.finish() if self._reasoning else Split(), last=True)
+
+    def _parse(self, split: Split, last: bool) -> Parsed:
+        parsed = self._tools.feed(split.content) if self._tools else Parsed(split.content)
+        if last and self._tools:
+            rest = self._tools.finish()
+            parsed.content += rest.content
+            parsed.calls += rest.calls
+        parsed.reasoning = split.reasoning
+        return parsed
+
+
+def output_parser(bundle: ModelBundle, prompt_text: str, tools: list[dict[str, Any]] | None) -> OutputParser:
+    """How a chat reply of this model is read: by the tokenizer's response template when it
+    has one (and no --tool-parser overrides it), else by markers known from its chat template."""
+    if bundle.tool_parser == RESPONSE_TEMPLATE and bundle.response_template is not None:
+        return TemplateParser(bundle.response_template, prompt_text, tools)
+    markup = PARSERS[bundle.tool_parser]() if tools and bundle.tool_parser in PARSERS else None
+    reasoning = ReasoningParser(prompt_opens_reasoning(prompt_text)) if bundle.reasons else None
+    return MarkupOutput(markup, reasoning)
+
+
+class ChoiceAssembler:
+    """Feeds generated text through the choice's output parser and keeps what the final message
+    needs."""
+
+    def __init__(self, parser: OutputParser | None = None, parallel_tool_calls: bool = True) -> None:
+        self._parser: OutputParser = parser or MarkupOutput()
+        self._parallel = parallel_tool_calls
         self.content = ""
         self.reasoning = ""
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> Parsed:
-        split = self._reasoning.feed(text) if self._reasoning else Split(content=text)
-        return self._keep(self._parser.feed(split.content) if self._parser else Parsed(split.content), split)
+        return self._keep(self._parser.feed(text))
 
     def finish(self) -> Parsed:
-        split = self._reasoning.finish() if self._reasoning else Split()
-        parsed = self._parser.feed(split.content) if self._parser else Parsed(split.content)
-        if self._parser:
-            rest = self._parser.finish()
-            parsed.content += rest.content
-            parsed.calls += rest.calls
-        return self._keep(parsed, split)
+        return self._keep(self._parser.finish())
 
     def feed_last(self, text: str) -> Parsed:
         """The last delta of the choice, and whatever the parsers still held back."""
@@ -47,9 +78,8 @@ class ChoiceAssembler:
         parsed.reasoning += rest.reasoning
         return parsed
 
-    def _keep(self, parsed: Parsed, split: Split) -> Parsed:
-        parsed.reasoning = split.reasoning
-        self.reasoning += split.reasoning
+    def _keep(self, parsed: Parsed) -> Parsed:
+        self.reasoning += parsed.reasoning
         if not self._parallel and self.calls:
             parsed.calls = []  # parallel_tool_calls=false: the first call only
         elif not self._parallel:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from model_host.ipc import HostClient, SamplingParams
-from sanic_serve.chat_output import ChoiceAssembler
+from sanic_serve.chat_output import ChoiceAssembler, OutputParser
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelBundle
-from sanic_serve.reasoning import ReasoningParser
 
 
 @dataclass
@@ -29,19 +28,18 @@ def fan_out(
     stop_strings: list[str],
     n: int,
     first_index: int = 0,
-    parser: str | None = None,
+    output: Callable[[], OutputParser] | None = None,
     parallel_tool_calls: bool = True,
-    reasoning: bool | None = None,
+    keep_special_tokens: bool = False,
 ) -> list[Choice]:
     """``n`` generations of one prompt. With a seed, choice *i* uses ``seed + i``: the choices
-    differ, and each is reproducible. ``reasoning``: split ``<think>`` out of the text, starting
-    inside it (True) or outside (False); None: the model does not reason."""
+    differ, and each is reproducible. ``output`` makes each choice's parser (None: plain text)."""
     choices = []
     for i in range(n):
         seeded = replace(sampling, seed=sampling.seed + i) if sampling.seed is not None else sampling
-        gen = Generation(client, bundle, prompt_ids, seeded, stop_strings)
-        split = ReasoningParser(reasoning) if reasoning is not None else None
-        choices.append(Choice(first_index + i, gen, ChoiceAssembler(parser, parallel_tool_calls, split)))
+        gen = Generation(client, bundle, prompt_ids, seeded, stop_strings, keep_special_tokens)
+        out = ChoiceAssembler(output() if output else None, parallel_tool_calls)
+        choices.append(Choice(first_index + i, gen, out))
     return choices
 
 

@@ -38,6 +38,7 @@ class Generation:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         stop_strings: list[str],
+        keep_special_tokens: bool = False,
     ) -> None:
         self.client = client
         self.bundle = bundle
@@ -46,7 +47,10 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: FinishReasonName | None = None
         self._stop = StopMatcher(stop_strings)
-        self._detok = IncrementalDetokenizer(bundle.tokenizer)
+        # The end-of-turn token is never text; other special tokens are dropped unless kept.
+        self._detok = IncrementalDetokenizer(
+            bundle.tokenizer, not keep_special_tokens, skip_ids=frozenset(sampling.stop_token_ids)
+        )
         self._stream: RequestStream | None = None
 
     def _detok_with_logprobs(self, frame: TokenFrame, entries: list[dict[str, Any]]) -> str:

@@ -20,11 +20,14 @@ from tokenizers import Tokenizer
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, ModelNotFound
 from sanic_serve.reasoning import template_reasons
+from sanic_serve.response_template import read_response_template, template_call_markup
 from sanic_serve.tool_parsers import detect_parser
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]
+
+RESPONSE_TEMPLATE = "response_template"  # the tool parser that follows the tokenizer's template
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,9 @@ class ModelBundle:
     max_context: int
     default_temperature: float = 1.0
     default_top_p: float = 1.0
-    tool_parser: str | None = None  # see sanic_serve.tool_parsers
+    tool_parser: str | None = None  # a name in sanic_serve.tool_parsers, or RESPONSE_TEMPLATE
+    call_markup: str | None = None  # the markup a forced tool call is generated in
+    response_template: dict[str, Any] | None = None  # the tokenizer's, when it has one
     reasons: bool = False  # the template knows <think>...</think>
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -106,8 +111,19 @@ def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> 
     # decoding (do_sample false) answers greedily unless the request asks otherwise.
     sampled = bool(gen_config.get("do_sample", False)) if gen_config else True
     template = _chat_template(folder, tok_config)
+    response_template = read_response_template(tok_config, model_id)
+    # --tool-parser wins, then the tokenizer's own template, then markup the chat template shows.
+    detected = detect_parser(template)
+    call_markup = tool_parser or detected
+    if tool_parser is None and response_template is not None:
+        tool_parser = RESPONSE_TEMPLATE
+        call_markup = template_call_markup(response_template) or detected
+    tool_parser = tool_parser or detected
+    log.info("model %s: tool calls read by %s", model_id, tool_parser or "nothing (no known format)")
     return ModelBundle(
-        tool_parser=tool_parser or detect_parser(template),
+        tool_parser=tool_parser,
+        call_markup=call_markup,
+        response_template=response_template,
         reasons=template_reasons(template),
         default_temperature=float(gen_config.get("temperature", 1.0)) if sampled else 0.0,
         default_top_p=float(gen_config.get("top_p", 1.0)) if sampled else 1.0,

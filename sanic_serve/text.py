@@ -12,13 +12,21 @@ class IncrementalDetokenizer:
     """Turns token ids into text as they arrive. ``DecodeStream`` holds back bytes of a character
     split across tokens, so no chunk ever carries broken UTF-8."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        skip_special_tokens: bool = True,
+        skip_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._skip_ids = skip_ids
 
     def feed(self, token_ids: Iterable[int]) -> str:
         parts = []
         for tid in token_ids:
+            if tid in self._skip_ids:
+                continue
             chunk = self._stream.step(self._tokenizer, tid)
             if chunk:
                 parts.append(chunk)

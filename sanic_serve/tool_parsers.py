@@ -51,7 +51,13 @@ def _call_from_json(raw: str) -> ToolCall | None:
         obj = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    return call_from_object(obj) if isinstance(obj, dict) else None
+
+
+def call_from_object(obj: dict[str, Any]) -> ToolCall | None:
+    """A call from ``{"name": ..., "arguments": {...}}`` (``parameters`` for Llama; arguments as
+    an object or as its JSON text), or None when that is not what ``obj`` is."""
+    if not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models emit the arguments already encoded

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
-from sanic_serve.chat_output import ChoiceAssembler
+from sanic_serve.chat_output import ChoiceAssembler, MarkupOutput
 from sanic_serve.tool_parsers import HermesToolParser
 from tests.server import ServerProcess
 
@@ -51,7 +51,7 @@ def test_hermes_parser_keeps_bad_calls_as_text() -> None:
 
 
 def test_parallel_tool_calls_false_keeps_the_first() -> None:
-    out = ChoiceAssembler("hermes", parallel_tool_calls=False)
+    out = ChoiceAssembler(MarkupOutput(HermesToolParser()), parallel_tool_calls=False)
     out.feed(
         '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
         '<tool_call>{"name": "b", "arguments": {}}</tool_call>'

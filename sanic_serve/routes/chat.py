@@ -12,12 +12,13 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
+from sanic_serve.chat_output import output_parser
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
+from sanic_serve.models import RESPONSE_TEMPLATE
 from sanic_serve.prompt import completion_budget, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
-from sanic_serve.reasoning import prompt_opens_reasoning
 from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
 from sanic_serve.tool_parsers import forced_call_grammar
@@ -33,19 +34,19 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
-    parser = bundle.tool_parser if req.offered_tools() else None
+    tools = req.offered_tools()
     forced = req.forced_tool()
     if forced is not None:
-        if parser is None:
+        if bundle.call_markup is None:
             raise InvalidRequest(
                 f"The model `{bundle.id}` has no known tool-call format to enforce; start the server "
                 "with --tool-parser.",
                 param="tool_choice",
             )
-        tools = req.offered_tools() or []
-        grammar = forced_call_grammar(parser, tools, forced or None, bundle.tokenizer.token_to_id)
+        grammar = forced_call_grammar(
+            bundle.call_markup, tools or [], forced or None, bundle.tokenizer.token_to_id
+        )
         sampling = replace(sampling, grammar=grammar)
-    reasoning = prompt_opens_reasoning(prompt_text) if bundle.reasons else None
     return fan_out(
         client,
         bundle,
@@ -53,9 +54,10 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         sampling,
         req.stop_strings,
         req.n or 1,
-        parser=parser,
+        output=lambda: output_parser(bundle, prompt_text, tools),
         parallel_tool_calls=req.parallel_tool_calls is not False,
-        reasoning=reasoning,
+        # A response template may name special tokens as its markers: it must see them.
+        keep_special_tokens=bundle.tool_parser == RESPONSE_TEMPLATE,
     )
 
 
