@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model_host.ipc.messages import TokenLogprob
-from model_host.sampling import SamplingBatch
+from model_host.sampling import SamplingBatch, score_tokens
 
 
 @dataclass
@@ -36,6 +36,14 @@ class Sequence:
     prefill_cache: Any = None
     prefilled: int = 0
     matcher: Any = None  # llguidance matcher when the output must follow a grammar
+    # Prompt logprobs (when asked for): one per prompt token after the first, filled by prefill;
+    # a chunked prefill keeps the logits of its last position, which predict the next chunk.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    chunk_tail_logits: torch.Tensor | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return bool(self.params.prompt_logprobs >= 0)
 
     @property
     def length(self) -> int:
@@ -47,6 +55,12 @@ def _joinable(cache: Any) -> bool:
 
     layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _score_prompt(seq: Sequence, logits: torch.Tensor, first: int) -> None:
+    """Score prompt tokens ``first`` onwards with ``logits`` (one row per token)."""
+    targets = torch.tensor(seq.prompt[first : first + logits.shape[0]], device=logits.device)
+    seq.prompt_logprobs += score_tokens(logits, targets, seq.params.prompt_logprobs)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -89,7 +103,13 @@ class DecodeBatch:
             ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt, device=device)
             mask[i, width - len(s.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = model.forward(ids, mask, positions, None)
+        scoring = any(s.wants_prompt_logprobs for s in seqs)
+        logits, cache = model.forward(ids, mask, positions, None, all_logits=scoring)
+        if scoring:
+            for i, s in enumerate(seqs):
+                if s.wants_prompt_logprobs:  # position j predicts prompt token j + 1
+                    _score_prompt(s, logits[i, width - len(s.prompt) : -1], 1)
+            logits = logits[:, -1]
         sampling = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt for s in seqs],
@@ -108,8 +128,16 @@ class DecodeBatch:
         end = min(len(seq.prompt), start + chunk_tokens)
         ids = torch.tensor([seq.prompt[start:end]], device=model.device)
         positions = torch.arange(start, end, device=model.device)[None, :]
-        logits, seq.prefill_cache = model.forward(ids, None, positions, seq.prefill_cache)
+        scoring = seq.wants_prompt_logprobs
+        logits, seq.prefill_cache = model.forward(ids, None, positions, seq.prefill_cache, scoring)
         seq.prefilled = end
+        if scoring:
+            rows = logits[0, :-1]
+            if seq.chunk_tail_logits is not None:  # the last chunk's end predicts this one's start
+                rows = torch.cat([seq.chunk_tail_logits[None], rows])
+            _score_prompt(seq, rows, start if start else 1)
+            seq.chunk_tail_logits = logits[0, -1] if end < len(seq.prompt) else None
+            logits = logits[:, -1]
         if end < len(seq.prompt):
             return None
         mask = torch.ones((1, end), dtype=torch.long, device=model.device)

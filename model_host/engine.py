@@ -10,6 +10,7 @@ stalls the others for long.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RequestKey = tuple[int, int]  # (worker index, request id): ids are unique per worker only
 _MAX_ERROR_CHARS = 2000  # frames must fit the ring; tracebacks go to the log instead
+_PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 alternatives
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,10 @@ class Engine:
                 continue
             outputs += self._emit(batch, *sampled)
         for batch, logits in self._admit(outputs):
-            outputs += self._emit(batch, *batch.sample(logits))
+            outputs += self._prompt_frames(batch)
+            logits = self._end_empty_requests(batch, logits, outputs)
+            if len(batch):
+                outputs += self._emit(batch, *batch.sample(logits))
             if not len(batch):
                 continue
             host = next((b for b in self._batches if b.can_join(batch)), None)
@@ -167,6 +172,36 @@ class Engine:
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
         return outputs
+
+    @staticmethod
+    def _prompt_frames(batch: DecodeBatch) -> list[StepOutput]:
+        """Prompt logprobs, for the requests that asked, in frames of bounded size."""
+        outputs: list[StepOutput] = []
+        for seq in batch.seqs:
+            if not seq.wants_prompt_logprobs:
+                continue
+            records = [TokenLogprob(math.nan), *seq.prompt_logprobs]  # nothing predicts token 0
+            seq.prompt_logprobs = []
+            for at in range(0, len(seq.prompt), _PROMPT_TOKENS_PER_FRAME):
+                part = slice(at, at + _PROMPT_TOKENS_PER_FRAME)
+                frame = TokenFrame(
+                    seq.key[1], tuple(seq.prompt[part]), logprobs=tuple(records[part]), prompt=True
+                )
+                outputs.append(StepOutput(seq.key[0], frame))
+        return outputs
+
+    def _end_empty_requests(
+        self, batch: DecodeBatch, logits: torch.Tensor, outputs: list[StepOutput]
+    ) -> torch.Tensor:
+        """``max_tokens: 0`` (a prompt scored, nothing generated) ends right after its prefill."""
+        keep = [i for i, s in enumerate(batch.seqs) if s.params.max_new_tokens > 0]
+        if len(keep) == len(batch):
+            return logits
+        for seq in batch.seqs:
+            if seq.params.max_new_tokens <= 0:
+                outputs.append(StepOutput(seq.key[0], TokenFrame(seq.key[1], (), FinishReason.LENGTH)))
+        self._shrink(batch, keep)
+        return logits[keep]
 
     # -- admission -------------------------------------------------------------------------------
     def _admit(self, outputs: list[StepOutput]) -> list[tuple[DecodeBatch, torch.Tensor]]:

@@ -74,15 +74,17 @@ class LoadedModel:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: Any,
+        all_logits: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """One forward pass; returns the last position's logits ([B, V]) and the grown cache."""
+        """One forward pass; returns the last position's logits ([B, V]), or with ``all_logits``
+        every position's ([B, T, V], for prompt logprobs), and the grown cache."""
         kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        if self.keeps_last_logits:
+        if self.keeps_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1  # a prefill needs no logits but the last position's
         out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
-        return out.logits[:, -1, :], out[self.cache_arg]
+        return (out.logits if all_logits else out.logits[:, -1, :]), out[self.cache_arg]
 
 
 class ModelRegistry:

@@ -188,19 +188,11 @@ class SamplingBatch:
         wanted = [p.logprobs for p in self.params]
         if max(wanted) < 0:
             return [None] * len(wanted)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
-        k = max(wanted)
-        top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
-        values, ids = top_values.tolist(), top_ids.tolist()
-        out: list[TokenLogprob | None] = []
-        for row, want in enumerate(wanted):
-            if want < 0:
-                out.append(None)
-            else:
-                top = tuple(zip(ids[row][:want], values[row][:want], strict=True))
-                out.append(TokenLogprob(chosen[row], top))
-        return out
+        scored = score_tokens(logits, tokens, max(wanted))
+        return [
+            None if want < 0 else TokenLogprob(lp.logprob, lp.top[:want])
+            for lp, want in zip(scored, wanted, strict=True)
+        ]
 
     def record(self, tokens: torch.Tensor) -> None:
         """Account for the tokens just sampled (penalties see them from the next step on)."""
@@ -212,3 +204,15 @@ class SamplingBatch:
             self.counts[rows, tokens] += 1
         if self.seen is not None:
             self.seen[rows, tokens] = True
+
+
+def score_tokens(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each row's log probability of its token under ``logits`` ([N, V]), and the row's ``k``
+    most likely tokens, best first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(c, tuple(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids, values, strict=True)
+    ]

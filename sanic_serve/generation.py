@@ -6,6 +6,7 @@ client gets fewer, larger chunks instead of falling further behind.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +28,9 @@ class Delta:
 
 def _entry(token: str, logprob: float) -> dict[str, Any]:
     # -inf (a token the model rules out) is not JSON; OpenAI reports such tokens as -9999.0.
-    return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode())}
+    # NaN: a prompt's first token, which nothing predicts; OpenAI gives it null.
+    value = None if math.isnan(logprob) else max(logprob, -9999.0)
+    return {"token": token, "logprob": value, "bytes": list(token.encode())}
 
 
 class Generation:
@@ -52,16 +55,20 @@ class Generation:
             bundle.tokenizer, not keep_special_tokens, skip_ids=frozenset(sampling.stop_token_ids)
         )
         self._stream: RequestStream | None = None
+        self.prompt_logprobs: list[dict[str, Any]] = []  # entries for the prompt, when asked
+        self._prompt_detok: IncrementalDetokenizer | None = None
 
-    def _detok_with_logprobs(self, frame: TokenFrame, entries: list[dict[str, Any]]) -> str:
+    def _detok_with_logprobs(
+        self, detok: IncrementalDetokenizer, frame: TokenFrame, entries: list[dict[str, Any]]
+    ) -> str:
         """Detokenize token by token, so each logprob entry carries exactly the text its token
         added: the entries' tokens concatenate to the content."""
         assert frame.logprobs is not None
         text = ""
         for tid, lp in zip(frame.token_ids, frame.logprobs, strict=True):
-            piece = self._detok.feed([tid])
+            piece = detok.feed([tid])
             text += piece
-            if tid in self.sampling.stop_token_ids:
+            if tid in self.sampling.stop_token_ids and not frame.prompt:
                 continue  # the end-of-turn token is not part of the content
             top = [
                 _entry(self.bundle.tokenizer.decode([alt], skip_special_tokens=False), value)
@@ -69,6 +76,15 @@ class Generation:
             ]
             entries.append({**_entry(piece, lp.logprob), "top_logprobs": top})
         return text
+
+    def _take_prompt_frame(self, frame: TokenFrame) -> None:
+        """Prompt tokens with their logprobs: the first has none (null), as OpenAI reports it."""
+        if self._prompt_detok is None:  # the prompt as the model read it, special tokens too
+            self._prompt_detok = IncrementalDetokenizer(self.bundle.tokenizer, skip_special_tokens=False)
+        first = not self.prompt_logprobs
+        self._detok_with_logprobs(self._prompt_detok, frame, self.prompt_logprobs)
+        if first and self.prompt_logprobs:
+            self.prompt_logprobs[0]["top_logprobs"] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -85,9 +101,12 @@ class Generation:
                 for frame in await stream.frames():
                     if frame.error is not None:
                         raise from_host_error(frame.error)
+                    if frame.prompt:
+                        self._take_prompt_frame(frame)
+                        continue
                     self.completion_tokens += len(frame.token_ids)
                     if frame.logprobs is not None and entries is not None:
-                        text += self._stop.feed(self._detok_with_logprobs(frame, entries))
+                        text += self._stop.feed(self._detok_with_logprobs(self._detok, frame, entries))
                     else:
                         text += self._stop.feed(self._detok.feed(frame.token_ids))
                     if self._stop.matched is not None:

@@ -188,6 +188,10 @@ class GenerationFields(BaseModel):
         """-1: no logprobs; 0: the sampled token's; k: and k alternatives."""
         return -1
 
+    def prompt_logprob_count(self) -> int:
+        """The same for the prompt's tokens."""
+        return -1
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -232,10 +236,16 @@ class CompletionRequest(GenerationFields):
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
+    # OpenAI's default for this endpoint; 0 with ``echo`` scores a prompt without generating.
+    max_tokens: int | None = Field(default=16, ge=0)
+
     def logprob_count(self) -> int:
         return -1 if self.logprobs is None else self.logprobs
 
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+    def prompt_logprob_count(self) -> int:
+        """With ``echo``, the echoed prompt's tokens carry logprobs too (as OpenAI's legacy API
+        gives them, and as evaluation harnesses read them)."""
+        return self.logprob_count() if self.echo else -1
 
     @field_validator("prompt")
     @classmethod
@@ -325,7 +335,4 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
-    req = parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequest("logprobs together with echo is not supported yet.", param="logprobs")
-    return req
+    return parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)

@@ -71,6 +71,7 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         repetition_penalty=req.repetition_penalty or 1.0,
         logit_bias=bias,
         logprobs=req.logprob_count(),
+        prompt_logprobs=req.prompt_logprob_count(),
         grammar=output_grammar(req),
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )

@@ -68,6 +68,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1: off
     logprobs: int = -1  # -1: none; 0: the sampled token's; k: and the k most likely alternatives
+    prompt_logprobs: int = -1  # the same for each prompt token, sent ahead of the first token
     grammar: str | None = None  # an llguidance grammar the output must match (structured output)
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -101,10 +102,11 @@ class WorkerReset:
 
 HostMessage = AddRequest | AbortRequest | WorkerReset
 
-# Frame header: total length, request id, finish reason, has-logprobs flag, token count, error
-# length. Then the token ids (i32 each), the error (JSON), and, with the flag, one logprob record
-# per token: its logprob (f32), the number of alternatives (u16), and each alternative (i32, f32).
-_HEADER = struct.Struct("<IQBBxxII")
+# Frame header: total length, request id, finish reason, has-logprobs flag, prompt flag, token
+# count, error length. Then the token ids (i32 each), the error (JSON), and, with the flag, one
+# logprob record per token: its logprob (f32), the number of alternatives (u16), and each
+# alternative (i32, f32).
+_HEADER = struct.Struct("<IQBBBxII")
 HEADER_SIZE = _HEADER.size
 _LP_HEAD = struct.Struct("<fH")
 _LP_ALT = struct.Struct("<if")
@@ -112,7 +114,8 @@ _LP_ALT = struct.Struct("<if")
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """The sampled token's log probability and the most likely alternatives, best first."""
+    """The sampled token's log probability and the most likely alternatives, best first. A
+    prompt's first token has no logprob (nothing predicts it): NaN."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
@@ -120,13 +123,15 @@ class TokenLogprob:
 
 @dataclass(frozen=True, slots=True)
 class TokenFrame:
-    """New tokens for one request, and how it finished if it did."""
+    """New tokens for one request, and how it finished if it did. A ``prompt`` frame instead
+    carries prompt tokens with their logprobs (``prompt_logprobs``), ahead of any new token."""
 
     request_id: int
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason = FinishReason.NONE
     error: ErrorInfo | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
+    prompt: bool = False
 
     def encode(self) -> bytes:
         tokens = array("i", self.token_ids).tobytes()
@@ -144,6 +149,7 @@ class TokenFrame:
             self.request_id,
             int(self.finish_reason),
             self.logprobs is not None,
+            self.prompt,
             len(self.token_ids),
             len(err),
         )
@@ -151,7 +157,7 @@ class TokenFrame:
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> TokenFrame:
-        total, request_id, finish, has_lp, n_tokens, n_err = _HEADER.unpack_from(raw, 0)
+        total, request_id, finish, has_lp, prompt, n_tokens, n_err = _HEADER.unpack_from(raw, 0)
         tokens = array("i")
         tok_end = HEADER_SIZE + 4 * n_tokens
         tokens.frombytes(bytes(raw[HEADER_SIZE:tok_end]))
@@ -166,4 +172,4 @@ class TokenFrame:
                 at += k * _LP_ALT.size
                 records.append(TokenLogprob(value, top))
             logprobs = tuple(records)
-        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs)
+        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs, bool(prompt))

@@ -76,7 +76,11 @@ async def completions(request: Request) -> HTTPResponse | None:
             {
                 "index": c.index,
                 "text": texts[c.index],
-                "logprobs": legacy_logprobs(entries[c.index]) if req.logprobs is not None else None,
+                "logprobs": (
+                    legacy_logprobs(c.gen.prompt_logprobs + entries[c.index])
+                    if req.logprobs is not None
+                    else None
+                ),
                 "finish_reason": c.gen.finish_reason,
             }
             for c in choices
@@ -87,7 +91,8 @@ async def completions(request: Request) -> HTTPResponse | None:
 
 
 def legacy_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
-    """The completions endpoint's older shape of the same information: parallel lists."""
+    """The completions endpoint's older shape of the same information: parallel lists. An echoed
+    prompt's first token has null for its logprob and alternatives, as in OpenAI's API."""
     offsets = []
     for e in entries:
         offsets.append(offset)
@@ -95,7 +100,10 @@ def legacy_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str,
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "top_logprobs": [
+            None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            for e in entries
+        ],
         "text_offset": offsets,
     }
 
@@ -122,14 +130,20 @@ async def _stream(
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
     assert response is not None
-    if req.echo:
-        for c in choices:
-            await response.send(_chunk(base, c.index, echoes[c.index], None))
     offsets = {c.index: 0 for c in choices}
+    echoed: set[int] = set()
     try:
         item: tuple[Choice, Delta] | None = first
         while item is not None:
             choice, delta = item
+            if req.echo and choice.index not in echoed:
+                # A choice's first delta comes after its prompt logprobs: the echo can carry them.
+                echoed.add(choice.index)
+                lp = None
+                if req.logprobs is not None:
+                    lp = legacy_logprobs(choice.gen.prompt_logprobs)
+                    offsets[choice.index] = sum(len(t) for t in lp["tokens"])
+                await response.send(_chunk(base, choice.index, echoes[choice.index], None, lp))
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 lp = None
                 if req.logprobs is not None:
