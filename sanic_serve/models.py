@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, ModelNotFound
+from sanic_serve.fim import FimFormat, detect_fim
 from sanic_serve.reasoning import template_reasons
 from sanic_serve.response_template import read_response_template, template_call_markup
 from sanic_serve.tool_parsers import detect_parser
@@ -45,6 +46,7 @@ class ModelBundle:
     call_markup: str | None = None  # the markup a forced tool call is generated in
     response_template: dict[str, Any] | None = None  # the tokenizer's, when it has one
     reasons: bool = False  # the template knows <think>...</think>
+    fim: FimFormat | None = None  # fill-in-the-middle sentinels, for completions with a suffix
     created: int = field(default_factory=lambda: int(time.time()))
 
     def encode(self, text: str) -> list[int]:
@@ -125,6 +127,7 @@ def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> 
         call_markup=call_markup,
         response_template=response_template,
         reasons=template_reasons(template),
+        fim=detect_fim(tokenizer),
         default_temperature=float(gen_config.get("temperature", 1.0)) if sampled else 0.0,
         default_top_p=float(gen_config.get("top_p", 1.0)) if sampled else 1.0,
         id=model_id,

@@ -235,6 +235,7 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    suffix: str | None = None  # text after the insertion: a fill-in-the-middle prompt
 
     # OpenAI's default for this endpoint; 0 with ``echo`` scores a prompt without generating.
     max_tokens: int | None = Field(default=16, ge=0)
@@ -283,10 +284,7 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"best_of": (None, 1)}
 
 RequestT = TypeVar("RequestT", bound=GenerationFields)
 
@@ -335,4 +333,8 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
-    return parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
+    req = parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
+    if req.suffix and req.echo:
+        # What would the echo be: the prompt, or the sentinel-wrapped infilling prompt?
+        raise InvalidRequest("echo cannot be combined with suffix.", param="echo")
+    return req

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ import httpx
 import openai
 import pytest
 from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
+from sanic_serve.fim import FORMATS, FimFormat, detect_fim
 from tests.openapi import validate
 from tests.server import ServerProcess
 
@@ -98,6 +101,7 @@ def test_echo_and_stream(server: ServerProcess) -> None:
         ({"prompt": [[1, 2], []]}, "prompt"),
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": HELLO, "max_tokens": -1}, "max_tokens"),
+        ({"prompt": HELLO, "suffix": "x", "echo": True}, "echo"),
     ],
 )
 def test_bad_completion_requests(server: ServerProcess, body: dict[str, object], param: str) -> None:
@@ -218,3 +222,52 @@ def _spec_shaped(body: dict[str, Any]) -> dict[str, Any]:
         if lp and lp["token_logprobs"] and lp["token_logprobs"][0] is None:
             lp["token_logprobs"][0], lp["top_logprobs"][0] = 0.0, {}
     return out
+
+
+# --- suffix: fill in the middle -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_fim_format_detection(fmt: FimFormat) -> None:
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]"))
+    assert detect_fim(tokenizer) is None
+    tokenizer.add_special_tokens([t for t in fmt.sentinels()])
+    assert detect_fim(tokenizer) == fmt
+    text = fmt.render("def f():", "return 1")
+    assert text.index("def f():") < text.index("return 1") or fmt.order == "spm"
+    assert all(s in text for s in fmt.sentinels())
+
+
+@pytest.fixture(scope="module")
+def fim_model(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo model with three of its unused added tokens renamed to Qwen's infilling sentinels
+    (it was never trained to infill: what is checked is the prompt it is given)."""
+    folder = tmp_path_factory.mktemp("fim") / "fim-model"
+    shutil.copytree(demo_model, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    renames = {"</tool_call>": "<|fim_prefix|>", "<tool_response>": "<|fim_suffix|>"}
+    renames["</tool_response>"] = "<|fim_middle|>"
+    for token in spec["added_tokens"]:
+        token["content"] = renames.get(token["content"], token["content"])
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return str(folder)
+
+
+def test_suffix_fills_in_the_middle(server: ServerProcess, fim_model: str) -> None:
+    c = client(server)
+    before, after = "def add(a, b):\n    ", "\n    return total\n"
+    infill = c.completions.create(model=fim_model, prompt=before, suffix=after, max_tokens=12, temperature=0)
+    explicit = f"<|fim_prefix|>{before}<|fim_suffix|>{after}<|fim_middle|>"
+    plain = c.completions.create(model=fim_model, prompt=explicit, max_tokens=12, temperature=0)
+    assert infill.choices[0].text == plain.choices[0].text
+    assert infill.usage is not None and plain.usage is not None
+    assert infill.usage.prompt_tokens == plain.usage.prompt_tokens
+    tokenizer = Tokenizer.from_file(f"{fim_model}/tokenizer.json")
+    ids = tokenizer.encode(explicit).ids
+    assert infill.usage.prompt_tokens == len(ids) and tokenizer.token_to_id("<|fim_middle|>") in ids
+    # a token-id prompt is the text before the hole just the same
+    prefix_ids = tokenizer.encode(before).ids
+    by_ids = c.completions.create(
+        model=fim_model, prompt=prefix_ids, suffix=after, max_tokens=12, temperature=0
+    )
+    assert by_ids.choices[0].text == plain.choices[0].text

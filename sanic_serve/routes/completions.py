@@ -23,14 +23,30 @@ from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, event
 bp = Blueprint("completions")
 
 
-def _prompt_ids(bundle: ModelBundle, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        # As vLLM does for raw prompts: the tokenizer adds its BOS (if it has one).
-        return list(bundle.tokenizer.encode(prompt, add_special_tokens=True).ids)
-    vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
-    if any(not 0 <= t < vocab for t in prompt):
-        raise InvalidRequest(f"prompt token ids must be within [0, {vocab}).", param="prompt")
-    return prompt
+def _prompt_ids(bundle: ModelBundle, prompt: str | list[int], suffix: str | None) -> list[int]:
+    if not isinstance(prompt, str):
+        vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be within [0, {vocab}).", param="prompt")
+        if not suffix:
+            return prompt
+    text = _infill(bundle, prompt, suffix) if suffix else prompt
+    assert isinstance(text, str)
+    # As vLLM does for raw prompts: the tokenizer adds its BOS (if it has one).
+    return list(bundle.tokenizer.encode(text, add_special_tokens=True).ids)
+
+
+def _infill(bundle: ModelBundle, prompt: str | list[int], suffix: str) -> str:
+    """The prompt as the text before the hole and ``suffix`` as the text after it, between the
+    model's fill-in-the-middle sentinels."""
+    if bundle.fim is None:
+        raise InvalidRequest(
+            f"The model `{bundle.id}` has no fill-in-the-middle tokens (such as <|fim_prefix|>, "
+            "<|fim_suffix|>, <|fim_middle|>); suffix needs a model trained for infilling.",
+            param="suffix",
+        )
+    before = prompt if isinstance(prompt, str) else bundle.tokenizer.decode(prompt, skip_special_tokens=False)
+    return bundle.fim.render(before, suffix)
 
 
 async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice], list[str]]:
@@ -41,7 +57,7 @@ async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice
     choices: list[Choice] = []
     echoes: list[str] = []
     for p, prompt in enumerate(req.prompts()):
-        ids = _prompt_ids(bundle, prompt)
+        ids = _prompt_ids(bundle, prompt, req.suffix)
         budget = completion_budget(bundle, len(ids), req.max_new_tokens)
         sampling = sampling_params(req, bundle, budget)
         choices += fan_out(client, bundle, ids, sampling, req.stop_strings, n, first_index=p * n)
