@@ -43,7 +43,11 @@ def start(
     dtype: Dtype = typer.Option(Dtype.auto, help="Weights dtype."),
     trust_remote_code: bool = typer.Option(False, help="Allow models with custom code."),
     tool_parser: ToolParserName = typer.Option(
-        ToolParserName.auto, help="How tool calls are read from model output (auto: from the chat template)."
+        ToolParserName.auto,
+        help=(
+            "How tool calls are read from model output "
+            "(auto: the tokenizer's response_template, else the chat template's markup)."
+        ),
     ),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
     torch_threads: int = typer.Option(0, help="CPU threads for the model host (0: torch default)."),
