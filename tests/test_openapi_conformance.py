@@ -120,9 +120,16 @@ def test_models_match_schema(server: ServerProcess) -> None:
     validate("Model", httpx.get(f"{server.base_url}/v1/models/{MODEL}").json())
 
 
-def test_every_request_field_of_the_spec_is_handled() -> None:
-    """Each field of CreateChatCompletionRequest is honoured, a documented no-op, or refused."""
-    from sanic_serve.protocol import _UNSUPPORTED_DEFAULTS, NO_OP_FIELDS, ChatCompletionRequest
+@pytest.mark.parametrize("endpoint", ["CreateChatCompletionRequest", "CreateCompletionRequest"])
+def test_every_request_field_of_the_spec_is_handled(endpoint: str) -> None:
+    """Each request field of the spec is honoured, a documented no-op, or refused."""
+    from sanic_serve.protocol import (
+        _COMPLETION_UNSUPPORTED,
+        _UNSUPPORTED_DEFAULTS,
+        NO_OP_FIELDS,
+        ChatCompletionRequest,
+        CompletionRequest,
+    )
     from tests.openapi import SPEC_PATH
 
     schemas = json.loads(SPEC_PATH.read_text())["components"]["schemas"]
@@ -134,7 +141,10 @@ def test_every_request_field_of_the_spec_is_handled() -> None:
             out |= fields(part["$ref"].split("/")[-1]) if "$ref" in part else set(part.get("properties", {}))
         return out
 
-    spec = fields("CreateChatCompletionRequest")
-    assert {"messages", "tools", "n", "logprobs"} <= spec  # the walk above really found the fields
-    handled = set(ChatCompletionRequest.model_fields) | NO_OP_FIELDS | set(_UNSUPPORTED_DEFAULTS)
+    spec = fields(endpoint)
+    assert {"model", "n", "logprobs", "stream"} <= spec  # the walk above really found the fields
+    if endpoint == "CreateChatCompletionRequest":
+        handled = set(ChatCompletionRequest.model_fields) | NO_OP_FIELDS | set(_UNSUPPORTED_DEFAULTS)
+    else:
+        handled = set(CompletionRequest.model_fields) | NO_OP_FIELDS | set(_COMPLETION_UNSUPPORTED)
     assert spec - handled == set()
