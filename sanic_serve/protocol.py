@@ -236,6 +236,8 @@ class CompletionRequest(GenerationFields):
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None  # text after the insertion: a fill-in-the-middle prompt
+    # Candidates generated per prompt, of which the ``n`` most likely (mean token logprob) return.
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
     # OpenAI's default for this endpoint; 0 with ``echo`` scores a prompt without generating.
     max_tokens: int | None = Field(default=16, ge=0)
@@ -247,6 +249,10 @@ class CompletionRequest(GenerationFields):
         """With ``echo``, the echoed prompt's tokens carry logprobs too (as OpenAI's legacy API
         gives them, and as evaluation harnesses read them)."""
         return self.logprob_count() if self.echo else -1
+
+    @property
+    def candidates(self) -> int:
+        return max(self.best_of or 1, self.n or 1)
 
     @field_validator("prompt")
     @classmethod
@@ -283,8 +289,6 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
-
-_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"best_of": (None, 1)}
 
 RequestT = TypeVar("RequestT", bound=GenerationFields)
 
@@ -333,7 +337,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
-    req = parse_request(CompletionRequest, body, _COMPLETION_UNSUPPORTED)
+    req = parse_request(CompletionRequest, body, {})
+    if req.best_of is not None and req.best_of < (req.n or 1):
+        raise InvalidRequest("best_of must be greater than or equal to n.", param="best_of")
+    if req.stream and req.candidates > (req.n or 1):
+        # The best are known only once all candidates are complete.
+        raise InvalidRequest("best_of greater than n cannot be streamed.", param="best_of")
     if req.suffix and req.echo:
         # What would the echo be: the prompt, or the sentinel-wrapped infilling prompt?
         raise InvalidRequest("echo cannot be combined with suffix.", param="echo")

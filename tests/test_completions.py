@@ -102,6 +102,9 @@ def test_echo_and_stream(server: ServerProcess) -> None:
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": HELLO, "max_tokens": -1}, "max_tokens"),
         ({"prompt": HELLO, "suffix": "x", "echo": True}, "echo"),
+        ({"prompt": HELLO, "n": 2, "best_of": 1}, "best_of"),
+        ({"prompt": HELLO, "best_of": 3, "stream": True}, "best_of"),
+        ({"prompt": HELLO, "best_of": 0}, "best_of"),
     ],
 )
 def test_bad_completion_requests(server: ServerProcess, body: dict[str, object], param: str) -> None:
@@ -271,3 +274,30 @@ def test_suffix_fills_in_the_middle(server: ServerProcess, fim_model: str) -> No
         model=fim_model, prompt=prefix_ids, suffix=after, max_tokens=12, temperature=0
     )
     assert by_ids.choices[0].text == plain.choices[0].text
+
+
+# --- best_of ------------------------------------------------------------------------------------
+
+
+def test_best_of_returns_the_most_likely_candidates(server: ServerProcess) -> None:
+    # Choice i of a seeded request uses seed + i, so asking for all candidates with n shows
+    # exactly what best_of chooses from.
+    common = {"model": MODEL, "prompt": [JOKE, HELLO], "seed": 7, "temperature": 1.5, "max_tokens": 10}
+    url = f"{server.base_url}/v1/completions"
+    every = httpx.post(url, json={**common, "n": 3, "logprobs": 0}, timeout=60).json()
+    best = httpx.post(url, json={**common, "n": 2, "best_of": 3}, timeout=60).json()
+    validate("CreateCompletionResponse", best)
+
+    def mean(choice: dict) -> float:
+        values = choice["logprobs"]["token_logprobs"]
+        return sum(values) / len(values)
+
+    expected = []
+    for p in range(2):
+        candidates = every["choices"][p * 3 : p * 3 + 3]
+        assert len({c["text"] for c in candidates}) > 1  # the sampling really differs
+        expected += [c["text"] for c in sorted(candidates, key=mean, reverse=True)[:2]]
+    assert [c["text"] for c in best["choices"]] == expected
+    assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in best["choices"])  # ranked by them, not asked for
+    assert best["usage"] == every["usage"]  # every candidate was generated, and counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -50,20 +51,37 @@ def _infill(bundle: ModelBundle, prompt: str | list[int], suffix: str) -> str:
 
 
 async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice], list[str]]:
-    """All choices (``n`` per prompt, indexed prompt by prompt) and each prompt's echo text."""
+    """All candidates (``best_of`` or ``n`` per prompt, indexed prompt by prompt) and each one's
+    echo text."""
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
-    n = req.n or 1
+    k = req.candidates
     choices: list[Choice] = []
     echoes: list[str] = []
     for p, prompt in enumerate(req.prompts()):
         ids = _prompt_ids(bundle, prompt, req.suffix)
         budget = completion_budget(bundle, len(ids), req.max_new_tokens)
         sampling = sampling_params(req, bundle, budget)
-        choices += fan_out(client, bundle, ids, sampling, req.stop_strings, n, first_index=p * n)
+        if k > (req.n or 1):  # candidates are ranked by their tokens' logprobs
+            sampling = replace(sampling, logprobs=max(sampling.logprobs, 0))
+        choices += fan_out(client, bundle, ids, sampling, req.stop_strings, k, first_index=p * k)
         text = prompt if isinstance(prompt, str) else bundle.tokenizer.decode(ids)
-        echoes += [text] * n
+        echoes += [text] * k
     return choices, echoes
+
+
+def _best(choices: list[Choice], entries: dict[int, list[dict[str, Any]]], k: int, n: int) -> list[Choice]:
+    """Of each prompt's ``k`` candidates, the ``n`` with the highest mean token logprob (as
+    OpenAI ranks ``best_of``), best first."""
+
+    def mean_logprob(c: Choice) -> float:
+        values = [e["logprob"] for e in entries[c.index]]
+        return sum(values) / len(values) if values else 0.0
+
+    kept = []
+    for at in range(0, len(choices), k):
+        kept += sorted(choices[at : at + k], key=mean_logprob, reverse=True)[:n]
+    return kept
 
 
 @bp.post("/v1/completions")
@@ -77,7 +95,7 @@ async def completions(request: Request) -> HTTPResponse | None:
         "model": req.model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
-    n = req.n or 1
+    n, k = req.n or 1, req.candidates
     if req.stream:
         await _stream(request, req, choices, echoes, base, n)
         return None
@@ -86,11 +104,12 @@ async def completions(request: Request) -> HTTPResponse | None:
     async for choice, delta in merged(choices):
         texts[choice.index] += delta.text
         entries[choice.index] += delta.logprobs or []
+    returned = _best(choices, entries, k, n) if k > n else choices
     body = {
         **base,
         "choices": [
             {
-                "index": c.index,
+                "index": i,
                 "text": texts[c.index],
                 "logprobs": (
                     legacy_logprobs(c.gen.prompt_logprobs + entries[c.index])
@@ -99,9 +118,10 @@ async def completions(request: Request) -> HTTPResponse | None:
                 ),
                 "finish_reason": c.gen.finish_reason,
             }
-            for c in choices
+            for i, c in enumerate(returned)
         ],
-        "usage": usage(choices, n),
+        # Every candidate was generated: all count, as OpenAI bills best_of.
+        "usage": usage(choices, k),
     }
     return json(body, dumps=orjson.dumps)
 
