@@ -57,6 +57,22 @@ def render_chat(
     return bundle.encode(rendered[0]), rendered[0]
 
 
+def reasoning_controls(bundle: ModelBundle, effort: str) -> dict[str, Any]:
+    """Chat template variables for ``reasoning_effort``: templates that read ``reasoning_effort``
+    themselves (gpt-oss) get it as is; templates with an ``enable_thinking`` switch (Qwen3,
+    and others since) think unless the effort is ``none``. A template with neither cannot honour
+    it: a 400, not silence."""
+    template = bundle.chat_template or ""
+    if "reasoning_effort" in template:
+        return {"reasoning_effort": effort}
+    if "enable_thinking" in template:
+        return {"enable_thinking": effort != "none"}
+    raise InvalidRequest(
+        f"The model `{bundle.id}` has no reasoning control in its chat template.",
+        param="reasoning_effort",
+    )
+
+
 def completion_budget(bundle: ModelBundle, prompt_tokens: int, requested: int | None) -> int:
     """How many tokens may be generated; a request that cannot fit is a 400, as OpenAI does."""
     room = bundle.max_context - prompt_tokens

@@ -122,7 +122,6 @@ NO_OP_FIELDS = frozenset(
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
-    "reasoning_effort": (None,),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "moderation": (None,),
@@ -205,6 +204,8 @@ class ChatCompletionRequest(GenerationFields):
     parallel_tool_calls: bool | None = None
     # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
     chat_template_kwargs: dict[str, Any] | None = None
+    # Given to the chat template of a reasoning model (see sanic_serve.prompt.reasoning_controls).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None

@@ -67,3 +67,68 @@ def test_reasoning_content_stream_and_non_stream(
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
     assert "".join(d.get("content", "") for d in deltas) == ""
+
+
+# --- reasoning_effort ---------------------------------------------------------------------------
+
+GENERATION_PROMPT = "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+def prompt_tokens(server: ServerProcess, model: str, **fields: object) -> httpx.Response:
+    body = {"model": model, "messages": HELLO, "max_tokens": 1, **fields}
+    return httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_reasoning_effort_switches_thinking(server: ServerProcess, demo_model: Path, tmp_path: Path) -> None:
+    def with_switch(template: str) -> str:
+        # Qwen3's switch: thinking off pre-writes an empty thought.
+        off = "{%- if enable_thinking is defined and enable_thinking is false %}"
+        return template.replace(
+            GENERATION_PROMPT, GENERATION_PROMPT + off + "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+        )
+
+    model = str(model_with_template(demo_model, tmp_path / "switch", with_switch))
+
+    def count(**fields: object) -> int:
+        resp = prompt_tokens(server, model, **fields)
+        assert resp.status_code == 200, resp.text
+        return int(resp.json()["usage"]["prompt_tokens"])
+
+    thinking = count()
+    assert count(reasoning_effort="high") == count(reasoning_effort="low") == thinking
+    assert count(reasoning_effort="none") > thinking  # the empty thought is in the prompt
+    # explicit template variables win over the effort
+    assert count(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == thinking
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(
+    server: ServerProcess, demo_model: Path, tmp_path: Path
+) -> None:
+    from tokenizers import Tokenizer
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def with_effort(template: str) -> str:
+        line = (
+            "{%- if reasoning_effort is defined %}{{- 'Reasoning: ' + reasoning_effort + '\\n' }}{%- endif %}"
+        )
+        return line + template
+
+    folder = model_with_template(demo_model, tmp_path / "effort", with_effort)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = (folder / "chat_template.jinja").read_text()
+    for effort in ("minimal", "xhigh"):
+        rendered, _ = render_jinja_template(
+            [HELLO], chat_template=template, add_generation_prompt=True, reasoning_effort=effort
+        )
+        assert f"Reasoning: {effort}" in rendered[0]
+        expected = len(tokenizer.encode(rendered[0], add_special_tokens=False).ids)
+        resp = prompt_tokens(server, str(folder), reasoning_effort=effort)
+        assert resp.json()["usage"]["prompt_tokens"] == expected
+
+
+def test_reasoning_effort_without_a_control_is_400(server: ServerProcess) -> None:
+    resp = prompt_tokens(server, "hfserve-demo", reasoning_effort="low")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "reasoning_effort"
+    assert prompt_tokens(server, "hfserve-demo", reasoning_effort="extreme").status_code == 400

@@ -17,7 +17,7 @@ from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
 from sanic_serve.models import RESPONSE_TEMPLATE
-from sanic_serve.prompt import completion_budget, render_chat
+from sanic_serve.prompt import completion_budget, reasoning_controls, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
 from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
@@ -29,8 +29,10 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
+    template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
+    template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
     prompt_ids, prompt_text = render_chat(
-        bundle, [m.for_template() for m in req.messages], req.offered_tools(), req.chat_template_kwargs
+        bundle, [m.for_template() for m in req.messages], req.offered_tools(), template_kwargs
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
