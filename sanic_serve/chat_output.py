@@ -56,9 +56,16 @@ class ChoiceAssembler:
     """Feeds generated text through the choice's output parser and keeps what the final message
     needs."""
 
-    def __init__(self, parser: OutputParser | None = None, parallel_tool_calls: bool = True) -> None:
+    def __init__(
+        self,
+        parser: OutputParser | None = None,
+        parallel_tool_calls: bool = True,
+        functions_api: bool = False,
+    ) -> None:
         self._parser: OutputParser = parser or MarkupOutput()
-        self._parallel = parallel_tool_calls
+        # The deprecated functions API: one call, reported as ``function_call``.
+        self._functions_api = functions_api
+        self._parallel = parallel_tool_calls and not functions_api
         self.content = ""
         self.reasoning = ""
         self.calls: list[ToolCall] = []
@@ -89,7 +96,9 @@ class ChoiceAssembler:
         return parsed
 
     def finish_reason(self, generation_reason: str | None) -> str | None:
-        return "tool_calls" if self.calls and generation_reason == "stop" else generation_reason
+        if not self.calls or generation_reason != "stop":
+            return generation_reason
+        return "function_call" if self._functions_api else "tool_calls"
 
     def message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {
@@ -99,7 +108,9 @@ class ChoiceAssembler:
         }
         if self.reasoning:
             msg["reasoning_content"] = self.reasoning
-        if self.calls:
+        if self.calls and self._functions_api:
+            msg["function_call"] = {"name": self.calls[0].name, "arguments": self.calls[0].arguments}
+        elif self.calls:
             msg["tool_calls"] = [c.to_dict() for c in self.calls]
         return msg
 
@@ -113,6 +124,10 @@ class ChoiceAssembler:
             deltas.append({"content": parsed.content})
         first_index = len(self.calls) - len(parsed.calls)
         for i, call in enumerate(parsed.calls, start=first_index):
+            if self._functions_api:
+                deltas.append({"function_call": {"name": call.name, "arguments": ""}})
+                deltas.append({"function_call": {"arguments": call.arguments}})
+                continue
             head = {
                 "index": i,
                 "id": call.id,

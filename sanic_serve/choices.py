@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from model_host.ipc import HostClient, SamplingParams
-from sanic_serve.chat_output import ChoiceAssembler, OutputParser
+from sanic_serve.chat_output import ChoiceAssembler
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelBundle
@@ -28,18 +28,17 @@ def fan_out(
     stop_strings: list[str],
     n: int,
     first_index: int = 0,
-    output: Callable[[], OutputParser] | None = None,
-    parallel_tool_calls: bool = True,
+    assembler: Callable[[], ChoiceAssembler] = ChoiceAssembler,
     keep_special_tokens: bool = False,
 ) -> list[Choice]:
     """``n`` generations of one prompt. With a seed, choice *i* uses ``seed + i``: the choices
-    differ, and each is reproducible. ``output`` makes each choice's parser (None: plain text)."""
+    differ, and each is reproducible. ``assembler`` makes each choice's output reader (by default
+    plain text)."""
     choices = []
     for i in range(n):
         seeded = replace(sampling, seed=sampling.seed + i) if sampling.seed is not None else sampling
         gen = Generation(client, bundle, prompt_ids, seeded, stop_strings, keep_special_tokens)
-        out = ChoiceAssembler(output() if output else None, parallel_tool_calls)
-        choices.append(Choice(first_index + i, gen, out))
+        choices.append(Choice(first_index + i, gen, assembler()))
     return choices
 
 

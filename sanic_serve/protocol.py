@@ -28,14 +28,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    """An assistant's call in the deprecated functions API."""
+
+    name: str
+    arguments: str
+
+
+def legacy_call_id(name: str | None) -> str:
+    """The functions API has no call ids; a call and its result are paired by function name."""
+    return f"call_{name or 'function'}"
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # deprecated functions API
 
     def text(self) -> str:
         if self.content is None:
@@ -45,7 +58,20 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it; the functions API's shapes become tool calls
+        and tool results, which templates know."""
+        if self.role == "function":
+            return {
+                "role": "tool",
+                "content": self.text(),
+                "name": self.name,
+                "tool_call_id": legacy_call_id(self.name),
+            }
         msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.function_call is not None and not self.tool_calls:
+            call = self.function_call
+            function = {"name": call.name, "arguments": call.arguments}
+            msg["tool_calls"] = [{"id": legacy_call_id(call.name), "type": "function", "function": function}]
         if self.name is not None:
             msg["name"] = self.name
         if self.tool_calls:
@@ -122,8 +148,6 @@ NO_OP_FIELDS = frozenset(
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
     "moderation": (None,),
 }
 
@@ -209,9 +233,17 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    # Deprecated in favour of tools / tool_choice, and served as them (one call at most).
+    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
     def logprob_count(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else -1
+
+    @property
+    def uses_functions(self) -> bool:
+        """The request speaks the functions API: the reply does too (``function_call``)."""
+        return self.functions is not None
 
     def forced_tool(self) -> str | None:
         """None: calls are optional; "": some call is required; a name: that function's call."""
@@ -321,20 +353,42 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if req.functions is not None or req.function_call is not None:
+        _adopt_functions(req)
+    choice_param = "function_call" if req.uses_functions else "tool_choice"
     forced = req.forced_tool()
     if forced is not None:
         if not req.tools:
-            raise InvalidRequest("tool_choice names a call but no tools are given.", param="tool_choice")
+            raise InvalidRequest(f"{choice_param} names a call but no tools are given.", param=choice_param)
         names = {t.function.name for t in req.tools}
         if forced and forced not in names:
             raise InvalidRequest(
-                f"tool_choice names {forced!r}, which is not among the tools.", param="tool_choice"
+                f"{choice_param} names {forced!r}, which is not among the functions offered.",
+                param=choice_param,
             )
         if req.response_format is not None and req.response_format.type != "text":
             raise InvalidRequest(
-                "tool_choice and response_format cannot both constrain the output.", param="tool_choice"
+                f"{choice_param} and response_format cannot both constrain the output.", param=choice_param
             )
     return req
+
+
+def _adopt_functions(req: ChatCompletionRequest) -> None:
+    """The deprecated functions API is the tools API with at most one call per reply."""
+    if req.tools is not None or req.tool_choice is not None:
+        raise InvalidRequest("Give tools or functions, not both.", param="functions")
+    if req.functions is None:
+        if isinstance(req.function_call, NamedFunction):
+            raise InvalidRequest(
+                "function_call names a function but no functions are given.", param="function_call"
+            )
+        return  # "none" / "auto" with nothing to call: nothing to do
+    req.tools = [ToolDefinition(type="function", function=f) for f in req.functions]
+    call = req.function_call
+    req.tool_choice = (
+        NamedToolChoice(type="function", function=call) if isinstance(call, NamedFunction) else call
+    )
+    req.parallel_tool_calls = False
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:

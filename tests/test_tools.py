@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
 from sanic_serve.chat_output import ChoiceAssembler, MarkupOutput
 from sanic_serve.tool_parsers import HermesToolParser
+from tests.openapi import validate
 from tests.server import ServerProcess
 
 MODEL = "hfserve-demo"
@@ -232,3 +234,89 @@ def test_tool_parser_option_overrides_the_template(cache_dir: Path, demo_model: 
         )
     assert reply.choices[0].message.tool_calls is None
     assert (reply.choices[0].message.content or "").startswith("<tool_call>")
+
+
+# --- the deprecated functions API, served as tools ----------------------------------------------
+
+WEATHER_FUNCTION = WEATHER_TOOL["function"]
+
+
+def post_chat(server: ServerProcess, **body: object) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}/v1/chat/completions", json={"model": MODEL, "temperature": 0, **body}, timeout=60
+    )
+
+
+def test_functions_api_call_stream_and_not(server: ServerProcess) -> None:
+    whole = post_chat(server, messages=ASK, functions=[WEATHER_FUNCTION]).json()
+    validate("CreateChatCompletionResponse", whole)
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    message = choice["message"]
+    assert "tool_calls" not in message and message["content"] is None
+    assert message["function_call"]["name"] == "get_weather"
+    assert json.loads(message["function_call"]["arguments"]) == {"city": "Paris"}
+
+    raw = post_chat(server, messages=ASK, functions=[WEATHER_FUNCTION], stream=True).text
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [d["function_call"] for d in deltas if "function_call" in d]
+    assert calls[0] == {"name": "get_weather", "arguments": ""}
+    assert "".join(c["arguments"] for c in calls) == message["function_call"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+    assert not any("tool_calls" in d for d in deltas)
+
+
+def test_functions_api_conversation_continues(server: ServerProcess) -> None:
+    first = post_chat(server, messages=ASK, functions=[WEATHER_FUNCTION]).json()
+    call = first["choices"][0]["message"]["function_call"]
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_weather", "content": json.dumps({"weather": "sunny, 22 C"})},
+    ]
+    final = post_chat(server, messages=messages, functions=[WEATHER_FUNCTION]).json()
+    assert final["choices"][0]["message"]["content"] == "The weather in Paris is sunny, 22 C."
+    # the typed client reads the old shape too
+    reply = client(server).chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        functions=[WEATHER_FUNCTION],
+        temperature=0,  # type: ignore[list-item]
+    )
+    assert reply.choices[0].message.function_call is not None
+    assert reply.choices[0].message.function_call.name == "get_weather"
+
+
+def test_function_call_named_and_none(server: ServerProcess) -> None:
+    hello = [{"role": "user", "content": "Hello!"}]
+    forced = post_chat(
+        server,
+        messages=hello,
+        functions=[WEATHER_FUNCTION, ADD_TOOL["function"]],
+        function_call={"name": "add"},
+    ).json()
+    assert forced["choices"][0]["finish_reason"] == "function_call"
+    call = forced["choices"][0]["message"]["function_call"]
+    assert call["name"] == "add"
+    jsonschema.validate(json.loads(call["arguments"]), ADD_TOOL["function"]["parameters"])
+    quiet = post_chat(server, messages=ASK, functions=[WEATHER_FUNCTION], function_call="none").json()
+    assert "function_call" not in quiet["choices"][0]["message"]
+    assert quiet["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"functions": [WEATHER_FUNCTION], "tools": [WEATHER_TOOL]}, "functions"),
+        ({"functions": [WEATHER_FUNCTION], "function_call": {"name": "nope"}}, "function_call"),
+        ({"function_call": {"name": "get_weather"}}, "function_call"),
+        ({"functions": []}, "functions"),
+    ],
+)
+def test_bad_functions_requests(server: ServerProcess, body: dict[str, object], param: str) -> None:
+    resp = post_chat(server, messages=ASK, **body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param

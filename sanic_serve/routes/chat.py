@@ -12,7 +12,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
-from sanic_serve.chat_output import output_parser
+from sanic_serve.chat_output import ChoiceAssembler, output_parser
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
@@ -56,8 +56,11 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         sampling,
         req.stop_strings,
         req.n or 1,
-        output=lambda: output_parser(bundle, prompt_text, tools),
-        parallel_tool_calls=req.parallel_tool_calls is not False,
+        assembler=lambda: ChoiceAssembler(
+            output_parser(bundle, prompt_text, tools),
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            functions_api=req.uses_functions,
+        ),
         # A response template may name special tokens as its markers: it must see them.
         keep_special_tokens=bundle.tool_parser == RESPONSE_TEMPLATE,
     )
