@@ -9,6 +9,7 @@ this module turns its region events into the same ``Parsed`` deltas as the marku
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -24,6 +25,8 @@ CONTENT = "content"
 # Templates on the Hub name the reasoning field one of these (OpenAI-compatible servers report it
 # as ``reasoning_content``).
 REASONING_FIELDS = frozenset({"reasoning_content", "reasoning", "thinking"})
+# What transformers' content parsers and transforms raise on a body they cannot read.
+_PARSE_ERRORS = (ValueError, KeyError, TypeError)
 
 
 def read_response_template(tok_config: dict[str, Any], model_id: str) -> dict[str, Any] | None:
@@ -56,10 +59,19 @@ def template_call_markup(template: dict[str, Any]) -> str | None:
     return None
 
 
-def _without_tool_calls(template: dict[str, Any]) -> dict[str, Any]:
-    """With no tools offered a reply has no calls (as with OpenAI): call markup stays content."""
-    fields = {name: f for name, f in template["fields"].items() if name != TOOL_CALLS}
-    return {**template, "fields": fields} if fields else template
+def _as_served(template: dict[str, Any], with_calls: bool) -> dict[str, Any]:
+    """The template as this server runs it. JSON bodies that do not parse come back as their text
+    instead of raising (a malformed call is then shown as content, and nothing before it in the
+    same delta is lost). With no tools offered a reply has no calls (as with OpenAI): the call
+    field goes, and call markup stays content."""
+    fields: dict[str, Any] = {}
+    for name, field in template["fields"].items():
+        if name == TOOL_CALLS and not with_calls:
+            continue
+        if isinstance(field, dict) and field.get("content") == "json":
+            field = {**field, "content_args": {**field.get("content_args", {}), "allow_non_json": True}}
+        fields[name] = field
+    return {**template, "fields": fields or template["fields"]}
 
 
 class TemplateParser:
@@ -68,7 +80,7 @@ class TemplateParser:
     def __init__(
         self, template: dict[str, Any], prompt_text: str, tools: list[dict[str, Any]] | None
     ) -> None:
-        self._spec = load_response_template(template if tools else _without_tool_calls(template))
+        self._spec = load_response_template(_as_served(template, with_calls=bool(tools)))
         self._tools: list[Any] | None = list(tools) if tools else None
         # The prompt is the prefix: a template that opens ``<think>`` in the generation prompt
         # leaves the parser inside the reasoning region, as the model is.
@@ -77,38 +89,53 @@ class TemplateParser:
         self._started: set[str] = set()  # fields whose leading whitespace is behind us
 
     def feed(self, text: str) -> Parsed:
-        return self._run(lambda: self._parser.feed(text))
-
-    def finish(self) -> Parsed:
-        return self._run(lambda: self._parser.finalize()[1])
-
-    def _run(self, step: Any) -> Parsed:
         out = Parsed()
+        saved = self._snapshot()
         try:
-            events = step()
-        except (ValueError, KeyError, TypeError) as exc:
-            # A region the template could not parse (a malformed call): its text is shown as
-            # content, and parsing goes on after it with a fresh parser.
-            log.debug("response_template could not parse a region: %s", exc)
-            rest, body = self._unconsumed()
-            self._call_body = body or self._call_body
-            self._show_call_text(out)
-            self._parser = ResponseParser(self._spec, prefix="", tools=self._tools)
-            more = self._parser.feed(rest) if rest else []
-            self._apply(more, out)
-            return out
-        self._apply(events, out)
+            self._apply(self._parser.feed(text), out)
+        except _PARSE_ERRORS:
+            # A region the template could not parse (say, a malformed call in python syntax).
+            # The parser raised, so this delta's events are gone: go back to before it and feed
+            # it again a character at a time, to lose nothing ahead of the bad region.
+            self._parser = saved
+            for char in text:
+                self._feed_char(char, out)
         return out
 
-    def _unconsumed(self) -> tuple[str, str]:
-        """What the failed parser had not consumed yet, and the body of the region it failed to
-        close. transformers exposes no accessor for them; should these attributes go, only the
-        rest of that one delta is lost, nothing else."""
+    def finish(self) -> Parsed:
+        out = Parsed()
+        saved = self._snapshot()
+        try:
+            self._apply(self._parser.finalize()[1], out)
+        except _PARSE_ERRORS:  # the region the reply ended in did not parse: show it as text
+            self._parser = saved
+            self._show_call_text(out)
+            out.content += self._unconsumed()
+        return out
+
+    def _feed_char(self, char: str, out: Parsed) -> None:
+        try:
+            self._apply(self._parser.feed(char), out)
+        except _PARSE_ERRORS as exc:
+            log.debug("response_template could not parse a region: %s", exc)
+            rest = self._unconsumed()
+            self._show_call_text(out)
+            # The bad region is behind us: a fresh parser goes on from the text after it.
+            self._parser = ResponseParser(self._spec, prefix="", tools=self._tools)
+            if rest:
+                self._apply(self._parser.feed(rest), out)
+
+    def _snapshot(self) -> ResponseParser:
+        # About 15 us a delta; the compiled template is shared, not copied.
+        return copy.deepcopy(self._parser, {id(self._spec): self._spec})
+
+    def _unconsumed(self) -> str:
+        """Text the parser holds but has not consumed (a marker it is still deciding on, or what
+        followed a region that failed to close). transformers exposes no accessor for it; should
+        these attributes go, at most that marker's few characters are lost."""
         buffer = getattr(self._parser, "_buffer", "")
         position = getattr(self._parser, "_pos", len(buffer))
-        body = getattr(self._parser, "_body", "")
-        rest = buffer[position:] if isinstance(buffer, str) and isinstance(position, int) else ""
-        return rest, body if isinstance(body, str) else ""
+        return buffer[position:] if isinstance(buffer, str) and isinstance(position, int) else ""
 
     def _apply(self, events: list[dict[str, Any]], out: Parsed) -> None:
         for ev in events:

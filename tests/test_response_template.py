@@ -120,10 +120,38 @@ def test_the_prompt_can_open_the_reasoning() -> None:
 
 @pytest.mark.parametrize("size", [1, 3, 1000])
 def test_a_malformed_call_is_shown_and_parsing_goes_on(size: int) -> None:
-    text = (
-        '<tool_call>not json</tool_call> then <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    text = f"Hi <tool_call>not json</tool_call> then {call}"
+    assert parse(QWEN, text, size) == ("Hinot json then", "", [("add", {"a": 1})])
+
+
+PYTHON_CALLS: dict[str, Any] = {
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "tool_calls": {
+            "open": "<calls>",
+            "close": "</calls>",
+            "content": "python-call-list",
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{arguments}"}},
+            "transform_each": True,
+        },
+        "content": {"content": "text"},
+    },
+}
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_a_region_that_raises_loses_nothing_around_it(size: int) -> None:
+    # transformers' python-call-list parser raises on a malformed list (the JSON one is told not
+    # to): the text before it in the same delta, and a good call there, must survive.
+    good, bad = "<calls>[add(a=1, b=2)]</calls>", "<calls>[add(a=</calls>"
+    assert parse(PYTHON_CALLS, f"hi {good} x {bad} tail", size) == (
+        "hi  x [add(a= tail",
+        "",
+        [("add", {"a": 1, "b": 2})],
     )
-    assert parse(QWEN, text, size) == ("not json then", "", [("add", {"a": 1})])
+    # the reply ends inside a call that cannot parse: shown as text
+    assert parse(PYTHON_CALLS, f"hi {good} <calls>[add(a=", size)[0] == "hi  [add(a="
 
 
 def test_without_tools_call_markup_is_content() -> None:
