@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from sanic_serve.models import RESPONSE_TEMPLATE, ModelBundle
+from sanic_serve.models import ModelBundle
 from sanic_serve.reasoning import ReasoningParser, Split, prompt_opens_reasoning
 from sanic_serve.response_template import TemplateParser
 from sanic_serve.tool_parsers import PARSERS, Parsed, ToolCall, ToolParser
@@ -45,7 +45,7 @@ class MarkupOutput:
 def output_parser(bundle: ModelBundle, prompt_text: str, tools: list[dict[str, Any]] | None) -> OutputParser:
     """How a chat reply of this model is read: by the tokenizer's response template when it
     has one (and no --tool-parser overrides it), else by markers known from its chat template."""
-    if bundle.tool_parser == RESPONSE_TEMPLATE and bundle.response_template is not None:
+    if bundle.reads_response_template and bundle.response_template is not None:
         return TemplateParser(bundle.response_template, prompt_text, tools)
     markup = PARSERS[bundle.tool_parser]() if tools and bundle.tool_parser in PARSERS else None
     reasoning = ReasoningParser(prompt_opens_reasoning(prompt_text)) if bundle.reasons else None

@@ -49,6 +49,11 @@ class ModelBundle:
     fim: FimFormat | None = None  # fill-in-the-middle sentinels, for completions with a suffix
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def reads_response_template(self) -> bool:
+        """Replies are read by the tokenizer's response template (see sanic_serve.response_template)."""
+        return self.tool_parser == RESPONSE_TEMPLATE and self.response_template is not None
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 

@@ -16,7 +16,6 @@ from sanic_serve.chat_output import ChoiceAssembler, output_parser
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
-from sanic_serve.models import RESPONSE_TEMPLATE
 from sanic_serve.prompt import completion_budget, reasoning_controls, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
 from sanic_serve.requests import admit, parse_json_body, sampling_params
@@ -29,21 +28,21 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
+    tools = req.offered_tools()
     template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
     template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
     prompt_ids, prompt_text = render_chat(
-        bundle, [m.for_template() for m in req.messages], req.offered_tools(), template_kwargs
+        bundle, [m.for_template() for m in req.messages], tools, template_kwargs
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
-    tools = req.offered_tools()
     forced = req.forced_tool()
     if forced is not None:
         if bundle.call_markup is None:
             raise InvalidRequest(
                 f"The model `{bundle.id}` has no known tool-call format to enforce; start the server "
                 "with --tool-parser.",
-                param="tool_choice",
+                param="function_call" if req.uses_functions else "tool_choice",
             )
         grammar = forced_call_grammar(
             bundle.call_markup, tools or [], forced or None, bundle.tokenizer.token_to_id
@@ -62,7 +61,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
             functions_api=req.uses_functions,
         ),
         # A response template may name special tokens as its markers: it must see them.
-        keep_special_tokens=bundle.tool_parser == RESPONSE_TEMPLATE,
+        keep_special_tokens=bundle.reads_response_template,
     )
 
 
