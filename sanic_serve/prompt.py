@@ -29,10 +29,13 @@ def render_chat(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    continue_final: bool = False,
+    generation_prompt: bool = True,
 ) -> tuple[list[int], str]:
     """Render the conversation with the model's template and tokenize it (the template already
     writes any BOS token, so no special tokens are added, as in ``apply_chat_template``).
-    Returns the token ids and the rendered text."""
+    ``continue_final`` leaves the last message open for the reply to continue. Returns the token
+    ids and the rendered text."""
     if bundle.chat_template is None:
         raise InvalidRequest(
             f"The model `{bundle.id}` has no chat template; use /v1/completions.", param="model"
@@ -49,7 +52,8 @@ def render_chat(
             [messages],
             tools=tools,
             chat_template=bundle.chat_template,
-            add_generation_prompt=True,
+            add_generation_prompt=generation_prompt and not continue_final,
+            continue_final_message=continue_final,
             **kwargs,
         )
     except Exception as exc:  # jinja raise_exception(), undefined names, bad message shapes

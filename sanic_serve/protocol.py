@@ -139,6 +139,10 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    # Extensions (as in vLLM): leave the prompt open inside the last (assistant) message, so the
+    # reply continues it ("prefill"); or render no generation prompt at all.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     # Deprecated in favour of tools / tool_choice, and served as them (one call at most).
     functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
     function_call: Literal["none", "auto"] | NamedFunction | None = None
@@ -259,6 +263,17 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if req.continue_final_message:
+        if req.add_generation_prompt and "add_generation_prompt" in (req.model_fields_set or set()):
+            raise InvalidRequest(
+                "continue_final_message and add_generation_prompt cannot both be true.",
+                param="continue_final_message",
+            )
+        if req.messages[-1].role != "assistant":
+            raise InvalidRequest(
+                "continue_final_message needs the last message to be the assistant's.",
+                param="continue_final_message",
+            )
     if req.functions is not None or req.function_call is not None:
         _adopt_functions(req)
     choice_param = "function_call" if req.uses_functions else "tool_choice"

@@ -286,3 +286,29 @@ def test_n_choices_stream_and_non_stream(server: ServerProcess) -> None:
                 finishes[choice.index] = choice.finish_reason
     assert [streamed[i] for i in range(3)] == texts  # the same seeds give the same texts
     assert finishes == {0: "length", 1: "length", 2: "length"}
+
+
+# --- continue_final_message: the reply continues a prefilled assistant message ------------------
+
+
+def test_continue_final_message(server: ServerProcess) -> None:
+    prefill = [*HELLO, {"role": "assistant", "content": "Hello! How can"}]
+    body = {"model": MODEL, "messages": prefill, "temperature": 0, "max_tokens": 20}
+    url = f"{server.base_url}/v1/chat/completions"
+    reply = httpx.post(url, json={**body, "continue_final_message": True}, timeout=60).json()
+    whole = httpx.post(
+        url,
+        json={"model": MODEL, "messages": HELLO, "temperature": 0},
+        timeout=60,
+    ).json()
+    # the greeting the model gives anyway, picked up where the prefill left off
+    assert (
+        "Hello! How can" + reply["choices"][0]["message"]["content"]
+        == whole["choices"][0]["message"]["content"]
+    )
+    for bad in (
+        {**body, "continue_final_message": True, "add_generation_prompt": True},
+        {**body, "messages": HELLO, "continue_final_message": True},
+    ):
+        resp = httpx.post(url, json=bad, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "continue_final_message"

@@ -32,7 +32,12 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
     template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
     prompt_ids, prompt_text = render_chat(
-        bundle, [m.for_template() for m in req.messages], tools, template_kwargs
+        bundle,
+        [m.for_template() for m in req.messages],
+        tools,
+        template_kwargs,
+        continue_final=req.continue_final_message,
+        generation_prompt=req.add_generation_prompt,
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
