@@ -44,6 +44,25 @@ MATRIX: list[dict[str, Any]] = [
         "temperature": 0,
         "max_tokens": 10,
     },
+    {
+        "messages": [{"role": "user", "content": "Tell me a joke"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 60,
+    },
+    {
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "functions": [WEATHER_TOOL["function"]],
+        "function_call": {"name": "get_weather"},
+        "temperature": 0,
+        "max_tokens": 60,
+    },
+    {
+        "messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello!"}],
+        "continue_final_message": True,
+        "max_tokens": 8,
+    },
     {"messages": [{"role": "user", "content": "zebra violin"}], "n": 3, "seed": 1, "max_tokens": 6},
     {
         "messages": [{"role": "user", "content": "Tell me a joke"}],
