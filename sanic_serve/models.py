@@ -118,7 +118,8 @@ def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> 
     # decoding (do_sample false) answers greedily unless the request asks otherwise.
     sampled = bool(gen_config.get("do_sample", False)) if gen_config else True
     template = _chat_template(folder, tok_config)
-    response_template = read_response_template(tok_config, model_id)
+    model_type = config.get("model_type") or text_config.get("model_type")
+    response_template = read_response_template(tok_config, model_id, model_type)
     # --tool-parser wins, then the tokenizer's own template, then markup the chat template shows.
     detected = detect_parser(template)
     call_markup = tool_parser or detected

@@ -29,12 +29,55 @@ REASONING_FIELDS = frozenset({"reasoning_content", "reasoning", "thinking"})
 _PARSE_ERRORS = (ValueError, KeyError, TypeError)
 
 
-def read_response_template(tok_config: dict[str, Any], model_id: str) -> dict[str, Any] | None:
-    """The tokenizer's response template, if it has a valid one. An invalid template is logged
-    and ignored (the model still serves, with the markup parsers), never a failed load."""
+# For families whose call format no markup parser reads and whose tokenizers may predate
+# ``response_template``: the templates transformers' own server falls back to for them.
+_QWEN3_5: dict[str, Any] = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
+        "tool_calls": {
+            "open_pattern": r"\s*<tool_call>\s*<function=(?P<name>[^>\n]+)>",
+            "close_pattern": r"</function>\s*</tool_call>",
+            "repeats": True,
+            "content": "xml-inline",
+            "content_args": {"tag_pattern": r"<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>"},
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
+        },
+        "content": {"close_pattern": r"\s*(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"},
+    },
+}
+_GEMMA4: dict[str, Any] = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": ["<|turn>model\n", "<tool_response|>"],
+    "fields": {
+        "reasoning_content": {"open": "<|channel>thought\n", "close": "<channel|>", "content": "text"},
+        "tool_calls": {
+            "open_pattern": r"<\|tool_call>call:(?P<name>\w+)",
+            "close": "<tool_call|>",
+            "repeats": True,
+            "content": "json",
+            "content_args": {"unquoted_keys": True, "string_delims": [['<|"|>', '<|"|>']]},
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
+        },
+        "content": {"close": ["<turn|>", "<|tool_response>", "<eos>"], "content": "text"},
+    },
+}
+FALLBACK_TEMPLATES: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"), _QWEN3_5),
+    **dict.fromkeys(("gemma4", "gemma4_text"), _GEMMA4),
+}
+
+
+def read_response_template(
+    tok_config: dict[str, Any], model_id: str, model_type: str | None = None
+) -> dict[str, Any] | None:
+    """The tokenizer's response template, else the fallback for the model's family, if any. An
+    invalid template is logged and ignored (the model still serves, with the markup parsers),
+    never a failed load."""
     template = tok_config.get("response_template")
     if template is None:
-        return None
+        return FALLBACK_TEMPLATES.get(model_type or "")
     try:
         load_response_template(template)
     except (ValueError, TypeError) as exc:

@@ -4,6 +4,7 @@ with copies of the demo model whose tokenizer ships a template."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ import openai
 import pytest
 
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
-from sanic_serve.response_template import TemplateParser, template_call_markup
+from sanic_serve.response_template import FALLBACK_TEMPLATES, TemplateParser, template_call_markup
 from tests.server import ServerProcess, model_with_template
 
-# The shapes tokenizers ship (these three follow Qwen 2/3, Qwen 3.5 and Gemma 4).
+# The shapes tokenizers ship: Qwen 2/3's, and the fallbacks for Qwen 3.5 and Gemma 4.
 QWEN: dict[str, Any] = {
     "defaults": {"role": "assistant"},
     "start_anchor": "<|im_start|>assistant\n",
@@ -32,38 +33,8 @@ QWEN: dict[str, Any] = {
         "content": {"close_pattern": r"\s*(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"},
     },
 }
-XML_CALLS: dict[str, Any] = {
-    "defaults": {"role": "assistant"},
-    "start_anchor": "<|im_start|>assistant\n",
-    "fields": {
-        "reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
-        "tool_calls": {
-            "open_pattern": r"\s*<tool_call>\s*<function=(?P<name>[^>\n]+)>",
-            "close_pattern": r"</function>\s*</tool_call>",
-            "repeats": True,
-            "content": "xml-inline",
-            "content_args": {"tag_pattern": r"<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>"},
-            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
-        },
-        "content": {"close_pattern": r"\s*(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"},
-    },
-}
-GEMMA: dict[str, Any] = {
-    "defaults": {"role": "assistant"},
-    "start_anchor": ["<|turn>model\n", "<tool_response|>"],
-    "fields": {
-        "reasoning_content": {"open": "<|channel>thought\n", "close": "<channel|>", "content": "text"},
-        "tool_calls": {
-            "open_pattern": r"<\|tool_call>call:(?P<name>\w+)",
-            "close": "<tool_call|>",
-            "repeats": True,
-            "content": "json",
-            "content_args": {"unquoted_keys": True, "string_delims": [['<|"|>', '<|"|>']]},
-            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
-        },
-        "content": {"close": ["<turn|>", "<|tool_response>", "<eos>"], "content": "text"},
-    },
-}
+XML_CALLS = FALLBACK_TEMPLATES["qwen3_5"]
+GEMMA = FALLBACK_TEMPLATES["gemma4"]
 PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 ADD = [ADD_TOOL]
 
@@ -286,3 +257,23 @@ def test_the_templates_reasoning_markers(server: ServerProcess, models: dict[str
     deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in raw.split("\n\n") if e.startswith("data: {")]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == message["reasoning_content"]
     assert "".join(d.get("content") or "" for d in deltas) == ""
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma4"])
+def test_families_without_a_template_get_their_fallback(
+    demo_model: Path, tmp_path: Path, model_type: str
+) -> None:
+    from sanic_serve.models import RESPONSE_TEMPLATE, load_bundle
+
+    folder = tmp_path / model_type
+    shutil.copytree(demo_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    bundle = load_bundle("m", folder)
+    assert bundle.reads_response_template and bundle.tool_parser == RESPONSE_TEMPLATE
+    assert bundle.response_template == FALLBACK_TEMPLATES[model_type]
+    # the tokenizer's own template comes first
+    own = with_response_template(folder, QWEN)
+    assert load_bundle("m", own).response_template == QWEN
+    # and a family that the markup parsers read keeps them
+    assert load_bundle("d", demo_model).tool_parser == "hermes"
