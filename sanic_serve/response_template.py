@@ -16,6 +16,7 @@ from typing import Any
 from transformers.utils.chat_parsing import ResponseParser
 from transformers.utils.chat_parsing.response_templates import load_response_template
 
+from sanic_serve.call_grammar import XML_MARKUP
 from sanic_serve.tool_parsers import Parsed, ToolCall, call_from_object
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,16 @@ def read_response_template(
 
 
 def template_call_markup(template: dict[str, Any]) -> str | None:
-    """The markup parser whose syntax the template's tool calls use, if they are JSON in a known
-    markup: what ``tool_choice`` ``required``/named constrains generation to."""
+    """The call markup (see sanic_serve.call_grammar) the template's tool calls are written in,
+    if it is a known one: what ``tool_choice`` ``required``/named constrains generation to."""
     field = template.get("fields", {}).get(TOOL_CALLS)
-    if not isinstance(field, dict) or field.get("content", "text") != "json":
+    if not isinstance(field, dict):
         return None
     opener = str(field.get("open", field.get("open_pattern", "")))
+    if field.get("content") == "xml-inline" and "<function=" in opener:
+        return XML_MARKUP
+    if field.get("content", "text") != "json":
+        return None
     if "<tool_call>" in opener:
         return "hermes"
     if "TOOL_CALLS" in opener:

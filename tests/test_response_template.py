@@ -132,7 +132,7 @@ def test_without_tools_call_markup_is_content() -> None:
 
 def test_forced_calls_use_the_markup_the_template_reads() -> None:
     assert template_call_markup(QWEN) == "hermes"
-    assert template_call_markup(XML_CALLS) is None  # not JSON: no grammar for it
+    assert template_call_markup(XML_CALLS) == "qwen3_xml"
     assert template_call_markup(GEMMA) is None
 
 
@@ -277,3 +277,49 @@ def test_families_without_a_template_get_their_fallback(
     assert load_bundle("m", own).response_template == QWEN
     # and a family that the markup parsers read keeps them
     assert load_bundle("d", demo_model).tool_parser == "hermes"
+
+
+FORECAST_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "forecast",
+        "description": "Weather forecast",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "detailed": {"type": "boolean"},
+                "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            },
+            "required": ["city", "days", "code"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "forecast"}}])
+def test_forced_calls_in_xml_markup(
+    server: ServerProcess, demo_model: Path, tmp_path: Path, choice: Any
+) -> None:
+    # Qwen 3.5's call format, which is not JSON: the grammar writes <function=...><parameter=...>
+    # blocks whose values the template's reader types back by the schema.
+    folder = tmp_path / "xml-calls"
+    shutil.copytree(demo_model, folder)
+    with_response_template(folder, XML_CALLS)
+    reply = client(server).chat.completions.create(
+        model=str(folder),
+        messages=[{"role": "user", "content": "Hello!"}],
+        tools=[ADD_TOOL, FORECAST_TOOL],  # type: ignore[list-item]
+        tool_choice=choice,
+        temperature=1.0,
+        seed=4,
+        max_tokens=150,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls", reply
+    (call,) = reply.choices[0].message.tool_calls or []
+    tool = {"add": ADD_TOOL, "forecast": FORECAST_TOOL}[call.function.name]
+    if choice != "required":
+        assert call.function.name == "forecast"
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])

@@ -12,6 +12,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
+from sanic_serve.call_grammar import forced_call_grammar
 from sanic_serve.chat_output import ChoiceAssembler, output_parser
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
@@ -20,7 +21,6 @@ from sanic_serve.prompt import completion_budget, reasoning_controls, render_cha
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
 from sanic_serve.requests import admit, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
-from sanic_serve.tool_parsers import forced_call_grammar
 
 bp = Blueprint("chat")
 

@@ -1,0 +1,94 @@
+"""Grammars that force a tool call: how ``tool_choice`` ``required`` and a named function are
+enforced. Under such a grammar (llguidance, applied per request in the host's batch) the model can
+only answer with one call, in its own markup, of the named function or of any offered tool, with
+arguments valid for that function's schema.
+
+``token_id(text)`` gives the id of a markup string that the tokenizer keeps as one added token: the
+grammar must name such a token by id, since the decoder sees it as a token, not as its text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+TokenId = Callable[[str], int | None]
+
+JSON_MARKUPS = frozenset({"hermes", "llama3_json", "mistral"})
+XML_MARKUP = "qwen3_xml"  # <function=NAME><parameter=KEY>VALUE</parameter></function>
+MARKUPS = JSON_MARKUPS | {XML_MARKUP}
+
+
+def forced_call_grammar(
+    markup: str, tools: list[dict[str, Any]], name: str | None, token_id: TokenId | None = None
+) -> str:
+    import llguidance
+
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+
+    def lit(text: str) -> str:
+        tid = token_id(text) if token_id is not None else None
+        return f"<[{tid}]>" if tid is not None else json.dumps(text)
+
+    lark = _xml_call(functions, lit) if markup == XML_MARKUP else _json_call(markup, functions, lit)
+    return str(llguidance.grammar_from("lark", lark))
+
+
+def _json_call(markup: str, functions: list[dict[str, Any]], lit: Callable[[str], str]) -> str:
+    """One ``{"name": ..., "arguments": {...}}`` object in the markup around it."""
+    args_key = "parameters" if markup == "llama3_json" else "arguments"
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, args_key: f.get("parameters") or {"type": "object"}},
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    call = json.dumps(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    start = {
+        "hermes": f'start: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+        "llama3_json": "start: call",
+        "mistral": 'start: "[" call "]"',
+    }[markup]
+    return f"{start}\ncall: %json {call}\n"
+
+
+def _xml_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> str:
+    """Qwen 3.5 / Qwen3-Coder's call: one ``<parameter=KEY>`` block per argument, in schema order
+    (optional ones may be left out), each value raw text for a string, JSON otherwise."""
+    rules = [
+        f'start: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+        "call: " + " | ".join(f"f{i}" for i in range(len(functions))),
+    ]
+    for i, fn in enumerate(functions):
+        schema = fn.get("parameters") or {}
+        required = set(schema.get("required", []))
+        params = []
+        for j, (key, sub) in enumerate((schema.get("properties") or {}).items()):
+            rule = f"f{i}p{j}"
+            rules.append(
+                f'{rule}: {json.dumps(f"<parameter={key}>")} "\\n" {_xml_value(sub)} "\\n</parameter>\\n"'
+            )
+            params.append(rule if key in required else f"{rule}?")
+        head = json.dumps(f"<function={fn['name']}>")
+        rules.append(f'f{i}: {head} "\\n" {" ".join(params)} "</function>"')
+    return "\n".join(rules) + "\n"
+
+
+def _xml_value(schema: dict[str, Any]) -> str:
+    """A string argument is written raw (the reader types values by the schema); anything else is
+    JSON, constrained by its schema."""
+    options = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if options is not None and all(isinstance(o, str) for o in options):
+        return "(" + " | ".join(json.dumps(o) for o in options) + ")"
+    if schema.get("type") != "string":
+        return f"%json {json.dumps(schema)}"
+    if "pattern" in schema:  # a full match is also a match anywhere, as JSON Schema asks
+        pattern = schema["pattern"].removeprefix("^").removesuffix("$")
+        return "/" + pattern.replace("/", "\\/") + "/"
+    low, high = schema.get("minLength", 1), schema.get("maxLength")
+    # One line with no markup in it: what the reader can take back as exactly this text.
+    return f"/[^<\\n]{{{max(low, 1)},{'' if high is None else high}}}/"
