@@ -89,6 +89,10 @@ def _xml_value(schema: dict[str, Any]) -> str:
     if "pattern" in schema:  # a full match is also a match anywhere, as JSON Schema asks
         pattern = schema["pattern"].removeprefix("^").removesuffix("$")
         return "/" + pattern.replace("/", "\\/") + "/"
-    low, high = schema.get("minLength", 1), schema.get("maxLength")
-    # One line with no markup in it: what the reader can take back as exactly this text.
-    return f"/[^<\\n]{{{max(low, 1)},{'' if high is None else high}}}/"
+    low, high = max(int(schema.get("minLength", 1)), 1), schema.get("maxLength")
+    if high is not None and int(high) < 1:
+        return '""'
+    # One line with no markup in it, starting with a visible character (the reader strips the
+    # whitespace around a value): what it takes back as exactly this text.
+    more = f"{low - 1},{'' if high is None else int(high) - 1}"
+    return f"/[^<\\s][^<\\n]{{{more}}}/"
