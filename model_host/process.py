@@ -184,6 +184,17 @@ class ModelHost:
             self._published_models = loaded
 
 
+def _quiet_progress_bars() -> None:
+    """No progress bars while loading weights: they are noise in a server's log, and tqdm's
+    bar lock is a named semaphore of the spawned host, which a SIGKILL of the host would leave
+    behind in /dev/shm."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def host_main(side: HostSide, settings: HostSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -197,6 +208,7 @@ def host_main(side: HostSide, settings: HostSettings) -> None:
         pass
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
+    _quiet_progress_bars()
     host = ModelHost(side, settings)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
