@@ -60,6 +60,11 @@ def start(
     max_queue: int = typer.Option(
         256, min=0, help="Requests waiting to start, all workers together; more get 429."
     ),
+    prefix_cache_mb: int = typer.Option(
+        1024,
+        min=0,
+        help="Memory for the KV of finished requests, reused by prompts that start the same way. 0: off.",
+    ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
     from cli.start import DemoModelError, resolve_model_arg, serve
@@ -86,6 +91,7 @@ def start(
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_queue=max_queue,
+        prefix_cache_mb=prefix_cache_mb,
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
     )
     serve(config)

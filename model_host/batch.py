@@ -123,7 +123,8 @@ class DecodeBatch:
     def prefill_chunk(
         cls, model: Any, seq: Sequence, chunk_tokens: int
     ) -> tuple[DecodeBatch, torch.Tensor] | None:
-        """Advance a long prompt by one chunk; returns the batch once the whole prompt is in."""
+        """Advance a long prompt by one chunk; returns the batch once the whole prompt is in. A
+        prompt whose start was found in the prefix cache begins with that cache, part-prefilled."""
         start = seq.prefilled
         end = min(len(seq.prompt), start + chunk_tokens)
         ids = torch.tensor([seq.prompt[start:end]], device=model.device)
@@ -190,6 +191,16 @@ class DecodeBatch:
             self.attention_mask = self.attention_mask[:, lead:]
         else:
             self.cache.batch_select_indices(idx)
+
+    def row_kv(self, i: int) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Row ``i``'s tokens that are in the cache (all but the last sampled one) and their KV,
+        copied out of the batch (a view would keep the whole batch's tensors alive)."""
+        seq, n = self.seqs[i], int(self.lengths[i])
+        layers = [
+            (layer.keys[i : i + 1, :, -n:].clone(), layer.values[i : i + 1, :, -n:].clone())
+            for layer in self.cache.layers
+        ]
+        return (seq.prompt + seq.generated)[:n], layers
 
     def can_join(self, other: DecodeBatch) -> bool:
         return self.joinable and other.joinable and self.model is other.model

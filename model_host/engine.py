@@ -25,6 +25,7 @@ from model_host.ipc.messages import (
     TokenFrame,
     TokenLogprob,
 )
+from model_host.prefix_cache import PrefixCache
 from model_host.registry import LoadedModel, ModelLoadError, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class SchedulerLimits:
     max_batch_size: int = 64  # running requests, all models together
     max_batch_tokens: int = 2048  # prompt tokens prefilled per step
     max_queue: int = 256  # requests waiting to start
+    prefix_cache_bytes: int = 0  # KV of finished requests kept for prompts that start the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,11 @@ class Engine:
         self._batches: list[DecodeBatch] = []
         self._chunking: Sequence | None = None
         self.aborted_total = 0
+        self.prefix_cache = (
+            PrefixCache(self.limits.prefix_cache_bytes) if self.limits.prefix_cache_bytes else None
+        )
+        self.prompt_tokens_total = 0  # prompt tokens admitted
+        self.cached_tokens_total = 0  # of which taken from the prefix cache instead of prefilled
 
     @property
     def num_running(self) -> int:
@@ -168,6 +175,8 @@ class Engine:
             else:
                 reason = FinishReason.NONE
                 keep.append(i)
+            if reason is not FinishReason.NONE and self.prefix_cache is not None and batch.joinable:
+                self.prefix_cache.store(seq.model_path, *batch.row_kv(i))
             frame = TokenFrame(seq.key[1], (token,), reason, None, None if lp is None else (lp,))
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
@@ -205,60 +214,101 @@ class Engine:
 
     # -- admission -------------------------------------------------------------------------------
     def _admit(self, outputs: list[StepOutput]) -> list[tuple[DecodeBatch, torch.Tensor]]:
-        """Prefill what the limits allow this step. Failures become error frames in ``outputs``."""
+        """Prefill what the limits allow this step. Failures become error frames in ``outputs``.
+        New prompts are prefilled together; a prompt whose start is in the prefix cache is
+        prefilled on its own, from there."""
         if self._chunking is not None:
             return self._continue_chunking(outputs)
         budget = self.limits.max_batch_tokens
         room = self.limits.max_batch_size - self.num_running
         group: list[Sequence] = []
+        admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
         model: LoadedModel | None = None
-        while self._waiting and room > len(group):
+        while self._waiting and room > len(group) + len(admitted):
             seq = self._waiting[0]
             if model is not None and seq.model_path != model.path:
                 break  # one model per prefill; the next step takes the others
-            try:
-                candidate = self.registry.get(seq.model_path)
-            except ModelLoadError as exc:
-                self._waiting.popleft()
-                outputs.append(_error(seq, ErrorKind.MODEL_LOAD_FAILED, str(exc)))
+            candidate = self._ready(seq, outputs)
+            if candidate is None:
                 continue
-            if len(seq.prompt) >= candidate.max_context:
-                self._waiting.popleft()
-                outputs.append(
-                    _error(
-                        seq,
-                        ErrorKind.INVALID_REQUEST,
-                        f"prompt of {len(seq.prompt)} tokens does not fit the "
-                        f"model's context of {candidate.max_context}",
-                    )
-                )
-                continue
-            if seq.params.grammar and seq.matcher is None:
-                try:
-                    seq.matcher = candidate.matcher(seq.params.grammar, seq.params.stop_token_ids)
-                except Exception as exc:  # a grammar the decoder cannot build: this request's error
-                    self._waiting.popleft()
-                    outputs.append(
-                        _error(seq, ErrorKind.INVALID_REQUEST, f"cannot enforce the output format: {exc}")
-                    )
-                    continue
-            if len(seq.prompt) > budget:
-                if group:
+            todo = len(seq.prompt) - self._reuse_prefix(seq)
+            if todo > budget:
+                if group or admitted:
                     break
-                self._chunking = self._waiting.popleft()
+                self._chunking = self._take(seq)
                 return self._continue_chunking(outputs)
             model = candidate
-            group.append(self._waiting.popleft())
-            budget -= len(seq.prompt)
-        if not group:
-            return []
-        assert model is not None
+            budget -= todo
+            if seq.prefilled:
+                admitted += self._prefill_rest(model, self._take(seq), outputs)
+            else:
+                group.append(self._take(seq))
+        if group:
+            assert model is not None
+            try:
+                admitted.append(DecodeBatch.prefill(model, group))
+            except Exception as exc:
+                log.exception("prefill failed")
+                outputs += [_error(s, ErrorKind.GENERATION_FAILED, repr(exc)) for s in group]
+        return admitted
+
+    def _ready(self, seq: Sequence, outputs: list[StepOutput]) -> LoadedModel | None:
+        """The model of the first waiting request, once the request is known to be servable;
+        None when it is not (it leaves the queue with an error frame)."""
         try:
-            return [DecodeBatch.prefill(model, group)]
+            model = self.registry.get(seq.model_path)
+        except ModelLoadError as exc:
+            self._waiting.popleft()
+            outputs.append(_error(seq, ErrorKind.MODEL_LOAD_FAILED, str(exc)))
+            return None
+        if len(seq.prompt) >= model.max_context:
+            self._waiting.popleft()
+            message = (
+                f"prompt of {len(seq.prompt)} tokens does not fit the model's context of {model.max_context}"
+            )
+            outputs.append(_error(seq, ErrorKind.INVALID_REQUEST, message))
+            return None
+        if seq.params.grammar and seq.matcher is None:
+            try:
+                seq.matcher = model.matcher(seq.params.grammar, seq.params.stop_token_ids)
+            except Exception as exc:  # a grammar the decoder cannot build: this request's error
+                self._waiting.popleft()
+                outputs.append(
+                    _error(seq, ErrorKind.INVALID_REQUEST, f"cannot enforce the output format: {exc}")
+                )
+                return None
+        return model
+
+    def _take(self, seq: Sequence) -> Sequence:
+        self._waiting.popleft()
+        self.prompt_tokens_total += len(seq.prompt)
+        self.cached_tokens_total += seq.prefilled
+        return seq
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Start ``seq`` from the longest prefix of its prompt in the prefix cache; returns how
+        many prompt tokens that covers. Prompt logprobs need every position's logits: no reuse."""
+        if seq.prefilled or self.prefix_cache is None or seq.wants_prompt_logprobs:
+            return seq.prefilled
+        found = self.prefix_cache.match(seq.model_path, seq.prompt)
+        if found is not None:
+            from transformers.cache_utils import DynamicCache
+
+            seq.prefilled, layers = found
+            seq.prefill_cache = DynamicCache(ddp_cache_data=layers)  # copies: the entry stays intact
+        return seq.prefilled
+
+    def _prefill_rest(
+        self, model: LoadedModel, seq: Sequence, outputs: list[StepOutput]
+    ) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        try:
+            done = DecodeBatch.prefill_chunk(model, seq, len(seq.prompt) - seq.prefilled)
         except Exception as exc:
-            log.exception("prefill failed")
-            outputs += [_error(s, ErrorKind.GENERATION_FAILED, repr(exc)) for s in group]
+            log.exception("prefill after a cached prefix failed")
+            outputs.append(_error(seq, ErrorKind.GENERATION_FAILED, repr(exc)))
             return []
+        assert done is not None  # the whole rest fits this step
+        return [done]
 
     def _continue_chunking(self, outputs: list[StepOutput]) -> list[tuple[DecodeBatch, torch.Tensor]]:
         seq = self._chunking

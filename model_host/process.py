@@ -93,6 +93,7 @@ class ModelHost:
                 settings.max_batch_size,
                 settings.max_batch_tokens or _default_prefill_budget(self.registry.device),
                 settings.max_queue,
+                settings.prefix_cache_mb * 1024 * 1024,
             ),
         )
         self.settings = settings
@@ -178,6 +179,8 @@ class ModelHost:
         s.set(StatusField.RUNNING, self.engine.num_running)
         s.set(StatusField.WAITING, self.engine.num_waiting)
         s.set(StatusField.ABORTED_TOTAL, self.engine.aborted_total)
+        s.set(StatusField.PROMPT_TOKENS_TOTAL, self.engine.prompt_tokens_total)
+        s.set(StatusField.CACHED_TOKENS_TOTAL, self.engine.cached_tokens_total)
         loaded = self.registry.loaded()
         if loaded != self._published_models:
             s.publish_models(loaded)

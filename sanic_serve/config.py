@@ -27,6 +27,7 @@ class ServerConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 0  # 0: chosen by the host for its device
     max_queue: int = 256
+    prefix_cache_mb: int = 1024
     tool_parser: str | None = None  # None: chosen from each model's chat template
 
     def host_settings(self) -> HostSettings:
@@ -41,4 +42,5 @@ class ServerConfig:
             max_batch_size=self.max_batch_size,
             max_batch_tokens=self.max_batch_tokens,
             max_queue=self.max_queue,
+            prefix_cache_mb=self.prefix_cache_mb,
         )

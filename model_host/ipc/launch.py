@@ -22,6 +22,7 @@ class HostSettings:
     max_batch_size: int = 64  # running requests
     max_batch_tokens: int = 0  # prompt tokens prefilled per step; 0: by device (see process.py)
     max_queue: int = 256  # waiting requests, all workers together
+    prefix_cache_mb: int = 1024  # KV kept for prompts that start like earlier ones; 0: off
 
 
 def run_host(side: HostSide, settings: HostSettings) -> None:

@@ -28,6 +28,8 @@ class StatusField(enum.IntEnum):
     FAILED_TOTAL = 7
     MODELS_SEQ = 8
     MODELS_LEN = 9
+    PROMPT_TOKENS_TOTAL = 10  # prompt tokens admitted
+    CACHED_TOKENS_TOTAL = 11  # of which reused from the prefix cache, not prefilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class StatusSnapshot:
     aborted_total: int
     finished_total: int
     failed_total: int
+    prompt_tokens_total: int
+    cached_tokens_total: int
     models: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +56,8 @@ class StatusSnapshot:
             "aborted_total": self.aborted_total,
             "finished_total": self.finished_total,
             "failed_total": self.failed_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "cached_tokens_total": self.cached_tokens_total,
             "models": list(self.models),
         }
 
@@ -136,5 +142,7 @@ class HostStatus:
             aborted_total=self.get(StatusField.ABORTED_TOTAL),
             finished_total=self.get(StatusField.FINISHED_TOTAL),
             failed_total=self.get(StatusField.FAILED_TOTAL),
+            prompt_tokens_total=self.get(StatusField.PROMPT_TOKENS_TOTAL),
+            cached_tokens_total=self.get(StatusField.CACHED_TOKENS_TOTAL),
             models=self._read_models(),
         )
