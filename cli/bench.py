@@ -213,10 +213,12 @@ def run_bench(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     from rich.progress import Progress
 
     model = cfg.model or discover_model(cfg.base_url)
-    prompts = make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed, cfg.tokenizer)
     runs = []
     with Progress(console=console, transient=True) as bar:
-        for level in cfg.concurrency:
+        for i, level in enumerate(cfg.concurrency):
+            # Fresh prompts per level: a server with a prefix cache would otherwise find every
+            # prompt of the second level already computed.
+            prompts = make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed + i, cfg.tokenizer)
             task = bar.add_task(f"{cfg.label} c={level}", total=len(prompts))
             runs.append(
                 asyncio.run(

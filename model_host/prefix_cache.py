@@ -37,6 +37,9 @@ class PrefixCache:
         self.capacity_bytes = capacity_bytes
         self.min_tokens = min_tokens  # shorter matches are not worth a separate prefill pass
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
+        # Entries by model and first ``min_tokens`` tokens: a prompt is compared only with the
+        # few that could match it, however many are stored.
+        self._by_head: dict[tuple[str, tuple[int, ...]], set[int]] = {}
         self._next_key = 0
         self.nbytes = 0
 
@@ -49,16 +52,16 @@ class PrefixCache:
         if len(tokens) < self.min_tokens or nbytes > self.capacity_bytes:
             return
         ids = torch.tensor(tokens, dtype=torch.long)
-        for key, entry in list(self._entries.items()):
-            if entry.model_path != model_path:
-                continue
-            shared = _common_prefix(entry.tokens, ids)
+        head = self._head(model_path, tokens)
+        for key in list(self._by_head.get(head, ())):
+            shared = _common_prefix(self._entries[key].tokens, ids)
             if shared == len(ids):  # already covered by a longer (or the same) sequence
                 self._entries.move_to_end(key)
                 return
-            if shared == entry.tokens.shape[0]:  # the new sequence extends this one
+            if shared == self._entries[key].tokens.shape[0]:  # the new sequence extends this one
                 self._drop(key)
         self._entries[self._next_key] = _Entry(model_path, ids, layers, nbytes)
+        self._by_head.setdefault(head, set()).add(self._next_key)
         self._next_key += 1
         self.nbytes += nbytes
         while self.nbytes > self.capacity_bytes:
@@ -72,11 +75,10 @@ class PrefixCache:
             return None
         ids = torch.tensor(prompt, dtype=torch.long)
         best_key, best = None, 0
-        for key, entry in self._entries.items():
-            if entry.model_path == model_path:
-                shared = _common_prefix(entry.tokens, ids)
-                if shared > best:
-                    best_key, best = key, shared
+        for key in self._by_head.get(self._head(model_path, prompt), ()):
+            shared = _common_prefix(self._entries[key].tokens, ids)
+            if shared > best:
+                best_key, best = key, shared
         best = min(best, len(prompt) - 1)
         if best_key is None or best < self.min_tokens:
             return None
@@ -84,5 +86,14 @@ class PrefixCache:
         layers = self._entries[best_key].layers
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
+    def _head(self, model_path: str, tokens: list[int]) -> tuple[str, tuple[int, ...]]:
+        return model_path, tuple(tokens[: self.min_tokens])
+
     def _drop(self, key: int) -> None:
-        self.nbytes -= self._entries.pop(key).nbytes
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        head = self._head(entry.model_path, entry.tokens[: self.min_tokens].tolist())
+        keys = self._by_head[head]
+        keys.discard(key)
+        if not keys:
+            del self._by_head[head]
