@@ -40,6 +40,7 @@ class Sequence:
     # a chunked prefill keeps the logits of its last position, which predict the next chunk.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     chunk_tail_logits: torch.Tensor | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def wants_prompt_logprobs(self) -> bool:

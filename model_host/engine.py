@@ -177,7 +177,10 @@ class Engine:
                 keep.append(i)
             if reason is not FinishReason.NONE and self.prefix_cache is not None and batch.joinable:
                 self.prefix_cache.store(seq.model_path, *batch.row_kv(i))
-            frame = TokenFrame(seq.key[1], (token,), reason, None, None if lp is None else (lp,))
+            cached = seq.cached_tokens if len(seq.generated) == 1 else 0  # said once, first
+            frame = TokenFrame(
+                seq.key[1], (token,), reason, None, None if lp is None else (lp,), cached_tokens=cached
+            )
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
         return outputs
@@ -208,7 +211,8 @@ class Engine:
             return logits
         for seq in batch.seqs:
             if seq.params.max_new_tokens <= 0:
-                outputs.append(StepOutput(seq.key[0], TokenFrame(seq.key[1], (), FinishReason.LENGTH)))
+                frame = TokenFrame(seq.key[1], (), FinishReason.LENGTH, cached_tokens=seq.cached_tokens)
+                outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
         return logits[keep]
 
@@ -282,7 +286,7 @@ class Engine:
     def _take(self, seq: Sequence) -> Sequence:
         self._waiting.popleft()
         self.prompt_tokens_total += len(seq.prompt)
-        self.cached_tokens_total += seq.prefilled
+        self.cached_tokens_total += seq.cached_tokens
         return seq
 
     def _reuse_prefix(self, seq: Sequence) -> int:
@@ -295,6 +299,7 @@ class Engine:
             from transformers.cache_utils import DynamicCache
 
             seq.prefilled, layers = found
+            seq.cached_tokens = seq.prefilled
             seq.prefill_cache = DynamicCache(ddp_cache_data=layers)  # copies: the entry stays intact
         return seq.prefilled
 

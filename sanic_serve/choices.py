@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from model_host.ipc import HostClient, SamplingParams
 from sanic_serve.chat_output import ChoiceAssembler
@@ -42,11 +43,18 @@ def fan_out(
     return choices
 
 
-def usage(choices: Sequence[Choice], n: int = 1) -> dict[str, int]:
-    """Each prompt is counted once, however many choices share it (as OpenAI does)."""
-    prompt = sum(c.gen.prompt_tokens for c in choices if c.index % n == 0)
+def usage(choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
+    """Each prompt is counted once, however many choices share it (as OpenAI does); so are its
+    tokens that came from the prefix cache."""
+    firsts = [c for c in choices if c.index % n == 0]
+    prompt = sum(c.gen.prompt_tokens for c in firsts)
     completion = sum(c.gen.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(c.gen.cached_tokens for c in firsts)},
+    }
 
 
 async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[Choice, Delta]]:

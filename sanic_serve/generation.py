@@ -48,6 +48,7 @@ class Generation:
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the host took from its prefix cache
         self.finish_reason: FinishReasonName | None = None
         self._stop = StopMatcher(stop_strings)
         # The end-of-turn token is never text; other special tokens are dropped unless kept.
@@ -104,6 +105,7 @@ class Generation:
                     if frame.prompt:
                         self._take_prompt_frame(frame)
                         continue
+                    self.cached_tokens = max(self.cached_tokens, frame.cached_tokens)
                     self.completion_tokens += len(frame.token_ids)
                     if frame.logprobs is not None and entries is not None:
                         text += self._stop.feed(self._detok_with_logprobs(self._detok, frame, entries))

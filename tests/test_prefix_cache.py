@@ -88,8 +88,12 @@ def test_next_turn_reuses_the_conversation(server: ServerProcess, plain: ServerP
     # everything up to the first turn's reply was computed already
     assert after["cached_tokens_total"] - before["cached_tokens_total"] >= reply["usage"]["prompt_tokens"]
     assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == cached["usage"]["prompt_tokens"]
+    # the reply's usage says so, as OpenAI's does
+    details = cached["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] == after["cached_tokens_total"] - before["cached_tokens_total"]
     fresh = chat(plain, second)
     assert host(plain)["cached_tokens_total"] == 0
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert cached["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
 
 
@@ -110,6 +114,7 @@ def test_a_repeated_long_prompt_is_not_prefilled_again(server: ServerProcess, ec
         assert again["choices"][0]["text"] == prompt + first["choices"][0]["text"]
     else:
         assert reused == first["usage"]["prompt_tokens"] - 1
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == reused
         assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 

@@ -103,10 +103,10 @@ class WorkerReset:
 HostMessage = AddRequest | AbortRequest | WorkerReset
 
 # Frame header: total length, request id, finish reason, has-logprobs flag, prompt flag, token
-# count, error length. Then the token ids (i32 each), the error (JSON), and, with the flag, one
-# logprob record per token: its logprob (f32), the number of alternatives (u16), and each
-# alternative (i32, f32).
-_HEADER = struct.Struct("<IQBBBxII")
+# count, error length, prompt tokens taken from the prefix cache. Then the token ids (i32 each),
+# the error (JSON), and, with the flag, one logprob record per token: its logprob (f32), the
+# number of alternatives (u16), and each alternative (i32, f32).
+_HEADER = struct.Struct("<IQBBBxIII")
 HEADER_SIZE = _HEADER.size
 _LP_HEAD = struct.Struct("<fH")
 _LP_ALT = struct.Struct("<if")
@@ -132,6 +132,7 @@ class TokenFrame:
     error: ErrorInfo | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
     prompt: bool = False
+    cached_tokens: int = 0  # on a request's first frame: prompt tokens reused, not prefilled
 
     def encode(self) -> bytes:
         tokens = array("i", self.token_ids).tobytes()
@@ -152,12 +153,13 @@ class TokenFrame:
             self.prompt,
             len(self.token_ids),
             len(err),
+            self.cached_tokens,
         )
         return header + tokens + err + lps
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> TokenFrame:
-        total, request_id, finish, has_lp, prompt, n_tokens, n_err = _HEADER.unpack_from(raw, 0)
+        total, request_id, finish, has_lp, prompt, n_tokens, n_err, cached = _HEADER.unpack_from(raw, 0)
         tokens = array("i")
         tok_end = HEADER_SIZE + 4 * n_tokens
         tokens.frombytes(bytes(raw[HEADER_SIZE:tok_end]))
@@ -172,4 +174,4 @@ class TokenFrame:
                 at += k * _LP_ALT.size
                 records.append(TokenLogprob(value, top))
             logprobs = tuple(records)
-        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs, bool(prompt))
+        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs, bool(prompt), cached)
