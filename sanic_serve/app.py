@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import threading
 from multiprocessing import get_context
+from types import FrameType
+from typing import Any
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
@@ -30,6 +33,28 @@ log = logging.getLogger("hfserve")
 
 HOST_PROCESS_NAME = "ModelHost"
 _SUPERVISE_INTERVAL_S = 0.5
+
+
+def _stop_off_the_signal_handler(manager: Any) -> None:
+    """Sanic's worker manager stops on SIGINT/SIGTERM from inside the signal handler. The signal
+    can land while the main thread waits for a reply from the shared-state manager; the stop's own
+    state writes then go out on that same connection mid-call, and the shutdown crashes (exit 1).
+    A thread has a connection of its own: the stop runs there.
+
+    A stop before every worker has started meets a second problem: the manager's wait for the
+    workers' acknowledgements puts the stop message back and waits on, forever (a busy loop). The
+    stop ends that wait, and the manager goes on to its normal shutdown."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not manager._all_workers_ack():
+            manager._all_workers_ack = lambda: True
+        manager.shutdown_signal(signum, frame)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=stop, args=(signum, frame), name="hfserve-stop", daemon=True).start()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def worker_index() -> int:
@@ -116,6 +141,7 @@ def create_app(config: ServerConfig) -> Sanic:
             {"side": channels.host_side(), "settings": config.host_settings()},
             restartable=True,
         )
+        _stop_off_the_signal_handler(app.manager)
         app.ctx.supervisor_stop = threading.Event()
         threading.Thread(
             target=_supervise,

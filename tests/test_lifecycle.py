@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 
 MODEL = "hfserve-demo"
 SHM = Path("/dev/shm")
@@ -187,3 +188,35 @@ def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, d
             )
             assert reply.choices[0].message.content == "Hello! How can I help you today?"
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_startup_exits_cleanly(cache_dir: Path, demo_model: Path, sig: int) -> None:
+    # Stopped as soon as the first worker is up, while the host is still loading: the server
+    # stops promptly with status 0 (systemd stopping a unit that is still starting) and leaves
+    # nothing behind.
+    shm_before = shm_entries()
+    log = cache_dir / f"early-stop-{sig}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*hfserve_cmd(), "start", "--port", str(free_port()), "--workers", "2"],
+            env=server_env(cache_dir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"Worker ready" not in log.read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.02)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    time.sleep(0.5)
+    assert not [p for p in children if psutil.pid_exists(p.pid) and p.status() != "zombie"]
+    assert shm_entries() - shm_before == set()

@@ -6,7 +6,10 @@ spawned host process, so neither the main process nor the HTTP workers ever load
 
 from __future__ import annotations
 
+import signal
+import sys
 from dataclasses import dataclass
+from types import FrameType
 
 from model_host.ipc.channels import HostSide
 
@@ -26,6 +29,14 @@ class HostSettings:
 
 
 def run_host(side: HostSide, settings: HostSettings) -> None:
+    # A stop that arrives while torch is still being imported or a model loaded has nothing to
+    # save: leave quietly (host_main installs the graceful handlers once the host exists).
+    signal.signal(signal.SIGINT, _exit_quietly)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     from model_host.process import host_main
 
     host_main(side, settings)
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
