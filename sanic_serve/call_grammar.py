@@ -15,9 +15,9 @@ from typing import Any
 
 TokenId = Callable[[str], int | None]
 
-JSON_MARKUPS = frozenset({"hermes", "llama3_json", "mistral"})
+# Besides the JSON markups of the markup parsers ("hermes", "llama3_json", "mistral"):
 XML_MARKUP = "qwen3_xml"  # <function=NAME><parameter=KEY>VALUE</parameter></function>
-MARKUPS = JSON_MARKUPS | {XML_MARKUP}
+GEMMA_MARKUP = "gemma4"  # <|tool_call>call:NAME{key:<|"|>text<|"|>,n:1}<tool_call|>
 
 
 def forced_call_grammar(
@@ -31,7 +31,12 @@ def forced_call_grammar(
         tid = token_id(text) if token_id is not None else None
         return f"<[{tid}]>" if tid is not None else json.dumps(text)
 
-    lark = _xml_call(functions, lit) if markup == XML_MARKUP else _json_call(markup, functions, lit)
+    if markup == XML_MARKUP:
+        lark = _xml_call(functions, lit)
+    elif markup == GEMMA_MARKUP:
+        lark = _gemma_call(functions, lit)
+    else:
+        lark = _json_call(markup, functions, lit)
     return str(llguidance.grammar_from("lark", lark))
 
 
@@ -81,18 +86,55 @@ def _xml_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> str
 def _xml_value(schema: dict[str, Any]) -> str:
     """A string argument is written raw (the reader types values by the schema); anything else is
     JSON, constrained by its schema."""
+    text = _raw_string(schema)
+    return text if text is not None else f"%json {json.dumps(schema)}"
+
+
+def _raw_string(schema: dict[str, Any]) -> str | None:
+    """The grammar of a string argument's text, unquoted, held to the schema's ``enum``,
+    ``const``, ``pattern`` and lengths; None for an argument that is not a string."""
     options = schema.get("enum", [schema["const"]] if "const" in schema else None)
     if options is not None and all(isinstance(o, str) for o in options):
         return "(" + " | ".join(json.dumps(o) for o in options) + ")"
     if schema.get("type") != "string":
-        return f"%json {json.dumps(schema)}"
+        return None
     if "pattern" in schema:  # a full match is also a match anywhere, as JSON Schema asks
         pattern = schema["pattern"].removeprefix("^").removesuffix("$")
         return "/" + pattern.replace("/", "\\/") + "/"
     low, high = max(int(schema.get("minLength", 1)), 1), schema.get("maxLength")
     if high is not None and int(high) < 1:
         return '""'
-    # One line with no markup in it, starting with a visible character (the reader strips the
-    # whitespace around a value): what it takes back as exactly this text.
+    # One line with no markup in it, starting with a visible character (readers strip the
+    # whitespace around a value): what they take back as exactly this text.
     more = f"{low - 1},{'' if high is None else int(high) - 1}"
     return f"/[^<\\s][^<\\n]{{{more}}}/"
+
+
+def _gemma_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> str:
+    """Gemma 4's call: ``call:NAME{...}`` with bare keys, strings between ``<|"|>`` markers and
+    other values as JSON; required arguments first, then any of the optional ones, in order."""
+    quote = lit('<|"|>')
+    rules = [
+        f"start: {lit('<|tool_call>')} call {lit('<tool_call|>')}",
+        "call: " + " | ".join(f"f{i}" for i in range(len(functions))),
+    ]
+    for i, fn in enumerate(functions):
+        schema = fn.get("parameters") or {}
+        required = set(schema.get("required", []))
+        needed: list[str] = []
+        optional: list[str] = []
+        for j, (key, sub) in enumerate((schema.get("properties") or {}).items()):
+            rules.append(f"f{i}p{j}: {json.dumps(key + ':')} {_gemma_value(sub, quote)}")
+            (needed if key in required else optional).append(f"f{i}p{j}")
+        if needed:
+            body = ' "," '.join(needed) + "".join(f' ("," {p})?' for p in optional)
+        else:  # any subset of the optional ones: alternatives by the first one present
+            firsts = [p + "".join(f' ("," {q})?' for q in optional[k + 1 :]) for k, p in enumerate(optional)]
+            body = f"({' | '.join(firsts)})?" if firsts else ""
+        rules.append(f'f{i}: {json.dumps("call:" + fn["name"] + "{")} {body} "}}"')
+    return "\n".join(rules) + "\n"
+
+
+def _gemma_value(schema: dict[str, Any], quote: str) -> str:
+    text = _raw_string(schema)
+    return f"{quote} {text} {quote}" if text is not None else f"%json {json.dumps(schema)}"

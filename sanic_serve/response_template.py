@@ -16,7 +16,7 @@ from typing import Any
 from transformers.utils.chat_parsing import ResponseParser
 from transformers.utils.chat_parsing.response_templates import load_response_template
 
-from sanic_serve.call_grammar import XML_MARKUP
+from sanic_serve.call_grammar import GEMMA_MARKUP, XML_MARKUP
 from sanic_serve.tool_parsers import Parsed, ToolCall, call_from_object
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ def template_call_markup(template: dict[str, Any]) -> str | None:
     opener = str(field.get("open", field.get("open_pattern", "")))
     if field.get("content") == "xml-inline" and "<function=" in opener:
         return XML_MARKUP
+    if field.get("content") == "json" and "tool_call>call:" in opener:
+        return GEMMA_MARKUP
     if field.get("content", "text") != "json":
         return None
     if "<tool_call>" in opener:

@@ -133,7 +133,7 @@ def test_without_tools_call_markup_is_content() -> None:
 def test_forced_calls_use_the_markup_the_template_reads() -> None:
     assert template_call_markup(QWEN) == "hermes"
     assert template_call_markup(XML_CALLS) == "qwen3_xml"
-    assert template_call_markup(GEMMA) is None
+    assert template_call_markup(GEMMA) == "gemma4"
 
 
 # --- through the real server -----------------------------------------------------------------
@@ -299,15 +299,17 @@ FORECAST_TOOL: dict[str, Any] = {
 }
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "gemma4"])
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "forecast"}}])
-def test_forced_calls_in_xml_markup(
-    server: ServerProcess, demo_model: Path, tmp_path: Path, choice: Any
+def test_forced_calls_in_non_json_markup(
+    server: ServerProcess, demo_model: Path, tmp_path: Path, choice: Any, family: str
 ) -> None:
-    # Qwen 3.5's call format, which is not JSON: the grammar writes <function=...><parameter=...>
-    # blocks whose values the template's reader types back by the schema.
-    folder = tmp_path / "xml-calls"
+    # Call formats that are not JSON: Qwen 3.5's <function=...><parameter=...> blocks, Gemma 4's
+    # call:NAME{key:<|"|>text<|"|>}. The grammar writes them; the template's reader takes them back,
+    # typing values by the schema.
+    folder = tmp_path / f"{family}-calls"
     shutil.copytree(demo_model, folder)
-    with_response_template(folder, XML_CALLS)
+    with_response_template(folder, FALLBACK_TEMPLATES[family])
     reply = client(server).chat.completions.create(
         model=str(folder),
         messages=[{"role": "user", "content": "Hello!"}],
