@@ -61,18 +61,26 @@ def _json_call(markup: str, functions: list[dict[str, Any]], lit: Callable[[str]
     return f"{start}\ncall: %json {call}\n"
 
 
+def _one_of(start: str, functions: list[dict[str, Any]]) -> list[str]:
+    """The grammar's start (one call between its markers) and its choice of function: rule
+    ``f<i>`` is the call of ``functions[i]``."""
+    return [f"start: {start}", "call: " + " | ".join(f"f{i}" for i in range(len(functions)))]
+
+
+def _arguments(fn: dict[str, Any]) -> tuple[set[str], list[tuple[str, dict[str, Any]]]]:
+    """A function's required argument names and all its arguments' schemas, in schema order."""
+    schema = fn.get("parameters") or {}
+    return set(schema.get("required", [])), list((schema.get("properties") or {}).items())
+
+
 def _xml_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> str:
     """Qwen 3.5 / Qwen3-Coder's call: one ``<parameter=KEY>`` block per argument, in schema order
     (optional ones may be left out), each value raw text for a string, JSON otherwise."""
-    rules = [
-        f'start: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
-        "call: " + " | ".join(f"f{i}" for i in range(len(functions))),
-    ]
+    rules = _one_of(f'{lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}', functions)
     for i, fn in enumerate(functions):
-        schema = fn.get("parameters") or {}
-        required = set(schema.get("required", []))
+        required, properties = _arguments(fn)
         params = []
-        for j, (key, sub) in enumerate((schema.get("properties") or {}).items()):
+        for j, (key, sub) in enumerate(properties):
             rule = f"f{i}p{j}"
             rules.append(
                 f'{rule}: {json.dumps(f"<parameter={key}>")} "\\n" {_xml_value(sub)} "\\n</parameter>\\n"'
@@ -114,16 +122,12 @@ def _gemma_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> s
     """Gemma 4's call: ``call:NAME{...}`` with bare keys, strings between ``<|"|>`` markers and
     other values as JSON; required arguments first, then any of the optional ones, in order."""
     quote = lit('<|"|>')
-    rules = [
-        f"start: {lit('<|tool_call>')} call {lit('<tool_call|>')}",
-        "call: " + " | ".join(f"f{i}" for i in range(len(functions))),
-    ]
+    rules = _one_of(f"{lit('<|tool_call>')} call {lit('<tool_call|>')}", functions)
     for i, fn in enumerate(functions):
-        schema = fn.get("parameters") or {}
-        required = set(schema.get("required", []))
+        required, properties = _arguments(fn)
         needed: list[str] = []
         optional: list[str] = []
-        for j, (key, sub) in enumerate((schema.get("properties") or {}).items()):
+        for j, (key, sub) in enumerate(properties):
             rules.append(f"f{i}p{j}: {json.dumps(key + ':')} {_gemma_value(sub, quote)}")
             (needed if key in required else optional).append(f"f{i}p{j}")
         if needed:
