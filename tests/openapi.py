@@ -1,4 +1,4 @@
-"""Validate responses against OpenAI's published OpenAPI spec (``shared/reference``)."""
+"""Validate responses against OpenAI's published OpenAPI spec, vendored in ``tests/data``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonschema
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "openai-openapi.json"
 
 
 def _nullable_to_2020(node: Any) -> Any:
