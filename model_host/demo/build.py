@@ -3,11 +3,18 @@ model, and (for the demo model) a few seconds of training on :mod:`corpus`.
 
 The result is a normal Hugging Face model folder written with ``save_pretrained``; the server loads it
 through the ordinary ``from_pretrained`` path like any Hub model.
+
+The demo model itself ships inside the package (``model_host/demo/model``, 1.6 MB), built by this
+module (``python -m model_host.demo --package``), so a first start takes seconds instead of minutes of
+training. Its ``hfserve_build.json`` records a digest of the recipe (spec, corpus, template); a
+shipped copy whose digest no longer matches (the corpus was edited, the package was not rebuilt) is
+ignored and the model is trained into the cache as before.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -47,6 +54,9 @@ class ModelSpec:
 
 
 DEMO_SPEC = ModelSpec(train_steps=800)
+
+
+PACKAGED_DEMO_DIR = Path(__file__).resolve().parent / "model"
 
 
 def chat_template() -> str:
@@ -220,7 +230,7 @@ def build_model(out_dir: Path, spec: ModelSpec) -> Path:
         do_sample=False,
     )
     model.save_pretrained(out_dir)
-    info = {"spec": asdict(spec), "final_loss": loss, "toy_model": True}
+    info = {"spec": asdict(spec), "final_loss": loss, "toy_model": True, "recipe_sha256": recipe_digest(spec)}
     (out_dir / "hfserve_build.json").write_text(json.dumps(info, indent=2))
     return out_dir
 
@@ -247,5 +257,35 @@ def ensure_model(spec: ModelSpec, name: str, cache_dir: Path | None = None) -> P
     return target
 
 
+def recipe_digest(spec: ModelSpec) -> str:
+    """What the weights are a function of: the spec, every training example, the template."""
+    recipe = {"spec": asdict(spec), "examples": _examples(), "template": chat_template()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def packaged_demo_model() -> Path | None:
+    """The demo model shipped with the package, when it was built from today's recipe."""
+    info_path = PACKAGED_DEMO_DIR / "hfserve_build.json"
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("recipe_sha256") != recipe_digest(DEMO_SPEC):
+        log.warning("the packaged demo model is out of date (recipe changed); training one instead")
+        return None
+    return PACKAGED_DEMO_DIR
+
+
+def build_packaged_demo_model() -> Path:
+    """Train the demo model into the package folder (run after changing the corpus or recipe)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=PACKAGED_DEMO_DIR.parent))
+    try:
+        build_model(tmp, DEMO_SPEC)
+        shutil.rmtree(PACKAGED_DEMO_DIR, ignore_errors=True)
+        os.replace(tmp, PACKAGED_DEMO_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PACKAGED_DEMO_DIR
+
+
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
-    return ensure_model(DEMO_SPEC, DEMO_MODEL_NAME, cache_dir)
+    return packaged_demo_model() or ensure_model(DEMO_SPEC, DEMO_MODEL_NAME, cache_dir)
