@@ -113,6 +113,23 @@ class Engine:
             keys.append(self._chunking.key)
         return sum(self.abort(k) for k in keys if k[0] == worker_index)
 
+    def unload_idle_models(self, keep: tuple[str, ...]) -> list[str]:
+        """Unload every loaded model but those in ``keep`` and those with requests waiting or
+        running (their batches and sequences hold the model); their prefix-cache entries go too.
+        Returns the paths unloaded."""
+        busy = {s.model_path for s in self._waiting} | {b.model.path for b in self._batches}
+        if self._chunking is not None:
+            busy.add(self._chunking.model_path)
+        unloaded = []
+        for path in self.registry.loaded():
+            if path in keep or path in busy:
+                continue
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop_model(path)
+            self.registry.unload(path)
+            unloaded.append(path)
+        return unloaded
+
     def _count_abort(self) -> bool:
         self.aborted_total += 1
         return True

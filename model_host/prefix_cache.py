@@ -86,6 +86,13 @@ class PrefixCache:
         layers = self._entries[best_key].layers
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
+    def drop_model(self, model_path: str) -> int:
+        """Forget every entry of a model (it is being unloaded); returns how many there were."""
+        keys = [key for key, entry in self._entries.items() if entry.model_path == model_path]
+        for key in keys:
+            self._drop(key)
+        return len(keys)
+
     def _head(self, model_path: str, tokens: list[int]) -> tuple[str, tuple[int, ...]]:
         return model_path, tuple(tokens[: self.min_tokens])
 

@@ -30,6 +30,7 @@ from model_host.ipc.messages import (
     ErrorKind,
     FinishReason,
     TokenFrame,
+    UnloadModels,
     WorkerReset,
 )
 from model_host.ipc.ring import RingBuffer
@@ -163,6 +164,13 @@ class ModelHost:
             dropped = self.engine.abort_worker(msg.worker_index)
             if dropped:
                 log.warning("worker %d restarted: aborted %d orphaned requests", msg.worker_index, dropped)
+        elif isinstance(msg, UnloadModels):
+            unloaded = self.engine.unload_idle_models(keep=self.settings.preload)
+            log.info("unloaded %d model(s) on request: %s", len(unloaded), ", ".join(unloaded) or "none")
+            # Published before the answer goes out, so the worker that asked (and /health, /v1/models
+            # everywhere) no longer lists them once it has the answer.
+            self._publish_status()
+            self.outboxes[msg.worker_index].put(TokenFrame(msg.request_id, (), FinishReason.STOP))
         else:
             log.error("ignoring unknown message %r", type(msg).__name__)
 

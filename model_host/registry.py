@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import time
@@ -23,10 +24,22 @@ class ModelLoadError(RuntimeError):
     """The model folder exists but could not be loaded (bad weights, unsupported architecture)."""
 
 
+class DeviceError(RuntimeError):
+    """The device asked for does not exist here or this build of torch cannot use it."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r}") from exc
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise DeviceError(f"device {name!r} is not usable by this build of torch ({torch.__version__})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name!r} is not available")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -100,6 +113,22 @@ class ModelRegistry:
     def get(self, path: str) -> LoadedModel:
         found = self._models.get(path)
         return found if found is not None else self._load(path)
+
+    def unload(self, path: str) -> bool:
+        """Forget a loaded model and give its memory back. The caller makes sure nothing still
+        uses it (no request in flight, no batch holding it)."""
+        loaded = self._models.pop(path, None)
+        if loaded is None:
+            return False
+        del loaded
+        # Layers reference each other (modules, tied weights, hooks): a collection frees them now
+        # rather than at some later allocation, and the CUDA allocator can then hand the blocks
+        # back to the device.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("unloaded %s", path)
+        return True
 
     def _load(self, path: str) -> LoadedModel:
         from transformers import AutoModelForCausalLM

@@ -11,6 +11,7 @@ from model_host.ipc.messages import (
     MessageKind,
     SamplingParams,
     TokenFrame,
+    UnloadModels,
 )
 from model_host.ipc.ring import FrameTooLarge, RingBuffer
 
@@ -29,6 +30,7 @@ __all__ = [
     "RingBuffer",
     "SamplingParams",
     "TokenFrame",
+    "UnloadModels",
     "WorkerSide",
     "create_channels",
 ]

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from model_host.ipc.channels import WorkerSide
@@ -27,6 +28,7 @@ from model_host.ipc.messages import (
     HostMessage,
     SamplingParams,
     TokenFrame,
+    UnloadModels,
     WorkerReset,
 )
 from model_host.ipc.ring import RingBuffer
@@ -107,6 +109,19 @@ class HostClient:
     def submit(self, model_path: str, prompt_token_ids: list[int], sampling: SamplingParams) -> RequestStream:
         """Register a request and queue its message; returns at once. Synchronous on purpose: a
         caller cancelled mid-await could otherwise leave a request running that nobody aborts."""
+        return self._open(
+            lambda rid, epoch: AddRequest(
+                rid, self.worker_index, epoch, model_path, tuple(prompt_token_ids), sampling
+            )
+        )
+
+    def unload_models(self) -> RequestStream:
+        """Ask the host to unload every model it may (see ``UnloadModels``); the stream finishes
+        when it has."""
+        return self._open(lambda rid, _epoch: UnloadModels(rid, self.worker_index))
+
+    def _open(self, message: Callable[[int, int], AddRequest | UnloadModels]) -> RequestStream:
+        """A new stream, and its message (built from the request id and epoch) on its way."""
         rid = next(self._ids)
         epoch = self.status.get(StatusField.EPOCH)
         stream = RequestStream(rid, epoch)
@@ -114,8 +129,7 @@ class HostClient:
         if not self.host_alive():
             self._fail(rid, ErrorKind.ENGINE_DEAD, "the model host is not running")
             return stream
-        msg = AddRequest(rid, self.worker_index, epoch, model_path, tuple(prompt_token_ids), sampling)
-        self._send_soon(msg)
+        self._send_soon(message(rid, epoch))
         return stream
 
     def abort(self, stream: RequestStream) -> None:
@@ -143,7 +157,7 @@ class HostClient:
         try:
             await self._loop.run_in_executor(self._sender, self._writer.send_bytes, payload)
         except (OSError, RuntimeError) as exc:  # pipe closed or executor shut down
-            if isinstance(msg, AddRequest):
+            if isinstance(msg, AddRequest | UnloadModels):
                 self._fail(msg.request_id, ErrorKind.ENGINE_DEAD, f"cannot reach host: {exc}")
 
     # -- frames ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class MessageKind(enum.IntEnum):
     ADD = 1
     ABORT = 2
     WORKER_RESET = 3
+    UNLOAD_MODELS = 4
 
 
 class FinishReason(enum.IntEnum):
@@ -100,7 +101,18 @@ class WorkerReset:
     kind: MessageKind = field(default=MessageKind.WORKER_RESET, init=False)
 
 
-HostMessage = AddRequest | AbortRequest | WorkerReset
+@dataclass(frozen=True, slots=True)
+class UnloadModels:
+    """Unload every model except the preloaded (default or pinned) one and those with requests
+    waiting or running. The host answers, once done, with a frame for ``request_id`` that finishes
+    with ``STOP``: the worker waits on it like on a request."""
+
+    request_id: int
+    worker_index: int
+    kind: MessageKind = field(default=MessageKind.UNLOAD_MODELS, init=False)
+
+
+HostMessage = AddRequest | AbortRequest | WorkerReset | UnloadModels
 
 # Frame header: total length, request id, finish reason, has-logprobs flag, prompt flag, token
 # count, error length, prompt tokens taken from the prefix cache. Then the token ids (i32 each),
