@@ -28,6 +28,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # each choice is a full generation in the batch
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
+MAX_TOP_K = 2**31 - 1
 
 
 class StreamOptions(BaseModel):
@@ -76,7 +77,9 @@ class GenerationFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # Common extensions (vLLM, llama.cpp, TGI).
-    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: off
+    # 0 or -1: off. The host holds k in an int64 tensor; any k past the vocabulary is "off" anyway,
+    # so a bound keeps a huge one a 400 rather than an overflow in the model host.
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     # Extension (as in vLLM): keep generating past end-of-sequence tokens, for benchmarks.
