@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 from enum import StrEnum
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import typer
@@ -26,15 +28,30 @@ class ToolParserName(StrEnum):
     mistral = "mistral"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"hfserve {version('hfserve')}")
+        except PackageNotFoundError:
+            typer.echo("hfserve (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """hfserve: an OpenAI-compatible server for Hugging Face transformers models."""
 
 
 @app.command()
 def start(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     workers: int = typer.Option(1, min=1, max=64, help="HTTP worker processes."),
     model: str | None = typer.Option(
         None, help="Hub id or local folder to preload and pin (default: the built-in demo model)."
@@ -65,17 +82,26 @@ def start(
         min=0,
         help="Memory for the KV of finished requests, reused by prompts that start the same way. 0: off.",
     ),
+    request_timeout_s: float = typer.Option(
+        60.0,
+        min=0.1,
+        help="Seconds a request's headers, then its body, may take to arrive; slower clients get 408.",
+    ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
-    from cli.start import DemoModelError, resolve_model_arg, serve
+    from cli.preflight import ConfigError, check_device, check_port
+    from cli.start import resolve_model_arg, serve
     from sanic_serve.config import ServerConfig
 
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
+        check_port(host, port)
+        check_device(device)
         model_id, model_path, pinned = resolve_model_arg(model)
-    except DemoModelError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    except ConfigError as exc:
+        _fail(str(exc))
     config = ServerConfig(
         host=host,
         port=port,
@@ -92,9 +118,10 @@ def start(
         max_batch_tokens=max_batch_tokens,
         max_queue=max_queue,
         prefix_cache_mb=prefix_cache_mb,
+        request_timeout_s=request_timeout_s,
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
     )
-    serve(config)
+    raise typer.Exit(serve(config))
 
 
 @app.command()
@@ -123,6 +150,13 @@ def bench(
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
     except ValueError as exc:
         raise typer.BadParameter("--concurrency takes integers, e.g. 1,8,32") from exc
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("--concurrency takes positive integers, e.g. 1,8,32")
+    if plot is not None:
+        try:  # checked before the run, not after minutes of load
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install 'hfserve[bench]'")
     console = Console()
     cfg = BenchConfig(
         base_url,
@@ -189,5 +223,30 @@ def chat(
     raise typer.Exit(run_interactive(session, save_dir, mcp_config, not yes, max_tool_rounds))
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit 1: what the user must change, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def run() -> None:
+    """The console script: usage errors (a bad option, a value out of range) are one line and exit 1
+    too, instead of a boxed usage text and exit 2."""
+    # typer bundles its own click: its exception types are reached through the public ones.
+    usage_error: type[Exception] = typer.BadParameter.__mro__[1]
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see hfserve {ctx.info_name} --help)" if ctx is not None and ctx.parent else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+        sys.exit(1)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -12,6 +13,7 @@ from pathlib import Path
 from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
+from cli.preflight import ConfigError, check_model_folder
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
 
@@ -20,12 +22,19 @@ log = logging.getLogger("hfserve")
 DEMO_MODEL_ID = "hfserve-demo"
 
 
-class DemoModelError(RuntimeError):
+class DemoModelError(ConfigError):
     pass
 
 
 def build_demo_model(cache_dir: Path | None = None) -> Path:
-    """Build or find the demo model in a child process, keeping torch out of the main process."""
+    """The demo model: the copy shipped in the package, or (when that copy is stale) one trained
+    in a child process, keeping torch out of the main process."""
+    from model_host.demo.build import packaged_demo_model
+
+    shipped = packaged_demo_model()
+    if shipped is not None:
+        return shipped
+    log.warning("training the demo model (once; it is cached afterwards)...")
     cmd = [sys.executable, "-m", "model_host.demo"] + ([str(cache_dir)] if cache_dir else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -33,7 +42,8 @@ def build_demo_model(cache_dir: Path | None = None) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def serve(config: ServerConfig) -> None:
+def serve(config: ServerConfig) -> int:
+    """Run until stopped; returns the exit code (1 when the model host could not start)."""
     loader = AppLoader(factory=partial(create_app, config))
     app = loader.load()
     app.prepare(
@@ -44,7 +54,13 @@ def serve(config: ServerConfig) -> None:
         motd=False,
         single_process=False,
     )
+    # Sanic's shared-state manager process is started first thing in serve() and inherits ignored
+    # signals: a SIGTERM sent to the whole process group (systemd's default, `timeout`, `kill -- -PGID`)
+    # must not kill it under the main process, which needs it to shut down cleanly. (It ignores
+    # SIGINT by itself.) The main process gets its own handlers back once every process is set up.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Sanic.serve(primary=app, app_loader=loader)
+    return int(getattr(app.ctx, "exit_code", 0))
 
 
 def resolve_model_arg(model: str | None) -> tuple[str, str, bool]:
@@ -59,10 +75,15 @@ def resolve_model_arg(model: str | None) -> tuple[str, str, bool]:
         )
         return DEMO_MODEL_ID, str(path), False
     if os.path.isdir(model):
+        check_model_folder(Path(model))
         return model, str(Path(model).resolve()), True
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model folder {model} does not exist")
     from sanic_serve.models import ModelNotFound, _locate
 
     try:
-        return model, str(_locate(model)), True
+        folder = _locate(model)
     except ModelNotFound as exc:
         raise DemoModelError(f"model {model!r} not found locally or on the Hub") from exc
+    check_model_folder(folder, weights=False)  # the host downloads the weights
+    return model, str(folder), True

@@ -12,6 +12,7 @@ import logging
 import pickle
 import selectors
 import signal
+import sys
 import threading
 from collections import deque
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ import torch
 from model_host.engine import Engine, SchedulerLimits, StepOutput
 from model_host.ipc.channels import HostSide
 from model_host.ipc.doorbell import Doorbell
-from model_host.ipc.launch import HostSettings
+from model_host.ipc.launch import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.messages import (
     AbortRequest,
     AddRequest,
@@ -35,7 +36,7 @@ from model_host.ipc.messages import (
 )
 from model_host.ipc.ring import RingBuffer
 from model_host.ipc.status import HostStatus, StatusField
-from model_host.registry import ModelRegistry
+from model_host.registry import DeviceError, ModelLoadError, ModelRegistry
 
 log = logging.getLogger("hfserve.host")
 
@@ -102,13 +103,18 @@ class ModelHost:
         self._published_models: tuple[str, ...] = ()
         self.stopping = threading.Event()
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Take a new epoch and load the preloaded models; raises ``ModelLoadError`` when one
+        cannot be loaded."""
         self.epoch = self.status.start_epoch()
         threading.Thread(target=self._heartbeat, name="hfserve-heartbeat", daemon=True).start()
         for path in self.settings.preload:
             self.registry.get(path)
         self._publish_status()
+        self.status.set(StatusField.READY, 1)
         log.info("model host ready (epoch %d, device %s)", self.epoch, self.registry.device)
+
+    def run(self) -> None:
         while not self.stopping.is_set():
             self._receive()
             if self.engine.has_work():
@@ -121,9 +127,9 @@ class ModelHost:
     def _step(self) -> list[StepOutput]:
         try:
             return self.engine.step()
-        except Exception as exc:  # a bug must cost the requests in flight, not the host
+        except Exception:  # a bug must cost the requests in flight, not the host
             log.exception("engine step failed; failing every request in flight")
-            return self.engine.fail_all(f"internal error in the generation step: {exc!r}")
+            return self.engine.fail_all("internal error in the generation step")
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(_HEARTBEAT_INTERVAL_S):
@@ -220,7 +226,14 @@ def host_main(side: HostSide, settings: HostSettings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     _quiet_progress_bars()
-    host = ModelHost(side, settings)
+    try:
+        host = ModelHost(side, settings)
+        host.start()
+    except (DeviceError, ModelLoadError) as exc:
+        # A setting the host cannot start with: restarting would fail the same way. One line,
+        # and the exit status that tells the server to stop instead of restarting the host.
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        sys.exit(HOST_CONFIG_ERROR_EXIT)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: stopping after this step", signal.Signals(signum).name)

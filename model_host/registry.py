@@ -35,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise DeviceError(f"unknown device {name!r}") from exc
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
         raise DeviceError(f"device {name!r} is not usable by this build of torch ({torch.__version__})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {name!r} is not available")

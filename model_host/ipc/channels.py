@@ -39,6 +39,9 @@ class Channels:
     def num_workers(self) -> int:
         return len(self.rings)
 
+    def status(self) -> HostStatus:
+        return HostStatus(self.status_fields, self.status_models)
+
     def host_side(self) -> HostSide:
         return HostSide(
             self.request_readers,

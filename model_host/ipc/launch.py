@@ -13,6 +13,10 @@ from types import FrameType
 
 from model_host.ipc.channels import HostSide
 
+# The host's exit status for a setting it cannot start with (a model that does not load, a device
+# this torch cannot use): the server reports it and exits 1 instead of restarting the host forever.
+HOST_CONFIG_ERROR_EXIT = 78  # EX_CONFIG in sysexits.h
+
 
 @dataclass(frozen=True)
 class HostSettings:

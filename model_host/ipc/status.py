@@ -30,6 +30,7 @@ class StatusField(enum.IntEnum):
     MODELS_LEN = 9
     PROMPT_TOKENS_TOTAL = 10  # prompt tokens admitted
     CACHED_TOKENS_TOTAL = 11  # of which reused from the prefix cache, not prefilled
+    READY = 12  # 1 once the host has loaded its preloaded models and takes requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class StatusSnapshot:
     prompt_tokens_total: int
     cached_tokens_total: int
     models: tuple[str, ...]
+    ready: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class StatusSnapshot:
             "prompt_tokens_total": self.prompt_tokens_total,
             "cached_tokens_total": self.cached_tokens_total,
             "models": list(self.models),
+            "ready": self.ready,
         }
 
 
@@ -89,7 +92,7 @@ class HostStatus:
     def start_epoch(self) -> int:
         self._fields[StatusField.PID] = os.getpid()
         self._fields[StatusField.EPOCH] += 1
-        for f in (StatusField.RUNNING, StatusField.WAITING):
+        for f in (StatusField.RUNNING, StatusField.WAITING, StatusField.READY):
             self._fields[f] = 0
         self.publish_models(())
         self.beat()
@@ -145,4 +148,5 @@ class HostStatus:
             prompt_tokens_total=self.get(StatusField.PROMPT_TOKENS_TOTAL),
             cached_tokens_total=self.get(StatusField.CACHED_TOKENS_TOTAL),
             models=self._read_models(),
+            ready=bool(self.get(StatusField.READY)),
         )

@@ -1,4 +1,4 @@
-"""``GET /health``: 200 while the model host is alive and answering, 503 otherwise."""
+"""``GET /health``: 200 while the model host is alive and ready to serve, 503 while it loads or is down."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ bp = Blueprint("health")
 @bp.get("/health")
 async def health(request: Request) -> HTTPResponse:
     client: HostClient = request.app.ctx.client
+    snapshot = client.status.snapshot()
     alive = client.host_alive()
+    # 200 only when requests can be served: the host is alive and has loaded its models.
+    ready = alive and snapshot.ready
     body = {
-        "status": "ok" if alive else "unavailable",
+        "status": "ok" if ready else "loading" if alive else "unavailable",
         "worker": {"index": client.worker_index, "open_requests": client.open_requests},
-        "host": client.status.snapshot().to_dict(),
+        "host": snapshot.to_dict(),
     }
-    return json(body, status=200 if alive else 503, dumps=orjson.dumps)
+    return json(body, status=200 if ready else 503, dumps=orjson.dumps)
