@@ -27,7 +27,7 @@ from model_host.ipc.launch import run_host
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, error_body, error_response
 from sanic_serve.models import ModelResolver
-from sanic_serve.routes import chat, completions, health, models
+from sanic_serve.routes import chat, completions, health, loading, models
 
 log = logging.getLogger("hfserve")
 
@@ -122,7 +122,7 @@ def create_app(config: ServerConfig) -> Sanic:
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
     app.ctx.config = config
-    for bp in (chat.bp, completions.bp, models.bp, health.bp):
+    for bp in (chat.bp, completions.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
 
     @app.main_process_start

@@ -21,6 +21,7 @@ from sanic_serve.chat_types import (
     ToolDefinition,
 )
 from sanic_serve.errors import InvalidRequest
+from sanic_serve.generation_config import apply_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class GenerationFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     # Extension (as in vLLM): keep generating past end-of-sequence tokens, for benchmarks.
     ignore_eos: bool = False
+    # Extension (as in transformers serve): GenerationConfig fields, see sanic_serve.generation_config.
+    generation_config: str | dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -259,6 +262,7 @@ def parse_request(model: type[RequestT], body: Any, unsupported: dict[str, tuple
         elif name not in NO_OP_FIELDS and name not in _warned_extras:
             _warned_extras.add(name)
             log.warning("ignoring unknown request field %r", name)
+    apply_generation_config(req)
     return req
 
 

@@ -11,6 +11,7 @@ from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, Overloaded
+from sanic_serve.generation_config import adjust_sampling
 from sanic_serve.models import ModelBundle, ModelResolver
 from sanic_serve.protocol import GenerationFields
 
@@ -59,7 +60,7 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         raise InvalidRequest(
             f"logit_bias names a token id outside the vocabulary of {vocab}.", param="logit_bias"
         )
-    return SamplingParams(
+    params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=req.temperature if req.temperature is not None else bundle.default_temperature,
         top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
@@ -75,3 +76,4 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         grammar=output_grammar(req),
         stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
     )
+    return adjust_sampling(req, bundle, params)
