@@ -21,7 +21,10 @@ class ServerConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     log_level: str = "INFO"
-    max_request_bytes: int = 16 * 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024  # the body limit of the generation routes
+    # How long a request's headers, and then its body, may take to arrive: a slow or stalled
+    # client gets a 408 (responses, streamed or not, have no such limit).
+    request_timeout_s: float = 60.0
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     torch_threads: int = 0
     max_batch_size: int = 64
