@@ -61,6 +61,8 @@ def pooling_modes(config: dict[str, Any]) -> tuple[str, ...]:
         modes = modes or ("mean",)
     else:
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if not modes:
+        raise EmbeddingLoadError("The Pooling config names no pooling mode.")
     for m in modes:
         if m not in POOLING_MODES:
             raise EmbeddingLoadError(

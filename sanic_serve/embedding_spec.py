@@ -28,6 +28,7 @@ _LEGACY_POOLING_FLAGS = (
     "pooling_mode_weightedmean_tokens",
     "pooling_mode_lasttoken",
 )
+_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _CARD_LOSS_JSON = re.compile(r"MatryoshkaLoss.*?```json\s*(\{.*?\})\s*```", re.DOTALL)
 
 
@@ -67,7 +68,13 @@ def _modules(folder: Path) -> list[tuple[str, Path | None]]:
         raise EmbeddingSpecError("modules.json is not readable JSON") from exc
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise EmbeddingSpecError("modules.json must be a list of modules")
-    return [(str(e.get("type", "")).rsplit(".", 1)[-1], folder / str(e.get("path", ""))) for e in entries]
+    return [(_kind(str(e.get("type", ""))), folder / str(e.get("path", ""))) for e in entries]
+
+
+def _kind(type_name: str) -> str:
+    """``Pooling`` for any sentence-transformers spelling of it; other packages' modules keep their
+    full name, which no check below accepts (the host cannot run them)."""
+    return type_name.rsplit(".", 1)[-1] if type_name.startswith("sentence_transformers.") else type_name
 
 
 def _pooled_width(pooling: dict[str, Any], hidden: int) -> int:
@@ -75,7 +82,10 @@ def _pooled_width(pooling: dict[str, Any], hidden: int) -> int:
     if mode is None:
         count = sum(1 for key in _LEGACY_POOLING_FLAGS if pooling.get(key, False)) or 1
     else:
-        count = 1 if isinstance(mode, str) else len(mode)
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        if not modes or any(m not in _POOLING_MODES for m in modes):
+            raise EmbeddingSpecError(f"unsupported pooling mode {mode!r}")
+        count = len(modes)
     width = pooling.get("embedding_dimension") or pooling.get("word_embedding_dimension") or hidden
     return int(width) * count
 
@@ -143,6 +153,10 @@ def read_embedding_spec(folder: Path) -> EmbeddingSpec:
     if dimensions <= 0:
         raise EmbeddingSpecError("the output width is unknown (no hidden_size)")
     sbert = _read_json(transformer_dir / "sentence_bert_config.json")
+    if sbert.get("transformer_task", "feature-extraction") != "feature-extraction":
+        raise EmbeddingSpecError(
+            f"transformer_task {sbert['transformer_task']!r} is not a sentence embedding"
+        )
     side = _read_json(transformer_dir / "tokenizer_config.json").get("truncation_side", "right")
     return EmbeddingSpec(
         max_tokens=_max_tokens(transformer_dir, text_config),

