@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from model_host.ipc import SamplingParams
 from sanic_serve.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -188,7 +186,7 @@ def parse_generation_config(raw: str | dict[str, Any]) -> dict[str, Any]:
 
 def apply_generation_config(req: GenerationFields) -> None:
     """Fold the request's ``generation_config`` into its own fields (those it did not set itself).
-    Leaves the parsed config in ``req.generation_config`` for :func:`adjust_sampling`."""
+    Leaves the parsed config in ``req.generation_config`` for what needs the model (below)."""
     if req.generation_config is None:
         return
     config = parse_generation_config(req.generation_config)
@@ -223,18 +221,30 @@ def apply_generation_config(req: GenerationFields) -> None:
         req.temperature = 0.0  # greedy, whatever the temperature (see the module's note)
 
 
-def adjust_sampling(req: GenerationFields, bundle: ModelBundle, params: SamplingParams) -> SamplingParams:
-    """What of the config needs the model: sampling asked of a model that decodes greedily by
-    default, and end-of-sequence ids (which replace the model's, as in transformers)."""
-    config = req.generation_config
-    if not isinstance(config, dict):
-        return params
-    if config.get("do_sample") is True and req.temperature is None and params.temperature == 0.0:
-        params = replace(params, temperature=1.0)  # transformers' default temperature
-    eos = config.get("eos_token_id")
-    if eos is not None and not req.ignore_eos:
-        vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
-        if any(t >= vocab for t in eos):
-            raise _refuse("eos_token_id", f"token ids must be below the vocabulary size of {vocab}.")
-        params = replace(params, stop_token_ids=tuple(eos))
-    return params
+def config_temperature(req: GenerationFields, bundle: ModelBundle) -> float:
+    """The request's temperature, else the model's default; but ``do_sample: true`` asked of a
+    model that decodes greedily by default samples at transformers' default temperature, 1."""
+    if req.temperature is not None:
+        return req.temperature
+    if bundle.default_temperature == 0.0 and _config(req).get("do_sample") is True:
+        return 1.0
+    return bundle.default_temperature
+
+
+def config_stop_token_ids(req: GenerationFields, bundle: ModelBundle) -> tuple[int, ...]:
+    """The model's end-of-sequence ids, or the config's ``eos_token_id``, which replace them (as in
+    transformers); none with ``ignore_eos``."""
+    if req.ignore_eos:
+        return ()
+    eos = _config(req).get("eos_token_id")
+    if eos is None:
+        return bundle.stop_token_ids
+    vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
+    if any(t >= vocab for t in eos):
+        raise _refuse("eos_token_id", f"token ids must be below the vocabulary size of {vocab}.")
+    return tuple(eos)
+
+
+def _config(req: GenerationFields) -> dict[str, Any]:
+    """The config as :func:`apply_generation_config` left it (parsed), or an empty one."""
+    return req.generation_config if isinstance(req.generation_config, dict) else {}

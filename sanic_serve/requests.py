@@ -11,7 +11,7 @@ from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, Overloaded
-from sanic_serve.generation_config import adjust_sampling
+from sanic_serve.generation_config import config_stop_token_ids, config_temperature
 from sanic_serve.models import ModelBundle, ModelResolver
 from sanic_serve.protocol import GenerationFields
 
@@ -60,9 +60,9 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         raise InvalidRequest(
             f"logit_bias names a token id outside the vocabulary of {vocab}.", param="logit_bias"
         )
-    params = SamplingParams(
+    return SamplingParams(
         max_new_tokens=max_new_tokens,
-        temperature=req.temperature if req.temperature is not None else bundle.default_temperature,
+        temperature=config_temperature(req, bundle),
         top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
         top_k=max(req.top_k or 0, 0),
         min_p=req.min_p or 0.0,
@@ -74,6 +74,5 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         logprobs=req.logprob_count(),
         prompt_logprobs=req.prompt_logprob_count(),
         grammar=output_grammar(req),
-        stop_token_ids=() if req.ignore_eos else bundle.stop_token_ids,
+        stop_token_ids=config_stop_token_ids(req, bundle),
     )
-    return adjust_sampling(req, bundle, params)

@@ -13,12 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from model_host.engine import Engine
-from model_host.ipc import AddRequest, SamplingParams
 from model_host.prefix_cache import PrefixCache
 from model_host.registry import ModelRegistry
 from sanic_serve.errors import APIError
-from sanic_serve.generation_config import adjust_sampling
+from sanic_serve.generation_config import config_stop_token_ids, config_temperature
 from sanic_serve.protocol import parse_chat_request, parse_completion_request
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -75,24 +73,32 @@ def test_bad_fields_are_named(config: dict[str, Any], param: str) -> None:
     assert info.value.status == 400 and info.value.param == param
 
 
-def fake_bundle(vocab: int = 100) -> Any:
-    return SimpleNamespace(tokenizer=SimpleNamespace(get_vocab_size=lambda with_added_tokens: vocab))
+def fake_bundle(default_temperature: float = 0.0, vocab: int = 100) -> Any:
+    tokenizer = SimpleNamespace(get_vocab_size=lambda with_added_tokens: vocab)
+    return SimpleNamespace(default_temperature=default_temperature, stop_token_ids=(2,), tokenizer=tokenizer)
 
 
-def test_sampling_asked_of_a_greedy_model_and_eos_ids() -> None:
-    greedy_default = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=(2,))
-    req = chat(generation_config={"do_sample": True, "eos_token_id": [7, 8]})
-    params = adjust_sampling(req, fake_bundle(), greedy_default)
-    assert params.temperature == 1.0 and params.stop_token_ids == (7, 8)
-    # A model that samples by default keeps its own temperature.
-    sampled_default = SamplingParams(max_new_tokens=5, temperature=0.6)
-    assert adjust_sampling(chat(generation_config={"do_sample": True}), fake_bundle(), sampled_default) == (
-        sampled_default
+def test_sampling_asked_of_a_greedy_model() -> None:
+    sample = chat(generation_config={"do_sample": True})
+    assert config_temperature(sample, fake_bundle(0.0)) == 1.0  # transformers' default
+    assert config_temperature(sample, fake_bundle(0.6)) == 0.6  # a sampling model keeps its own
+    assert config_temperature(chat(generation_config={"max_new_tokens": 3}), fake_bundle(0.0)) == 0.0
+    assert (
+        config_temperature(chat(temperature=0.3, generation_config={"do_sample": True}), fake_bundle()) == 0.3
     )
-    with pytest.raises(APIError):
-        adjust_sampling(chat(generation_config={"eos_token_id": 100}), fake_bundle(100), greedy_default)
-    ignoring = chat(ignore_eos=True, generation_config={"eos_token_id": 7})
-    assert adjust_sampling(ignoring, fake_bundle(), SamplingParams(max_new_tokens=5)).stop_token_ids == ()
+
+
+def test_eos_token_id_replaces_the_models_end_tokens() -> None:
+    assert config_stop_token_ids(chat(generation_config={"eos_token_id": [7, 8]}), fake_bundle()) == (7, 8)
+    assert config_stop_token_ids(chat(generation_config={"eos_token_id": 9}), fake_bundle()) == (9,)
+    assert config_stop_token_ids(chat(), fake_bundle()) == (2,)
+    assert (
+        config_stop_token_ids(chat(ignore_eos=True, generation_config={"eos_token_id": 7}), fake_bundle())
+        == ()
+    )
+    with pytest.raises(APIError) as info:
+        config_stop_token_ids(chat(generation_config={"eos_token_id": 100}), fake_bundle(vocab=100))
+    assert info.value.param == "generation_config.eos_token_id"
 
 
 # -- unloading in the model host ---------------------------------------------------------------
@@ -108,18 +114,16 @@ def test_prefix_cache_drops_one_models_entries() -> None:
     assert cache.nbytes == sum(k.numel() * 4 + v.numel() * 4 for k, v in layers)
 
 
-def test_engine_unloads_idle_models_and_frees_them(demo_model: Path, tmp_path: Path) -> None:
+def test_registry_unload_frees_the_model(demo_model: Path, tmp_path: Path) -> None:
+    # Which models may go (not the preloaded one, none with requests in flight) is tested end to
+    # end in test_transformers_chat.py; here: an unloaded model is really let go of.
     other = tmp_path / "other"
     shutil.copytree(demo_model, other)
     keep, idle = str(demo_model), str(other)
-    registry = ModelRegistry("cpu", "float32", trust_remote_code=False)
-    engine = Engine(registry)
+    registry = ModelRegistry("cpu", "float32", False)
     registry.get(keep)
-    freed = weakref.ref(registry.get(idle).model)
-    engine.add(AddRequest(1, 0, 0, idle, (0, 1), SamplingParams(max_new_tokens=3)))
-    assert engine.unload_idle_models(keep=(keep,)) == []  # a request waits for it
-    engine.abort((0, 1))
-    assert engine.unload_idle_models(keep=(keep,)) == [idle]
+    freed = weakref.ref(registry.get(idle))
+    assert registry.unload(idle)
     gc.collect()
     assert freed() is None  # nothing holds the weights any more
     assert registry.loaded() == (keep,)
