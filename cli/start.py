@@ -16,6 +16,7 @@ from sanic.worker.loader import AppLoader
 from cli.preflight import ConfigError, check_model_folder
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
+from sanic_serve.head_timeout import HeadDeadlineProtocol
 
 log = logging.getLogger("hfserve")
 
@@ -53,6 +54,7 @@ def serve(config: ServerConfig) -> int:
         access_log=config.log_level.upper() == "DEBUG",
         motd=False,
         single_process=False,
+        protocol=HeadDeadlineProtocol,  # Sanic's own request timeout restarts with every byte
     )
     # Sanic's shared-state manager process is started first thing in serve() and inherits ignored
     # signals: a SIGTERM sent to the whole process group (systemd's default, `timeout`, `kill -- -PGID`)
