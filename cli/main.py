@@ -11,6 +11,13 @@ from typing import NoReturn
 import httpx
 import typer
 
+from model_host.ipc.settings import HostSettings
+from sanic_serve.config import ServerConfig
+
+# Defaults are declared once, in the settings classes; the options below show them.
+_HOST = HostSettings()
+_SERVER = ServerConfig()
+
 app = typer.Typer(help="hfserve: an OpenAI-compatible server for Hugging Face transformers models.")
 
 
@@ -50,15 +57,15 @@ def main(
 
 @app.command()
 def start(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
-    workers: int = typer.Option(1, min=1, max=64, help="HTTP worker processes."),
+    host: str = typer.Option(_SERVER.host, help="Address to listen on."),
+    port: int = typer.Option(_SERVER.port, min=1, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(_SERVER.workers, min=1, max=64, help="HTTP worker processes."),
     model: str | None = typer.Option(
         None, help="Hub id or local folder to preload and pin (default: the built-in demo model)."
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option(_HOST.device, help="auto, cpu, cuda, cuda:N or mps."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Weights dtype."),
-    trust_remote_code: bool = typer.Option(False, help="Allow models with custom code."),
+    trust_remote_code: bool = typer.Option(_HOST.trust_remote_code, help="Allow models with custom code."),
     tool_parser: ToolParserName = typer.Option(
         ToolParserName.auto,
         help=(
@@ -66,24 +73,26 @@ def start(
             "(auto: the tokenizer's response_template, else the chat template's markup)."
         ),
     ),
-    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
-    torch_threads: int = typer.Option(0, help="CPU threads for the model host (0: torch default)."),
-    max_batch_size: int = typer.Option(64, min=1, help="Requests generating at once."),
+    log_level: str = typer.Option(_HOST.log_level, help="DEBUG, INFO, WARNING or ERROR."),
+    torch_threads: int = typer.Option(
+        _HOST.torch_threads, min=0, help="CPU threads for the model host (0: torch default)."
+    ),
+    max_batch_size: int = typer.Option(_HOST.max_batch_size, min=1, help="Requests running at once."),
     max_batch_tokens: int = typer.Option(
-        0,
+        _HOST.max_batch_tokens,
         min=0,
         help="Prompt tokens prefilled per step; longer prompts are chunked. 0: 256 on CPU, 4096 on GPU.",
     ),
     max_queue: int = typer.Option(
-        256, min=0, help="Requests waiting to start, all workers together; more get 429."
+        _HOST.max_queue, min=0, help="Requests waiting to start, all workers together; more get 429."
     ),
     prefix_cache_mb: int = typer.Option(
-        1024,
+        _HOST.prefix_cache_mb,
         min=0,
         help="Memory for the KV of finished requests, reused by prompts that start the same way. 0: off.",
     ),
     request_timeout_s: float = typer.Option(
-        60.0,
+        _SERVER.request_timeout_s,
         min=0.1,
         help="Seconds a request's headers, then its body, may take to arrive; slower clients get 408.",
     ),
@@ -91,7 +100,6 @@ def start(
     """Start the server: one model host plus WORKERS HTTP workers."""
     from cli.preflight import ConfigError, check_device, check_port
     from cli.start import resolve_model_arg, serve
-    from sanic_serve.config import ServerConfig
 
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         _fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -109,16 +117,18 @@ def start(
         default_model_id=model_id,
         default_model_path=model_path,
         pinned=pinned,
-        device=device,
-        dtype=dtype.value,
-        trust_remote_code=trust_remote_code,
         log_level=log_level,
-        torch_threads=torch_threads,
-        max_batch_size=max_batch_size,
-        max_batch_tokens=max_batch_tokens,
-        max_queue=max_queue,
-        prefix_cache_mb=prefix_cache_mb,
         request_timeout_s=request_timeout_s,
+        engine=HostSettings(
+            device=device,
+            dtype=dtype.value,
+            trust_remote_code=trust_remote_code,
+            torch_threads=torch_threads,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_queue=max_queue,
+            prefix_cache_mb=prefix_cache_mb,
+        ),
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
     )
     raise typer.Exit(serve(config))

@@ -14,6 +14,7 @@ from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
 from cli.preflight import ConfigError, check_model_folder
+from model_host.main import run_host
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
 from sanic_serve.head_timeout import HeadDeadlineProtocol
@@ -45,7 +46,7 @@ def build_demo_model(cache_dir: Path | None = None) -> Path:
 
 def serve(config: ServerConfig) -> int:
     """Run until stopped; returns the exit code (1 when the model host could not start)."""
-    loader = AppLoader(factory=partial(create_app, config))
+    loader = AppLoader(factory=partial(create_app, config, run_host))
     app = loader.load()
     app.prepare(
         host=config.host,

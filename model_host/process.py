@@ -9,33 +9,30 @@ long model load or forward pass holds the loop.
 from __future__ import annotations
 
 import logging
-import pickle
-import selectors
 import signal
 import sys
 import threading
-from collections import deque
-from multiprocessing.connection import Connection
 from types import FrameType
 
 import torch
 
-from model_host.engine import Engine, SchedulerLimits, StepOutput
+from model_host.engine import Engine, StepOutput
 from model_host.ipc.channels import HostSide
-from model_host.ipc.doorbell import Doorbell
-from model_host.ipc.launch import HOST_CONFIG_ERROR_EXIT, HostSettings
+from model_host.ipc.host_end import HostEnd
 from model_host.ipc.messages import (
     AbortRequest,
     AddRequest,
     ErrorInfo,
     ErrorKind,
     FinishReason,
+    HostMessage,
     TokenFrame,
     UnloadModels,
     WorkerReset,
 )
-from model_host.ipc.ring import RingBuffer
+from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import HostStatus, StatusField
+from model_host.prefix_cache import PrefixCache
 from model_host.registry import DeviceError, ModelLoadError, ModelRegistry
 
 log = logging.getLogger("hfserve.host")
@@ -45,59 +42,17 @@ _IDLE_WAIT_S = 0.5
 _PARKED_RETRY_S = 0.002
 
 
-def _default_prefill_budget(device: torch.device) -> int:
-    # Measured on a 2-core CPU (benchmarks/): prefilling 256 tokens per step keeps TTFT and
-    # inter-token latency low at no cost in throughput, where 2048 stalled every decode for ~1 s.
-    # A GPU prefills thousands of tokens in the time of one decode step.
-    return 4096 if device.type == "cuda" else 256
-
-
-class _Outbox:
-    """Frames on their way to one worker: straight into the ring, or parked while it is full."""
-
-    def __init__(self, ring: RingBuffer, bell: Doorbell) -> None:
-        self.ring = ring
-        self.bell = bell
-        self.parked: deque[bytes] = deque()
-        self.dirty = False
-
-    def put(self, frame: TokenFrame) -> None:
-        raw = frame.encode()
-        if self.parked or not self.ring.try_write(raw):
-            self.parked.append(raw)  # keep order: nothing overtakes a parked frame
-        else:
-            self.dirty = True
-
-    def flush(self) -> None:
-        while self.parked and self.ring.try_write(self.parked[0]):
-            self.parked.popleft()
-            self.dirty = True
-        if self.dirty:
-            self.bell.ring()
-            self.dirty = False
-
-
 class ModelHost:
     def __init__(self, side: HostSide, settings: HostSettings) -> None:
         self.status: HostStatus = side.status()
-        self.readers: dict[Connection, int] = {c: i for i, c in enumerate(side.request_readers)}
-        self._selector = selectors.DefaultSelector()
-        for conn in self.readers:
-            self._selector.register(conn, selectors.EVENT_READ, conn)
-        self.outboxes = [
-            _Outbox(RingBuffer(ring), Doorbell(bell))
-            for ring, bell in zip(side.rings, side.doorbell_writers, strict=True)
-        ]
-        self.registry = ModelRegistry(settings.device, settings.dtype, settings.trust_remote_code)
-        self.engine = Engine(
-            self.registry,
-            SchedulerLimits(
-                settings.max_batch_size,
-                settings.max_batch_tokens or _default_prefill_budget(self.registry.device),
-                settings.max_queue,
-                settings.prefix_cache_mb * 1024 * 1024,
-            ),
+        self.ipc = HostEnd(side)
+        prefix_cache = (
+            PrefixCache(settings.prefix_cache_mb * 1024 * 1024) if settings.prefix_cache_mb else None
         )
+        self.registry = ModelRegistry(
+            settings.device, settings.dtype, settings.trust_remote_code, prefix_cache
+        )
+        self.engine = Engine(self.registry, settings, settings.prefill_budget(self.registry.device.type))
         self.settings = settings
         self.epoch = 0
         self._published_models: tuple[str, ...] = ()
@@ -119,8 +74,7 @@ class ModelHost:
             self._receive()
             if self.engine.has_work():
                 self._deliver(self._step())
-            for box in self.outboxes:
-                box.flush()
+            self.ipc.flush()
             self._publish_status()
         log.info("model host stopped")
 
@@ -137,29 +91,19 @@ class ModelHost:
 
     def _receive(self) -> None:
         if self.engine.has_work():
-            timeout = 0.0
-        elif any(box.parked for box in self.outboxes):
-            timeout = _PARKED_RETRY_S
+            timeout_s = 0.0
+        elif self.ipc.has_parked:
+            timeout_s = _PARKED_RETRY_S
         else:
-            timeout = _IDLE_WAIT_S
-        # One selector for the life of the host: multiprocessing's wait() builds a new one per
-        # call, which showed up as ~15 % of a busy host's time with a tiny model.
-        for key, _ in self._selector.select(timeout):
-            conn: Connection = key.data
-            while conn.poll():
-                try:
-                    msg = pickle.loads(conn.recv_bytes())
-                except EOFError:  # every writer closed: that worker is gone for good
-                    self._selector.unregister(conn)
-                    self.engine.abort_worker(self.readers.pop(conn))
-                    break
-                self._handle(msg)
+            timeout_s = _IDLE_WAIT_S
+        for msg in self.ipc.receive(timeout_s):
+            self._handle(msg)
 
-    def _handle(self, msg: object) -> None:
+    def _handle(self, msg: HostMessage) -> None:
         if isinstance(msg, AddRequest):
             if msg.epoch != self.epoch:
                 err = ErrorInfo(ErrorKind.ENGINE_DEAD, "the model host restarted; retry")
-                self.outboxes[msg.worker_index].put(TokenFrame(msg.request_id, (), FinishReason.ERROR, err))
+                self.ipc.send(msg.worker_index, TokenFrame(msg.request_id, (), FinishReason.ERROR, err))
             else:
                 refused = self.engine.add(msg)
                 if refused is not None:
@@ -176,13 +120,11 @@ class ModelHost:
             # Published before the answer goes out, so the worker that asked (and /health, /v1/models
             # everywhere) no longer lists them once it has the answer.
             self._publish_status()
-            self.outboxes[msg.worker_index].put(TokenFrame(msg.request_id, (), FinishReason.STOP))
-        else:
-            log.error("ignoring unknown message %r", type(msg).__name__)
+            self.ipc.send(msg.worker_index, TokenFrame(msg.request_id, (), FinishReason.STOP))
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
-            self.outboxes[out.worker_index].put(out.frame)
+            self.ipc.send(out.worker_index, out.frame)
             if out.frame.finish_reason is FinishReason.ERROR:
                 self.status.add(StatusField.FAILED_TOTAL)
             elif out.frame.finish_reason is not FinishReason.NONE:

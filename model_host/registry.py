@@ -1,15 +1,24 @@
-"""Loaded models, keyed by the local folder the worker resolved the request's model to."""
+"""Loaded models, keyed by the local folder the worker resolved the request's model to, each behind
+the runner of its kind (chosen from the folder's own files by ``detect_kind``)."""
 
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from model_host.causal_lm import CausalLM
+from model_host.embedding import EmbeddingModel
+from model_host.embedding_files import EmbeddingLoadError
+from model_host.ipc.model_kind import ModelKind, detect_kind
+from model_host.prefix_cache import PrefixCache
+from model_host.runners.base import ModelLoadError, Runner
+from model_host.runners.causal import CausalRunner
+from model_host.runners.embedding import EmbeddingRunner
+
+__all__ = ["DeviceError", "ModelLoadError", "ModelRegistry", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +27,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-class ModelLoadError(RuntimeError):
-    """The model folder exists but could not be loaded (bad weights, unsupported architecture)."""
 
 
 class DeviceError(RuntimeError):
@@ -51,78 +56,62 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-@dataclass
-class LoadedModel:
-    path: str
-    model: Any
-    device: torch.device
-    max_context: int
-    # transformers 5.2x renamed the forward argument ``past_key_values`` to ``cache``; remote-code
-    # models may still use the old name.
-    cache_arg: str = "cache"
-    keeps_last_logits: bool = True  # forward() takes ``logits_to_keep``
-    loaded_at_s: float = field(default_factory=time.monotonic)
-    _grammar_tokenizer: Any = None
-
-    def matcher(self, grammar: str, stop_token_ids: tuple[int, ...]) -> Any:
-        """An llguidance matcher that only lets this model emit text matching ``grammar``."""
-        import llguidance
-        import llguidance.hf
-        from transformers import AutoTokenizer
-
-        if self._grammar_tokenizer is None:
-            vocab = int(self.model.get_output_embeddings().weight.shape[0])
-            hf_tokenizer: Any = AutoTokenizer.from_pretrained(self.path)
-            self._grammar_tokenizer = llguidance.hf.from_tokenizer(
-                hf_tokenizer,
-                n_vocab=vocab,
-                eos_token=list(stop_token_ids) or None,
-            )
-        matcher = llguidance.LLMatcher(self._grammar_tokenizer, grammar)
-        if matcher.is_error():
-            raise ValueError(matcher.get_error())
-        return matcher
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache: Any,
-        all_logits: bool = False,
-    ) -> tuple[torch.Tensor, Any]:
-        """One forward pass; returns the last position's logits ([B, V]), or with ``all_logits``
-        every position's ([B, T, V], for prompt logprobs), and the grown cache."""
-        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if self.keeps_last_logits and not all_logits:
-            kwargs["logits_to_keep"] = 1  # a prefill needs no logits but the last position's
-        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
-        return (out.logits if all_logits else out.logits[:, -1, :]), out[self.cache_arg]
-
-
 class ModelRegistry:
-    def __init__(self, device: str, dtype: str, trust_remote_code: bool) -> None:
+    def __init__(
+        self, device: str, dtype: str, trust_remote_code: bool, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
-        self._models: dict[str, LoadedModel] = {}
+        self.prefix_cache = prefix_cache
+        self._runners: dict[str, Runner] = {}
 
     def loaded(self) -> tuple[str, ...]:
-        return tuple(self._models)
+        return tuple(self._runners)
 
-    def get(self, path: str) -> LoadedModel:
-        found = self._models.get(path)
+    def runners(self) -> list[Runner]:
+        return list(self._runners.values())
+
+    def get(self, path: str) -> Runner:
+        """The runner of the model in ``path``, loading it first; raises ``ModelLoadError``."""
+        found = self._runners.get(path)
         return found if found is not None else self._load(path)
+
+    def _load(self, path: str) -> Runner:
+        started = time.monotonic()
+        kind = detect_kind(path)
+        runner: Runner
+        if kind is ModelKind.EMBEDDING:
+            try:
+                model = EmbeddingModel.load(
+                    path, self.device, self.dtype, trust_remote_code=self.trust_remote_code
+                )
+            except EmbeddingLoadError as exc:
+                raise ModelLoadError(f"cannot load embedding model from {path}: {exc}") from exc
+            runner = EmbeddingRunner(path, model)
+        else:
+            runner = CausalRunner(
+                CausalLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
+            )
+        self._runners[path] = runner
+        log.info(
+            "loaded %s (%s) on %s (%s) in %.2f s",
+            path,
+            kind,
+            self.device,
+            self.dtype,
+            time.monotonic() - started,
+        )
+        return runner
 
     def unload(self, path: str) -> bool:
         """Forget a loaded model and give its memory back. The caller makes sure nothing still
         uses it (no request in flight, no batch holding it)."""
-        loaded = self._models.pop(path, None)
-        if loaded is None:
+        runner = self._runners.pop(path, None)
+        if runner is None:
             return False
-        del loaded
+        runner.close()
+        del runner
         # Layers reference each other (modules, tied weights, hooks): a collection frees them now
         # rather than at some later allocation, and the CUDA allocator can then hand the blocks
         # back to the device.
@@ -131,31 +120,3 @@ class ModelRegistry:
             torch.cuda.empty_cache()
         log.info("unloaded %s", path)
         return True
-
-    def _load(self, path: str) -> LoadedModel:
-        from transformers import AutoModelForCausalLM
-
-        started = time.monotonic()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
-            )
-        except Exception as exc:  # transformers raises many types for a bad folder
-            raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-        model.to(self.device).eval()  # type: ignore[arg-type]
-        config = model.config
-        max_context = int(
-            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048
-        )
-        params = inspect.signature(model.forward).parameters
-        cache_arg = "cache" if "cache" in params else "past_key_values"
-        loaded = LoadedModel(path, model, self.device, max_context, cache_arg, "logits_to_keep" in params)
-        self._models[path] = loaded
-        log.info(
-            "loaded %s on %s (%s) in %.2f s",
-            path,
-            self.device,
-            self.dtype,
-            time.monotonic() - started,
-        )
-        return loaded

@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import threading
+import uuid
+from collections.abc import Callable
 from multiprocessing import get_context
 from types import FrameType
 from typing import Any
@@ -22,10 +24,12 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient, create_channels
-from model_host.ipc.channels import Channels
-from model_host.ipc.launch import run_host
+from model_host.ipc.channels import Channels, HostSide
+from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
+from model_host.ipc.status import StatusField
+from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedRequest
 from sanic_serve.config import ServerConfig
-from sanic_serve.errors import APIError, error_body, error_response
+from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.models import ModelResolver
 from sanic_serve.routes import chat, completions, health, loading, models
 
@@ -96,12 +100,39 @@ def _shared(app: Sanic) -> Channels:
     )
 
 
-def _supervise(app: Sanic, stop: threading.Event) -> None:
+def _announce_when_ready(app: Sanic, config: ServerConfig) -> None:
+    """Say once, on stdout, where the server listens and what it serves, when it really can."""
+    if getattr(app.ctx, "announced", False) or not app.ctx.channels.status().get(StatusField.READY):
+        return
+    app.ctx.announced = True
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    model = config.default_model_id or "models on demand"
+    print(
+        f"hfserve ready: http://{host}:{config.port}/v1 serving {model} "
+        f"({config.workers} worker{'s' if config.workers > 1 else ''}; Ctrl-C stops)",
+        flush=True,
+    )
+
+
+def _stop_for_config_error(app: Sanic) -> None:
+    """The host said it cannot start with these settings (and said why in its log): stop the
+    whole server with exit status 1 rather than restart it in a loop."""
+    log.debug("the model host cannot start with these settings; stopping")
+    app.ctx.exit_code = 1
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _supervise(app: Sanic, config: ServerConfig, stop: threading.Event) -> None:
     """Restart the model host or an HTTP worker that died (crash, OOM kill). Sanic's manager does
     not restart a dead process by itself; it does act on a restart message from its monitor pipe."""
     manager = app.manager
     while not stop.wait(_SUPERVISE_INTERVAL_S):
         if getattr(manager, "_shutting_down", False):
+            return
+        _announce_when_ready(app, config)
+        processes = manager.processes
+        if any(HOST_PROCESS_NAME in p.name and p.exitcode == HOST_CONFIG_ERROR_EXIT for p in processes):
+            _stop_for_config_error(app)
             return
         # A process that exited 0 was stopped on purpose (shutdown); only crashes are restarted.
         dead = [p.name for p in manager.processes if not p.is_alive() and p.exitcode not in (None, 0)]
@@ -116,9 +147,32 @@ def _supervise(app: Sanic, stop: threading.Event) -> None:
             stop.wait(5.0)  # give the restarts time before judging again
 
 
-def create_app(config: ServerConfig) -> Sanic:
-    app = Sanic("hfserve", configure_logging=True)
-    app.config.REQUEST_MAX_SIZE = config.max_request_bytes
+def _internal_error(request: Request, exc: Exception, status: int = 500) -> HTTPResponse:
+    """Plain words and a request id for the client; the exception, under that id, for the log."""
+    ref = f"req_{uuid.uuid4().hex[:16]}"
+    log.error("unhandled error on %s %s (request id %s)", request.method, request.path, ref, exc_info=exc)
+    error = internal_error("Internal server error", ref)
+    error.status = status
+    return error_response(error)
+
+
+HostEntry = Callable[[HostSide, HostSettings], None]
+
+
+def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic:
+    """The app of the main process and of every worker. ``run_host`` is the model host's entry
+    point, handed in by whoever starts the server (the HTTP side never imports the host)."""
+    app = Sanic("hfserve", configure_logging=True, request_class=TimedRequest)
+    # Sanic's loggers have handlers of their own: passed on to the root logger as well, every line
+    # would be printed twice.
+    for name in ("sanic.root", "sanic.error", "sanic.access", "sanic.server", "sanic.websockets"):
+        logging.getLogger(name).propagate = False
+    # Routes that take large bodies say so (sanic_serve.body); this bounds the rest, and the body
+    # Sanic drains after a handler that ignored it.
+    app.config.REQUEST_MAX_SIZE = SMALL_BODY_LIMIT_BYTES
+    # The head's deadline (sanic_serve.head_timeout); bodies have theirs in TimedRequest. Sanic
+    # annotates an int and compares a number: fractions of a second work.
+    app.config.REQUEST_TIMEOUT = config.request_timeout_s  # type: ignore[assignment]
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
     app.ctx.config = config
@@ -135,6 +189,7 @@ def create_app(config: ServerConfig) -> Sanic:
     @app.main_process_ready
     async def _start_host(app: Sanic) -> None:
         channels: Channels = app.ctx.channels
+        assert run_host is not None, "the main process needs the model host's entry point"
         app.manager.manage(
             HOST_PROCESS_NAME,
             run_host,
@@ -145,7 +200,7 @@ def create_app(config: ServerConfig) -> Sanic:
         app.ctx.supervisor_stop = threading.Event()
         threading.Thread(
             target=_supervise,
-            args=(app, app.ctx.supervisor_stop),
+            args=(app, config, app.ctx.supervisor_stop),
             name="hfserve-supervisor",
             daemon=True,
         ).start()
@@ -176,13 +231,15 @@ def create_app(config: ServerConfig) -> Sanic:
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         status = getattr(exc, "status_code", 500) or 500
-        kind = "invalid_request_error" if status < 500 else "server_error"
+        if status >= 500:  # Sanic's own failures: their text is no business of the client's
+            return _internal_error(request, exc, status)
+        if status == 408:  # the headers did not arrive in time (Sanic's REQUEST_TIMEOUT)
+            return error_response(RequestTimedOut(config.request_timeout_s))
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-        return json(error_body(str(exc), kind, None, code), status=status)
+        return json(error_body(str(exc), "invalid_request_error", None, code), status=status)
 
     @app.exception(Exception)
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return json(error_body("Internal server error.", "server_error", None, None), status=500)
+        return _internal_error(request, exc)
 
     return app

@@ -15,6 +15,19 @@ from typing import Any
 
 TokenId = Callable[[str], int | None]
 
+# JSON in one layout, as ``json.dumps`` writes it and chat templates render calls (``tojson``):
+# no whitespace but the single space after ``,`` and ``:``. With free whitespace between tokens a
+# weak or unlucky model can spend its whole budget on blanks and never close the object.
+JSON_SEPARATORS = (", ", ": ")
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_rule(schema: dict[str, Any]) -> str:
+    """A Lark ``%json`` rule for ``schema`` in that layout (``x-guidance`` holds llguidance's
+    options; the layout replaces any the schema brought along)."""
+    return f"%json {json.dumps({**schema, 'x-guidance': _JSON_LAYOUT})}"
+
+
 # Besides the JSON markups of the markup parsers ("hermes", "llama3_json", "mistral"):
 XML_MARKUP = "qwen3_xml"  # <function=NAME><parameter=KEY>VALUE</parameter></function>
 GEMMA_MARKUP = "gemma4"  # <|tool_call>call:NAME{key:<|"|>text<|"|>,n:1}<tool_call|>
@@ -52,13 +65,13 @@ def _json_call(markup: str, functions: list[dict[str, Any]], lit: Callable[[str]
         }
         for f in functions
     ]
-    call = json.dumps(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    call = json_rule(variants[0] if len(variants) == 1 else {"anyOf": variants})
     start = {
         "hermes": f'start: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
         "llama3_json": "start: call",
         "mistral": 'start: "[" call "]"',
     }[markup]
-    return f"{start}\ncall: %json {call}\n"
+    return f"{start}\ncall: {call}\n"
 
 
 def _one_of(start: str, functions: list[dict[str, Any]]) -> list[str]:
@@ -95,7 +108,7 @@ def _xml_value(schema: dict[str, Any]) -> str:
     """A string argument is written raw (the reader types values by the schema); anything else is
     JSON, constrained by its schema."""
     text = _raw_string(schema)
-    return text if text is not None else f"%json {json.dumps(schema)}"
+    return text if text is not None else json_rule(schema)
 
 
 def _raw_string(schema: dict[str, Any]) -> str | None:
@@ -141,4 +154,4 @@ def _gemma_call(functions: list[dict[str, Any]], lit: Callable[[str], str]) -> s
 
 def _gemma_value(schema: dict[str, Any], quote: str) -> str:
     text = _raw_string(schema)
-    return f"{quote} {text} {quote}" if text is not None else f"%json {json.dumps(schema)}"
+    return f"{quote} {text} {quote}" if text is not None else json_rule(schema)

@@ -61,8 +61,11 @@ class ChoiceAssembler:
         parser: OutputParser | None = None,
         parallel_tool_calls: bool = True,
         functions_api: bool = False,
+        calls_allowed: bool = True,
     ) -> None:
         self._parser: OutputParser = parser or MarkupOutput()
+        # tool_choice "none": a call the model wrote anyway is dropped, never shown as content.
+        self._calls_allowed = calls_allowed
         # The deprecated functions API: one call, reported as ``function_call``.
         self._functions_api = functions_api
         self._parallel = parallel_tool_calls and not functions_api
@@ -87,7 +90,9 @@ class ChoiceAssembler:
 
     def _keep(self, parsed: Parsed) -> Parsed:
         self.reasoning += parsed.reasoning
-        if not self._parallel and self.calls:
+        if not self._calls_allowed:
+            parsed.calls = []
+        elif not self._parallel and self.calls:
             parsed.calls = []  # parallel_tool_calls=false: the first call only
         elif not self._parallel:
             parsed.calls = parsed.calls[:1]

@@ -4,16 +4,63 @@ shapes, including the deprecated functions API's)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sanic_serve.errors import InvalidRequest
+
+# Limits on a JSON schema (``response_format``, a tool's ``parameters``), checked without recursion
+# before anything walks it recursively (serializing, compiling a grammar, rendering a template).
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays
+MAX_SCHEMA_BYTES = 256 * 1024  # about: strings by their characters
+
+
+def check_json_limits(value: Any, what: str = "JSON schema") -> None:
+    """Raise ``ValueError`` when ``value`` nests deeper or is larger than the schema limits."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    size = 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"the {what} nests deeper than {MAX_SCHEMA_DEPTH} levels")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                size += len(key) + 4 if isinstance(key, str) else 2
+                stack.append((child, depth + 1))
+        size += len(node) + 2 if isinstance(node, str) else 2
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the {what} is larger than {MAX_SCHEMA_BYTES // 1024} KB")
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+
+class MediaPart(BaseModel):
+    """An image, audio or file part: read only to be refused (the models here take text)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["image_url", "input_audio", "file"]
+
+
+ContentPart = Annotated[TextPart | MediaPart, Field(discriminator="type")]
+_MEDIA_NAMES = {"image_url": "images", "input_audio": "audio", "file": "files"}
+
+
+def refuse_media(messages: list[ChatMessage], model: str) -> None:
+    """A 400 naming the first image, audio or file part: no model served here reads them."""
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if isinstance(part, MediaPart):
+                raise InvalidRequest(
+                    f"The model `{model}` takes no {_MEDIA_NAMES[part.type]}: content parts must be text.",
+                    param=f"messages[{i}].content[{j}]",
+                    code="unsupported_content_type",
+                )
 
 
 class FunctionCall(BaseModel):
@@ -32,7 +79,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -43,7 +90,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates take it; the functions API's shapes become tool calls
@@ -75,6 +122,12 @@ class FunctionDefinition(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        check_json_limits(v)
+        return v
+
 
 class ToolDefinition(BaseModel):
     type: Literal["function"]
@@ -95,6 +148,12 @@ class JsonSchemaFormat(BaseModel):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_limits(v)
+        return v
 
 
 class ResponseFormat(BaseModel):

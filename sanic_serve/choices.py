@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from model_host.ipc import HostClient, SamplingParams
@@ -37,7 +37,7 @@ def fan_out(
     plain text)."""
     choices = []
     for i in range(n):
-        seeded = replace(sampling, seed=sampling.seed + i) if sampling.seed is not None else sampling
+        seeded = sampling.replace(seed=sampling.seed + i) if sampling.seed is not None else sampling
         gen = Generation(client, bundle, prompt_ids, seeded, stop_strings, keep_special_tokens)
         choices.append(Choice(first_index + i, gen, assembler()))
     return choices

@@ -85,8 +85,15 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def from_host_error(info: ErrorInfo) -> APIError:
-    """Map an error value that crossed from the model host to the HTTP error it means."""
+def internal_error(what: str, ref: str, code: str | None = None) -> ServerError:
+    """A 5xx that says what failed in plain words and names the request, whose log line carries
+    the traceback: the exception's own text never reaches a client."""
+    return ServerError(f"{what} (request id {ref}).", code=code)
+
+
+def from_host_error(info: ErrorInfo, ref: str = "unknown", model: str = "") -> APIError:
+    """Map an error value that crossed from the model host to the HTTP error it means. ``ref``
+    names the request in the host's log (``request_ref``)."""
     if info.kind is ErrorKind.MODEL_NOT_FOUND:
         return NotFound(info.message, param="model", code="model_not_found")
     if info.kind is ErrorKind.INVALID_REQUEST:
@@ -96,5 +103,5 @@ def from_host_error(info: ErrorInfo) -> APIError:
     if info.kind is ErrorKind.ENGINE_DEAD:
         return Unavailable(info.message, code="engine_unavailable")
     if info.kind is ErrorKind.MODEL_LOAD_FAILED:
-        return ServerError(info.message, code="model_load_failed")
-    return ServerError(info.message, code="generation_failed")
+        return internal_error(f"The model `{model}` could not be loaded", ref, "model_load_failed")
+    return internal_error("Generation failed", ref, "generation_failed")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams, TokenFrame
+from model_host.ipc.messages import request_ref
 from sanic_serve.errors import from_host_error
 from sanic_serve.models import ModelBundle
 from sanic_serve.text import IncrementalDetokenizer, StopMatcher
@@ -101,7 +102,8 @@ class Generation:
                 entries: list[dict[str, Any]] | None = [] if self.sampling.logprobs >= 0 else None
                 for frame in await stream.frames():
                     if frame.error is not None:
-                        raise from_host_error(frame.error)
+                        ref = request_ref(self.client.worker_index, stream.request_id)
+                        raise from_host_error(frame.error, ref, self.bundle.id)
                     if frame.prompt:
                         self._take_prompt_frame(frame)
                         continue

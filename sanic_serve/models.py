@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]
 
 RESPONSE_TEMPLATE = "response_template"  # the tool parser that follows the tokenizer's template
+GIL_FREE_ENCODE_CHARS = 4096  # texts longer than this are tokenised with the GIL released
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,12 @@ class ModelBundle:
         """Replies are read by the tokenizer's response template (see sanic_serve.response_template)."""
         return self.tool_parser == RESPONSE_TEMPLATE and self.response_template is not None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            # ``encode_batch`` releases the GIL while it works and ``encode`` does not: a big text
+            # tokenised in a worker's thread pool then leaves its event loop free.
+            return list(self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

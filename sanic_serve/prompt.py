@@ -58,7 +58,10 @@ def render_chat(
         )
     except Exception as exc:  # jinja raise_exception(), undefined names, bad message shapes
         raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
-    return bundle.encode(rendered[0]), rendered[0]
+    ids = bundle.encode(rendered[0])
+    if not ids:  # nothing for the model to read: a forward pass over no tokens cannot run
+        raise InvalidRequest("The messages render to an empty prompt.", param="messages")
+    return ids, rendered[0]
 
 
 def reasoning_controls(bundle: ModelBundle, effort: str) -> dict[str, Any]:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 from sanic import Request
 
 from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.status import StatusField
+from sanic_serve.call_grammar import JSON_SEPARATORS
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, Overloaded
 from sanic_serve.generation_config import config_stop_token_ids, config_temperature
 from sanic_serve.models import ModelBundle, ModelResolver
 from sanic_serve.protocol import GenerationFields
+
+T = TypeVar("T")
+# Bodies over this size are tokenised in a thread (about 1 ms of tokenising on a loaded core).
+_OFF_LOOP_MIN_CHARS = 32 * 1024
 
 
 def parse_json_body(request: Request) -> Any:
@@ -26,14 +34,33 @@ def parse_json_body(request: Request) -> Any:
 
 
 async def admit(request: Request, model_id: str) -> ModelBundle:
-    """Refuse at once when the host's queue is full (the host enforces it too, exactly), then
-    resolve the model."""
+    """Resolve the model (an unknown one is a 404 whatever the load), then refuse at once when the
+    host's queue is full: requests that fit a free batch slot start at the next step and never
+    wait, so ``--max-queue 0`` means no waiting room, not no service. The host enforces the same
+    rule exactly; this check only spares a full host the message."""
+    models: ModelResolver = request.app.ctx.models
+    bundle = await models.resolve(model_id)
     client: HostClient = request.app.ctx.client
     config: ServerConfig = request.app.ctx.config
-    if client.status.get(StatusField.WAITING) >= config.max_queue:
+    free_slots = max(0, config.engine.max_batch_size - client.status.get(StatusField.RUNNING))
+    if client.status.get(StatusField.WAITING) >= config.engine.max_queue + free_slots:
         raise Overloaded("The server is busy: too many waiting requests. Retry shortly.")
-    models: ModelResolver = request.app.ctx.models
-    return await models.resolve(model_id)
+    return bundle
+
+
+async def off_the_loop(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args)`` (tokenising, rendering a template) in a thread when its input is large, so
+    that one big request never stalls the other requests of this worker's event loop; small
+    inputs stay on the loop, where a thread hop would cost more than the work. ``tokenizers``
+    releases the GIL while it encodes."""
+    if _input_chars(request) < _OFF_LOOP_MIN_CHARS:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, partial(fn, *args, **kwargs))
+
+
+def _input_chars(request: Request) -> int:
+    return len(request.body or b"")
 
 
 def output_grammar(req: GenerationFields) -> str | None:
@@ -46,7 +73,9 @@ def output_grammar(req: GenerationFields) -> str | None:
     import llguidance
 
     try:
-        return str(llguidance.JsonCompiler().compile(schema))
+        # One layout, no free whitespace: a weak model cannot pad its way to max_tokens.
+        compiler = llguidance.JsonCompiler(separators=JSON_SEPARATORS, whitespace_flexible=False)
+        return str(compiler.compile(schema))
     except ValueError as exc:
         raise InvalidRequest(
             f"response_format: unsupported JSON schema: {exc}", param="response_format"

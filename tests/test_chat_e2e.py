@@ -153,13 +153,14 @@ def test_models_endpoints(server: ServerProcess) -> None:
         client(server).models.retrieve("no-such-model")
 
 
-def test_health_reports_host(server: ServerProcess) -> None:
+def test_health_reports_host(server: ServerProcess, demo_model: Path) -> None:
     resp = server.health()
     assert resp.status_code == 200
     body = resp.json()
     assert body["status"] == "ok"
     assert body["host"]["pid"] > 0 and body["host"]["heartbeat_age_s"] < 2.0
-    assert any(path.endswith("hfserve-demo-v1") for path in body["host"]["models"])
+    assert body["host"]["models"] == [str(demo_model.resolve())]
+    assert body["host"]["ready"] is True
 
 
 def _sse_events(raw: str) -> list[str]:

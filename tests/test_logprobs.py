@@ -7,6 +7,7 @@ import math
 import openai
 import pytest
 
+from model_host.ipc.codec import decode_frame, encode
 from model_host.ipc.messages import FinishReason, TokenFrame, TokenLogprob
 from tests.server import ServerProcess
 
@@ -26,7 +27,7 @@ def test_frame_round_trip_with_logprobs() -> None:
         None,
         (TokenLogprob(-0.25, ((5, -0.25), (9, -1.5))), TokenLogprob(-3.0, ())),
     )
-    assert TokenFrame.decode(frame.encode()) == frame
+    assert decode_frame(encode(frame)) == frame
 
 
 def test_top_logprobs_non_stream(server: ServerProcess) -> None:

@@ -12,20 +12,23 @@ import asyncio
 import itertools
 import logging
 import os
-import pickle
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from model_host.ipc.channels import WorkerSide
+from model_host.ipc.codec import decode_frame, encode
 from model_host.ipc.doorbell import Doorbell
 from model_host.ipc.messages import (
     AbortRequest,
     AddRequest,
+    Embed,
     ErrorInfo,
     ErrorKind,
     FinishReason,
+    Generate,
     HostMessage,
+    Payload,
     SamplingParams,
     TokenFrame,
     UnloadModels,
@@ -107,13 +110,16 @@ class HostClient:
         return self.status.host_alive(HOST_DEAD_AFTER_S)
 
     def submit(self, model_path: str, prompt_token_ids: list[int], sampling: SamplingParams) -> RequestStream:
-        """Register a request and queue its message; returns at once. Synchronous on purpose: a
+        """Register a generation and queue its message; returns at once. Synchronous on purpose: a
         caller cancelled mid-await could otherwise leave a request running that nobody aborts."""
-        return self._open(
-            lambda rid, epoch: AddRequest(
-                rid, self.worker_index, epoch, model_path, tuple(prompt_token_ids), sampling
-            )
-        )
+        return self.submit_task(model_path, Generate(tuple(prompt_token_ids), sampling))
+
+    def embed(self, model_path: str, inputs: list[list[int]], dimensions: int | None = None) -> RequestStream:
+        """One vector per input, in frames that carry their input's ``index``."""
+        return self.submit_task(model_path, Embed(tuple(tuple(ids) for ids in inputs), dimensions))
+
+    def submit_task(self, model_path: str, payload: Payload) -> RequestStream:
+        return self._open(lambda rid, epoch: AddRequest(rid, self.worker_index, epoch, model_path, payload))
 
     def unload_models(self) -> RequestStream:
         """Ask the host to unload every model it may (see ``UnloadModels``); the stream finishes
@@ -152,20 +158,21 @@ class HostClient:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, msg: HostMessage) -> None:
-        payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = encode(msg)
         assert self._loop is not None
         try:
             await self._loop.run_in_executor(self._sender, self._writer.send_bytes, payload)
         except (OSError, RuntimeError) as exc:  # pipe closed or executor shut down
             if isinstance(msg, AddRequest | UnloadModels):
-                self._fail(msg.request_id, ErrorKind.ENGINE_DEAD, f"cannot reach host: {exc}")
+                log.warning("request %d: cannot reach the model host: %s", msg.request_id, exc)
+                self._fail(msg.request_id, ErrorKind.ENGINE_DEAD, "the model host cannot be reached; retry")
 
     # -- frames ----------------------------------------------------------------------------------
     def _on_doorbell(self) -> None:
         # Drain the bell before reading: a frame published after the read rings again.
         self._doorbell.drain()
         for raw in self._ring.read_frames():
-            frame = TokenFrame.decode(raw)
+            frame = decode_frame(raw)
             stream = self._streams.get(frame.request_id)
             if stream is None:
                 continue  # aborted or failed already

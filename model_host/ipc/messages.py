@@ -1,18 +1,18 @@
 """Typed messages that cross the worker ⇄ model-host boundary.
 
-Worker → host messages are small dataclasses tagged with :class:`MessageKind` and pickled onto a
-per-worker request pipe. Host → worker traffic is :class:`TokenFrame`, a fixed binary layout written
-into the worker's shared-memory ring (see :mod:`model_host.ipc.ring`). Errors cross as values
-(:class:`ErrorInfo`), never as raised exceptions or bare strings.
+Every message is a ``msgspec`` struct tagged with its :class:`MessageKind`; :mod:`model_host.ipc.codec`
+turns them into bytes and back, and the tag alone says what a message is. Worker → host messages go
+down a per-worker pipe; host → worker :class:`TokenFrame` s go into the worker's shared-memory ring
+(:mod:`model_host.ipc.ring`). A request carries a typed payload whose own tag is its :class:`Task`
+(generate, embed). Errors cross as values (:class:`ErrorInfo`), never as raised exceptions.
 """
 
 from __future__ import annotations
 
 import enum
-import json
-import struct
-from array import array
-from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 
 class MessageKind(enum.IntEnum):
@@ -20,13 +20,21 @@ class MessageKind(enum.IntEnum):
     ABORT = 2
     WORKER_RESET = 3
     UNLOAD_MODELS = 4
+    FRAME = 5
+
+
+class Task(enum.IntEnum):
+    """What a request asks of its model; each model kind serves one (see ``model_kind``)."""
+
+    GENERATE = 1  # causal LM: tokens in, tokens out
+    EMBED = 2  # sentence embedder: token ids in, one vector per input out
 
 
 class FinishReason(enum.IntEnum):
-    """Why a request stopped. ``NONE`` means the frame carries more tokens and the request runs on."""
+    """Why a request stopped. ``NONE`` means the frame carries more and the request runs on."""
 
     NONE = 0
-    STOP = 1  # a stop token (EOS, end-of-turn) was sampled
+    STOP = 1  # a stop token (EOS, end-of-turn) was sampled; for an embedding: every vector sent
     LENGTH = 2  # max_tokens or the context window was reached
     ABORT = 3  # the worker asked the host to stop it
     ERROR = 4  # the frame carries an ErrorInfo
@@ -41,22 +49,18 @@ class ErrorKind(enum.IntEnum):
     OVERLOADED = 6
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     kind: ErrorKind
     message: str
 
-    def encode(self) -> bytes:
-        return json.dumps({"kind": int(self.kind), "message": self.message}).encode()
 
-    @classmethod
-    def decode(cls, raw: bytes) -> ErrorInfo:
-        obj = json.loads(raw)
-        return cls(ErrorKind(obj["kind"]), str(obj["message"]))
+def request_ref(worker_index: int, request_id: int) -> str:
+    """The name of one request in the host's log and in the body of a 5xx the client gets: both
+    sides know the pair, so a client's report leads straight to the traceback."""
+    return f"req_{worker_index}_{request_id:x}"
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
+class SamplingParams(msgspec.Struct, frozen=True):
     """Per-request sampling settings; ``temperature == 0`` means greedy."""
 
     max_new_tokens: int
@@ -74,58 +78,65 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
 
+    def replace(self, **changes: Any) -> SamplingParams:
+        return msgspec.structs.replace(self, **changes)
 
-@dataclass(frozen=True, slots=True)
-class AddRequest:
+
+class Generate(msgspec.Struct, frozen=True, tag=int(Task.GENERATE), tag_field="task"):
+    """Continue ``prompt_token_ids``; frames carry the new tokens."""
+
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+class Embed(msgspec.Struct, frozen=True, tag=int(Task.EMBED), tag_field="task"):
+    """One vector per input (token ids with the model's special tokens, already within its limit);
+    one frame per input, with its ``index``. ``dimensions`` truncates each vector (Matryoshka
+    models), renormalised when the model normalises."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    dimensions: int | None = None
+
+
+Payload = Generate | Embed
+
+
+class AddRequest(msgspec.Struct, frozen=True, tag=int(MessageKind.ADD), tag_field="kind"):
     request_id: int
     worker_index: int
     epoch: int  # host epoch the worker saw; a restarted host drops adds meant for its predecessor
     model_path: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
-    kind: MessageKind = field(default=MessageKind.ADD, init=False)
+    payload: Payload
+
+    @property
+    def task(self) -> Task:
+        return Task.GENERATE if isinstance(self.payload, Generate) else Task.EMBED
 
 
-@dataclass(frozen=True, slots=True)
-class AbortRequest:
+class AbortRequest(msgspec.Struct, frozen=True, tag=int(MessageKind.ABORT), tag_field="kind"):
     request_id: int
     worker_index: int
-    kind: MessageKind = field(default=MessageKind.ABORT, init=False)
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerReset:
+class WorkerReset(msgspec.Struct, frozen=True, tag=int(MessageKind.WORKER_RESET), tag_field="kind"):
     """A worker (re)started: whatever its predecessor left running has no reader any more."""
 
     worker_index: int
-    kind: MessageKind = field(default=MessageKind.WORKER_RESET, init=False)
 
 
-@dataclass(frozen=True, slots=True)
-class UnloadModels:
+class UnloadModels(msgspec.Struct, frozen=True, tag=int(MessageKind.UNLOAD_MODELS), tag_field="kind"):
     """Unload every model except the preloaded (default or pinned) one and those with requests
     waiting or running. The host answers, once done, with a frame for ``request_id`` that finishes
     with ``STOP``: the worker waits on it like on a request."""
 
     request_id: int
     worker_index: int
-    kind: MessageKind = field(default=MessageKind.UNLOAD_MODELS, init=False)
 
 
 HostMessage = AddRequest | AbortRequest | WorkerReset | UnloadModels
 
-# Frame header: total length, request id, finish reason, has-logprobs flag, prompt flag, token
-# count, error length, prompt tokens taken from the prefix cache. Then the token ids (i32 each),
-# the error (JSON), and, with the flag, one logprob record per token: its logprob (f32), the
-# number of alternatives (u16), and each alternative (i32, f32).
-_HEADER = struct.Struct("<IQBBBxIII")
-HEADER_SIZE = _HEADER.size
-_LP_HEAD = struct.Struct("<fH")
-_LP_ALT = struct.Struct("<if")
 
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     """The sampled token's log probability and the most likely alternatives, best first. A
     prompt's first token has no logprob (nothing predicts it): NaN."""
 
@@ -133,10 +144,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class TokenFrame:
-    """New tokens for one request, and how it finished if it did. A ``prompt`` frame instead
-    carries prompt tokens with their logprobs (``prompt_logprobs``), ahead of any new token."""
+class TokenFrame(msgspec.Struct, frozen=True, array_like=True, tag=int(MessageKind.FRAME), tag_field="kind"):
+    """What the host sends for one request: new tokens, and how it finished if it did. A ``prompt``
+    frame carries prompt tokens with their logprobs (``prompt_logprobs``) ahead of any new token;
+    an embedding frame carries the ``vector`` (little-endian float32) of input ``index``."""
 
     request_id: int
     token_ids: tuple[int, ...] = ()
@@ -145,45 +156,5 @@ class TokenFrame:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
     prompt: bool = False
     cached_tokens: int = 0  # on a request's first frame: prompt tokens reused, not prefilled
-
-    def encode(self) -> bytes:
-        tokens = array("i", self.token_ids).tobytes()
-        err = self.error.encode() if self.error is not None else b""
-        lps = b""
-        if self.logprobs is not None:
-            parts = []
-            for lp in self.logprobs:
-                parts.append(_LP_HEAD.pack(lp.logprob, len(lp.top)))
-                parts += [_LP_ALT.pack(tid, value) for tid, value in lp.top]
-            lps = b"".join(parts)
-        total = HEADER_SIZE + len(tokens) + len(err) + len(lps)
-        header = _HEADER.pack(
-            total,
-            self.request_id,
-            int(self.finish_reason),
-            self.logprobs is not None,
-            self.prompt,
-            len(self.token_ids),
-            len(err),
-            self.cached_tokens,
-        )
-        return header + tokens + err + lps
-
-    @classmethod
-    def decode(cls, raw: bytes | memoryview) -> TokenFrame:
-        total, request_id, finish, has_lp, prompt, n_tokens, n_err, cached = _HEADER.unpack_from(raw, 0)
-        tokens = array("i")
-        tok_end = HEADER_SIZE + 4 * n_tokens
-        tokens.frombytes(bytes(raw[HEADER_SIZE:tok_end]))
-        error = ErrorInfo.decode(bytes(raw[tok_end : tok_end + n_err])) if n_err else None
-        logprobs = None
-        if has_lp:
-            at, records = tok_end + n_err, []
-            for _ in range(n_tokens):
-                value, k = _LP_HEAD.unpack_from(raw, at)
-                at += _LP_HEAD.size
-                top = tuple(_LP_ALT.unpack_from(raw, at + i * _LP_ALT.size) for i in range(k))
-                at += k * _LP_ALT.size
-                records.append(TokenLogprob(value, top))
-            logprobs = tuple(records)
-        return cls(request_id, tuple(tokens), FinishReason(finish), error, logprobs, bool(prompt), cached)
+    vector: bytes | None = None
+    index: int = 0

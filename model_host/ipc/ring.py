@@ -6,7 +6,7 @@ Layout of the shared buffer::
     [64:72)   read position  (u64, bytes ever consumed, monotonic; only the consumer stores it)
     [128:..)  data area of ``capacity`` bytes
 
-Frames are stored at ``position % capacity``, padded to 8 bytes, and start with their u32 length.
+Frames are stored at ``position % capacity`` as their u32 length then their bytes, padded to 8 bytes.
 When a frame does not fit before the end of the data area the producer writes a wrap marker
 (length ``0xFFFFFFFF``) and continues at offset 0. Alignment guarantees at least 8 bytes before the
 end, so the marker itself always fits. The producer publishes the write position only after the
@@ -78,8 +78,8 @@ class RingBuffer:
     # -- producer --------------------------------------------------------------------------------
     def try_write(self, frame: bytes) -> bool:
         """Append one frame. Returns False (and writes nothing) when the ring is too full now."""
-        size = _aligned(len(frame))
-        if len(frame) < 4 or size > self.max_frame_size:
+        size = _aligned(_U32.size + len(frame))
+        if size > self.max_frame_size:
             raise FrameTooLarge(f"frame of {len(frame)} bytes does not fit a {self.capacity} ring")
         write = self._load(_WRITE_POS_OFFSET)
         free = self.capacity - (write - self._load(_READ_POS_OFFSET))
@@ -91,7 +91,8 @@ class RingBuffer:
         if padding:
             _U32.pack_into(self._data, index, WRAP_MARKER)
             index = 0
-        self._data[index : index + len(frame)] = frame
+        _U32.pack_into(self._data, index, len(frame))
+        self._data[index + _U32.size : index + _U32.size + len(frame)] = frame
         self._store(_WRITE_POS_OFFSET, write + padding + size)
         return True
 
@@ -107,8 +108,8 @@ class RingBuffer:
             if length == WRAP_MARKER:
                 read += self.capacity - index
                 continue
-            frames.append(bytes(self._data[index : index + length]))
-            read += _aligned(length)
+            frames.append(bytes(self._data[index + _U32.size : index + _U32.size + length]))
+            read += _aligned(_U32.size + length)
         self._store(_READ_POS_OFFSET, read)
         return frames
 

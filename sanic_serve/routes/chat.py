@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -14,13 +13,15 @@ from sanic.response import HTTPResponse, json
 from model_host.ipc import HostClient
 from sanic_serve.call_grammar import forced_call_grammar
 from sanic_serve.chat_output import ChoiceAssembler, output_parser
+from sanic_serve.chat_types import refuse_media
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
 from sanic_serve.prompt import completion_budget, reasoning_controls, render_chat
 from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
-from sanic_serve.requests import admit, parse_json_body, sampling_params
+from sanic_serve.requests import admit, off_the_loop, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
+from sanic_serve.tool_choice import ban, tool_use
 
 bp = Blueprint("chat")
 
@@ -28,10 +29,17 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
-    tools = req.offered_tools()
+    choice_none = req.tool_choice == "none" and bool(req.tools)
+    # offered_tools() leaves the tools out under tool_choice "none"; tool_use decides here.
+    every = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    offered = every if choice_none else req.offered_tools()
+    use = tool_use(bundle, offered, choice_none)
+    tools = use.rendered
     template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
     template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
-    prompt_ids, prompt_text = render_chat(
+    prompt_ids, prompt_text = await off_the_loop(
+        request,
+        render_chat,
         bundle,
         [m.for_template() for m in req.messages],
         tools,
@@ -41,6 +49,8 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     sampling = sampling_params(req, bundle, budget)
+    if use.banned_tokens:
+        sampling = sampling.replace(logit_bias=ban(sampling.logit_bias, use.banned_tokens))
     forced = req.forced_tool()
     if forced is not None:
         if bundle.call_markup is None:
@@ -52,7 +62,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         grammar = forced_call_grammar(
             bundle.call_markup, tools or [], forced or None, bundle.tokenizer.token_to_id
         )
-        sampling = replace(sampling, grammar=grammar)
+        sampling = sampling.replace(grammar=grammar)
     return fan_out(
         client,
         bundle,
@@ -61,24 +71,26 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         req.stop_strings,
         req.n or 1,
         assembler=lambda: ChoiceAssembler(
-            output_parser(bundle, prompt_text, tools),
+            output_parser(bundle, prompt_text, use.parsed),
             parallel_tool_calls=req.parallel_tool_calls is not False,
             functions_api=req.uses_functions,
+            calls_allowed=use.calls_allowed,
         ),
         # A response template may name special tokens as its markers: it must see them.
         keep_special_tokens=bundle.reads_response_template,
     )
 
 
-@bp.post("/v1/chat/completions")
+@bp.post("/v1/chat/completions", ctx_large_body=True)
 async def chat_completions(request: Request) -> HTTPResponse | None:
     req = parse_chat_request(parse_json_body(request))
+    refuse_media(req.messages, req.model)
     choices = await prepare(request, req)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
         chunks = ChunkFactory(completion_id, created, req.model)
-        await _stream(request, choices, chunks, req.include_usage)
+        await _stream(request, choices, chunks, req.include_usage, req.n or 1)
         return None
     logprobs: dict[int, list[dict[str, Any]]] = {c.index: [] for c in choices}
     async for choice, delta in merged(choices):
@@ -103,13 +115,15 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 }
                 for c in choices
             ],
-            "usage": usage(choices),
+            "usage": usage(choices, req.n or 1),  # the prompt counts once, as OpenAI counts it
         },
         dumps=orjson.dumps,
     )
 
 
-async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory, include_usage: bool) -> None:
+async def _stream(
+    request: Request, choices: list[Choice], chunks: ChunkFactory, include_usage: bool, n: int
+) -> None:
     deltas = merged(choices)
     # Wait for the first delta before sending headers, so a failure that happens before any
     # token (model load error, dead host) still gets its proper HTTP status.
@@ -145,6 +159,6 @@ async def _stream(request: Request, choices: list[Choice], chunks: ChunkFactory,
         # Headers are gone already: report the error in-band, as OpenAI does.
         await response.send(event(exc.body()))
     if include_usage:
-        await response.send(event(chunks.usage_chunk(usage(choices))))
+        await response.send(event(chunks.usage_chunk(usage(choices, n))))
     await response.send(DONE)
     await response.eof()

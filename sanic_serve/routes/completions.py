@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -18,23 +17,39 @@ from sanic_serve.generation import Delta
 from sanic_serve.models import ModelBundle
 from sanic_serve.prompt import completion_budget
 from sanic_serve.protocol import CompletionRequest, parse_completion_request
-from sanic_serve.requests import admit, parse_json_body, sampling_params
+from sanic_serve.requests import admit, off_the_loop, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, event
 
 bp = Blueprint("completions")
 
 
-def _prompt_ids(bundle: ModelBundle, prompt: str | list[int], suffix: str | None) -> list[int]:
+def _prompt_ids(
+    bundle: ModelBundle, prompt: str | list[int], suffix: str | None, param: str = "prompt"
+) -> list[int]:
+    if prompt == "" and not suffix:  # with a suffix, an empty prefix is a fill at the start
+        raise InvalidRequest(f"{param} must not be empty.", param=param)
     if not isinstance(prompt, str):
         vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
         if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidRequest(f"prompt token ids must be within [0, {vocab}).", param="prompt")
+            raise InvalidRequest(f"{param} token ids must be within [0, {vocab}).", param=param)
         if not suffix:
             return prompt
     text = _infill(bundle, prompt, suffix) if suffix else prompt
     assert isinstance(text, str)
     # As vLLM does for raw prompts: the tokenizer adds its BOS (if it has one).
-    return list(bundle.tokenizer.encode(text, add_special_tokens=True).ids)
+    ids = bundle.encode(text, add_special_tokens=True)
+    if not ids:
+        raise InvalidRequest(f"{param} tokenizes to nothing.", param=param)
+    return ids
+
+
+def _all_prompt_ids(bundle: ModelBundle, req: CompletionRequest) -> list[list[int]]:
+    """Every prompt's token ids; ``param`` names the one at fault (``prompt`` or ``prompt[i]``)."""
+    one = isinstance(req.prompt, str) or all(isinstance(t, int) for t in req.prompt)  # text or ids
+    return [
+        _prompt_ids(bundle, prompt, req.suffix, "prompt" if one else f"prompt[{p}]")
+        for p, prompt in enumerate(req.prompts())
+    ]
 
 
 def _infill(bundle: ModelBundle, prompt: str | list[int], suffix: str) -> str:
@@ -58,12 +73,12 @@ async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice
     k = req.candidates
     choices: list[Choice] = []
     echoes: list[str] = []
-    for p, prompt in enumerate(req.prompts()):
-        ids = _prompt_ids(bundle, prompt, req.suffix)
+    all_ids = await off_the_loop(request, _all_prompt_ids, bundle, req)
+    for p, (prompt, ids) in enumerate(zip(req.prompts(), all_ids, strict=True)):
         budget = completion_budget(bundle, len(ids), req.max_new_tokens)
         sampling = sampling_params(req, bundle, budget)
         if k > (req.n or 1):  # candidates are ranked by their tokens' logprobs
-            sampling = replace(sampling, logprobs=max(sampling.logprobs, 0))
+            sampling = sampling.replace(logprobs=max(sampling.logprobs, 0))
         choices += fan_out(client, bundle, ids, sampling, req.stop_strings, k, first_index=p * k)
         text = prompt if isinstance(prompt, str) else bundle.tokenizer.decode(ids)
         echoes += [text] * k
@@ -84,7 +99,7 @@ def _best(choices: list[Choice], entries: dict[int, list[dict[str, Any]]], k: in
     return kept
 
 
-@bp.post("/v1/completions")
+@bp.post("/v1/completions", ctx_large_body=True)
 async def completions(request: Request) -> HTTPResponse | None:
     req = parse_completion_request(parse_json_body(request))
     choices, echoes = await prepare(request, req)

@@ -1,0 +1,51 @@
+"""Which kind of model a folder holds, read from its own files. Torch-free: the HTTP workers decide
+with it which endpoints a model serves, and the host which runner loads it."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from model_host.ipc.messages import Task
+
+
+class ModelKind(enum.StrEnum):
+    CAUSAL = "causal"  # a decoder LM: chat and completions
+    EMBEDDING = "embedding"  # a sentence embedder: /v1/embeddings
+
+
+# The requests each kind serves.
+TASKS: dict[ModelKind, frozenset[Task]] = {
+    ModelKind.CAUSAL: frozenset({Task.GENERATE}),
+    ModelKind.EMBEDDING: frozenset({Task.EMBED}),
+}
+
+# A bare encoder (``BertModel``, ``XLMRobertaModel``, ...) is an embedder when it is not packaged as
+# sentence-transformers; generators' class names say they are (``GPT2LMHeadModel`` ends in Model too).
+_ENCODER_SUFFIXES = ("Model", "ForMaskedLM")
+_GENERATOR_MARKS = ("CausalLM", "LMHead", "ConditionalGeneration", "Seq2Seq")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def detect_kind(folder: str | Path) -> ModelKind:
+    """A sentence-transformers folder (``modules.json``) or a bare encoder is an embedding model;
+    everything else is served as a causal LM (whose loading then says what is wrong, if anything)."""
+    folder = Path(folder)
+    if (folder / "modules.json").is_file():
+        return ModelKind.EMBEDDING
+    architectures = _read_json(folder / "config.json").get("architectures") or []
+    names = [a for a in architectures if isinstance(a, str)]
+    if names and all(
+        n.endswith(_ENCODER_SUFFIXES) and not any(m in n for m in _GENERATOR_MARKS) for n in names
+    ):
+        return ModelKind.EMBEDDING
+    return ModelKind.CAUSAL

@@ -1,0 +1,289 @@
+"""The causal-LM runner: padded-batch continuous batching of one model.
+
+``step`` runs one forward pass per running batch (normally one), so every running request gets one
+token. ``admit`` prefills a group of new prompts together, within the step's token budget, and the
+group joins the running batch. Requests leave the batch the moment they finish or are aborted. A
+prompt longer than the budget is prefilled in chunks, one per step (``prefilling``), so it never
+stalls the others for long; a prompt whose start is in the prefix cache is prefilled from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import ClassVar
+
+import torch
+
+from model_host.batch import DecodeBatch, Sequence
+from model_host.causal_lm import CausalLM
+from model_host.ipc.messages import (
+    ErrorKind,
+    FinishReason,
+    Generate,
+    Task,
+    TokenFrame,
+    TokenLogprob,
+    request_ref,
+)
+from model_host.ipc.model_kind import ModelKind
+from model_host.prefix_cache import PrefixCache
+from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, WaitingQueue, error_output
+
+log = logging.getLogger(__name__)
+
+_PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 alternatives
+GENERATION_FAILED = "generation failed"  # the exception's text goes to the log, not to clients
+
+
+def _failed(seqs: list[Sequence]) -> list[StepOutput]:
+    return [error_output(s.key, ErrorKind.GENERATION_FAILED, GENERATION_FAILED) for s in seqs]
+
+
+def _refs(seqs: list[Sequence]) -> str:
+    return ", ".join(request_ref(*s.key) for s in seqs)
+
+
+class CausalRunner(Runner):
+    kind: ClassVar[ModelKind] = ModelKind.CAUSAL
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.GENERATE})
+
+    def __init__(self, model: CausalLM, prefix_cache: PrefixCache | None) -> None:
+        super().__init__(model.path)
+        self.model = model
+        self.prefix_cache = prefix_cache
+        self._batches: list[DecodeBatch] = []
+        self._chunking: Sequence | None = None
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(b) for b in self._batches) + (self._chunking is not None)
+
+    @property
+    def prefilling(self) -> bool:
+        return self._chunking is not None
+
+    def keys(self) -> list[RequestKey]:
+        keys = [s.key for b in self._batches for s in b.seqs]
+        return keys + ([self._chunking.key] if self._chunking is not None else [])
+
+    def abort(self, key: RequestKey) -> bool:
+        if self._chunking is not None and self._chunking.key == key:
+            self._chunking = None
+            return True
+        for batch in self._batches:
+            keep = [i for i, s in enumerate(batch.seqs) if s.key != key]
+            if len(keep) < len(batch):
+                self._shrink(batch, keep)
+                return True
+        return False
+
+    def drop_all(self) -> list[RequestKey]:
+        keys = self.keys()
+        self._batches.clear()
+        self._chunking = None
+        return keys
+
+    def close(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_model(self.path)
+        self.model.close()
+
+    def _shrink(self, batch: DecodeBatch, keep: list[int]) -> None:
+        batch.filter(keep)
+        if not len(batch) and batch in self._batches:  # a new batch is not in the list yet
+            self._batches.remove(batch)
+
+    # -- running requests ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        for batch in list(self._batches):
+            try:
+                sampled = batch.sample(batch.decode())
+            except Exception:  # a failing forward ends that batch's requests, not the host
+                log.exception("decode step failed for %s", _refs(batch.seqs))
+                outputs += _failed(batch.seqs)
+                self._batches.remove(batch)
+                continue
+            outputs += self._emit(batch, *sampled)
+        return outputs
+
+    def _emit(
+        self, batch: DecodeBatch, tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[StepOutput]:
+        """One frame per row; finished rows leave the batch at once."""
+        outputs: list[StepOutput] = []
+        keep: list[int] = []
+        for i, (seq, token, lp) in enumerate(zip(batch.seqs, tokens, logprobs, strict=True)):
+            params = seq.params
+            if token in params.stop_token_ids:
+                reason = FinishReason.STOP
+            elif len(seq.generated) >= params.max_new_tokens or seq.length >= self.model.max_context:
+                reason = FinishReason.LENGTH
+            else:
+                reason = FinishReason.NONE
+                keep.append(i)
+            if reason is not FinishReason.NONE and self.prefix_cache is not None and batch.joinable:
+                self.prefix_cache.store(seq.model_path, *batch.row_kv(i))
+            cached = seq.cached_tokens if len(seq.generated) == 1 else 0  # said once, first
+            frame = TokenFrame(
+                seq.key[1], (token,), reason, None, None if lp is None else (lp,), cached_tokens=cached
+            )
+            outputs.append(StepOutput(seq.key[0], frame))
+        self._shrink(batch, keep)
+        return outputs
+
+    # -- admission -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
+        """New prompts are prefilled together; a prompt whose start is in the prefix cache is
+        prefilled on its own, from there; a prompt over the budget is chunked across steps."""
+        outputs: list[StepOutput] = []
+        if self._chunking is not None:
+            return self._join(self._continue_chunking(budget_tokens, outputs), outputs)
+        group: list[Sequence] = []
+        admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
+        while (head := queue.head()) is not None and head.model_path == self.path:
+            if room <= len(group) + len(admitted):
+                break
+            seq = self._prepare(head)
+            if isinstance(seq, str):  # refused: the error frame says why
+                queue.pop()
+                outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, seq))
+                continue
+            todo = len(seq.prompt) - self._reuse_prefix(seq)
+            if todo > budget_tokens:
+                if group or admitted:
+                    break
+                self._chunking = self._take(queue, seq)
+                return self._join(self._continue_chunking(budget_tokens, outputs), outputs)
+            budget_tokens -= todo
+            if seq.prefilled:
+                admitted += self._prefill_rest(self._take(queue, seq), outputs)
+            else:
+                group.append(self._take(queue, seq))
+        if group:
+            try:
+                admitted.append(DecodeBatch.prefill(self.model, group))
+            except Exception:
+                log.exception("prefill failed for %s", _refs(group))
+                outputs += _failed(group)
+        return self._join(admitted, outputs)
+
+    def _join(
+        self, admitted: list[tuple[DecodeBatch, torch.Tensor]], outputs: list[StepOutput]
+    ) -> list[StepOutput]:
+        """The first token of each newly prefilled request; then its batch joins a running one."""
+        for batch, logits in admitted:
+            outputs += self._prompt_frames(batch)
+            logits = self._end_empty_requests(batch, logits, outputs)
+            if len(batch):
+                outputs += self._emit(batch, *batch.sample(logits))
+            if not len(batch):
+                continue
+            host = next((b for b in self._batches if b.can_join(batch)), None)
+            if host is not None:
+                host.concatenate(batch)
+            else:
+                self._batches.append(batch)
+        return outputs
+
+    def _prepare(self, pending: Pending) -> Sequence | str:
+        """The head's sequence, made once while it waits; or why this model cannot serve it."""
+        if isinstance(pending.prepared, Sequence):
+            return pending.prepared
+        payload = pending.request.payload
+        assert isinstance(payload, Generate)
+        seq = Sequence(pending.key, self.path, list(payload.prompt_token_ids), payload.sampling)
+        if len(seq.prompt) >= self.model.max_context:
+            context = self.model.max_context
+            return f"prompt of {len(seq.prompt)} tokens does not fit the model's context of {context}"
+        if seq.params.grammar:
+            try:
+                seq.matcher = self.model.matcher(seq.params.grammar, seq.params.stop_token_ids)
+            except Exception as exc:  # a grammar the decoder cannot build: this request's error
+                log.warning("grammar of %s rejected: %s", request_ref(*seq.key), exc)
+                return "the output format cannot be enforced"
+        pending.prepared = seq
+        return seq
+
+    @staticmethod
+    def _take(queue: WaitingQueue, seq: Sequence) -> Sequence:
+        queue.pop()
+        queue.account(len(seq.prompt), seq.cached_tokens)
+        return seq
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Start ``seq`` from the longest prefix of its prompt in the prefix cache; returns how
+        many prompt tokens that covers. Prompt logprobs need every position's logits: no reuse."""
+        if seq.prefilled or self.prefix_cache is None or seq.wants_prompt_logprobs:
+            return seq.prefilled
+        found = self.prefix_cache.match(seq.model_path, seq.prompt)
+        if found is not None:
+            from transformers.cache_utils import DynamicCache
+
+            seq.prefilled, layers = found
+            seq.cached_tokens = seq.prefilled
+            seq.prefill_cache = DynamicCache(ddp_cache_data=layers)  # copies: the entry stays intact
+        return seq.prefilled
+
+    def _prefill_rest(
+        self, seq: Sequence, outputs: list[StepOutput]
+    ) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        try:
+            done = DecodeBatch.prefill_chunk(self.model, seq, len(seq.prompt) - seq.prefilled)
+        except Exception:
+            log.exception("prefill after a cached prefix failed for %s", request_ref(*seq.key))
+            outputs += _failed([seq])
+            return []
+        assert done is not None  # the whole rest fits this step
+        return [done]
+
+    def _continue_chunking(
+        self, budget_tokens: int, outputs: list[StepOutput]
+    ) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        seq = self._chunking
+        assert seq is not None
+        try:
+            done = DecodeBatch.prefill_chunk(self.model, seq, budget_tokens)
+        except Exception:
+            log.exception("chunked prefill failed for %s", request_ref(*seq.key))
+            self._chunking = None
+            outputs += _failed([seq])
+            return []
+        if done is None:
+            return []
+        self._chunking = None
+        return [done]
+
+    @staticmethod
+    def _prompt_frames(batch: DecodeBatch) -> list[StepOutput]:
+        """Prompt logprobs, for the requests that asked, in frames of bounded size."""
+        outputs: list[StepOutput] = []
+        for seq in batch.seqs:
+            if not seq.wants_prompt_logprobs:
+                continue
+            records = [TokenLogprob(math.nan), *seq.prompt_logprobs]  # nothing predicts token 0
+            seq.prompt_logprobs = []
+            for at in range(0, len(seq.prompt), _PROMPT_TOKENS_PER_FRAME):
+                part = slice(at, at + _PROMPT_TOKENS_PER_FRAME)
+                frame = TokenFrame(
+                    seq.key[1], tuple(seq.prompt[part]), logprobs=tuple(records[part]), prompt=True
+                )
+                outputs.append(StepOutput(seq.key[0], frame))
+        return outputs
+
+    def _end_empty_requests(
+        self, batch: DecodeBatch, logits: torch.Tensor, outputs: list[StepOutput]
+    ) -> torch.Tensor:
+        """``max_tokens: 0`` (a prompt scored, nothing generated) ends right after its prefill."""
+        keep = [i for i, s in enumerate(batch.seqs) if s.params.max_new_tokens > 0]
+        if len(keep) == len(batch):
+            return logits
+        for seq in batch.seqs:
+            if seq.params.max_new_tokens <= 0:
+                frame = TokenFrame(seq.key[1], (), FinishReason.LENGTH, cached_tokens=seq.cached_tokens)
+                outputs.append(StepOutput(seq.key[0], frame))
+        self._shrink(batch, keep)
+        return logits[keep]

@@ -1,0 +1,147 @@
+"""The embedding runner: the inputs of many requests encoded together.
+
+An embedding request is all prefill: each of its inputs becomes one row of a padded, length-sorted
+forward pass, and its vector goes out in a frame the same step. ``admit`` takes requests from the
+head of the queue while their rows fit the step's token budget (rows × the longest row, as the
+padded pass costs); a request with more rows than one step takes is finished over the next steps
+(``prefilling``), so running chat streams still get their decode step in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from model_host.embedding import EmbeddingModel
+from model_host.ipc.messages import Embed, ErrorKind, FinishReason, Task, TokenFrame, request_ref
+from model_host.ipc.model_kind import ModelKind
+from model_host.runners.base import RequestKey, Runner, StepOutput, WaitingQueue, error_output
+
+log = logging.getLogger(__name__)
+
+ENCODING_FAILED = "embedding failed"  # the exception's text goes to the log, not to clients
+
+
+@dataclass
+class _Job:
+    key: RequestKey
+    inputs: tuple[tuple[int, ...], ...]
+    dimensions: int | None
+    next_row: int = 0  # rows before it are encoded and sent
+    rows_left: deque[int] = field(default_factory=deque)
+
+    @property
+    def done(self) -> bool:
+        return self.next_row >= len(self.inputs)
+
+
+class EmbeddingRunner(Runner):
+    kind: ClassVar[ModelKind] = ModelKind.EMBEDDING
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
+
+    def __init__(self, path: str, model: EmbeddingModel) -> None:
+        super().__init__(path)
+        self.model = model
+        self._jobs: deque[_Job] = deque()  # admitted, not yet fully encoded; oldest first
+
+    @property
+    def num_running(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def prefilling(self) -> bool:
+        return bool(self._jobs)
+
+    def keys(self) -> list[RequestKey]:
+        return [job.key for job in self._jobs]
+
+    def abort(self, key: RequestKey) -> bool:
+        for job in self._jobs:
+            if job.key == key:
+                self._jobs.remove(job)
+                return True
+        return False
+
+    def close(self) -> None:
+        self._jobs.clear()
+        del self.model
+
+    def step(self) -> list[StepOutput]:
+        return []  # nothing runs between admissions: every row is encoded in the step that takes it
+
+    def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        while room > len(self._jobs) and (head := queue.head()) is not None and head.model_path == self.path:
+            payload = head.request.payload
+            assert isinstance(payload, Embed)
+            reason = self._refusal(payload)
+            queue.pop()
+            if reason is not None:
+                outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, reason))
+                continue
+            queue.account(sum(len(ids) for ids in payload.inputs), 0)
+            self._jobs.append(_Job(head.key, payload.inputs, payload.dimensions))
+            if self._rows_fitting(budget_tokens) < sum(len(j.inputs) - j.next_row for j in self._jobs):
+                break  # enough for this step; the rest of the queue waits for the next one
+        return outputs + self._encode(budget_tokens)
+
+    def _refusal(self, payload: Embed) -> str | None:
+        """Why this model cannot embed the inputs (the HTTP side checks first; this keeps a bad
+        message from failing everyone else's batch)."""
+        try:
+            self.model.check([list(ids) for ids in payload.inputs])
+        except ValueError as exc:
+            return str(exc)
+        dims = payload.dimensions
+        if dims is not None and dims != self.model.dimensions:
+            if not self.model.matryoshka_dims or not 0 < dims <= self.model.dimensions:
+                return f"this model cannot shorten its vectors to {dims} dimensions"
+        return None
+
+    def _rows_fitting(self, budget_tokens: int) -> int:
+        """How many of the waiting rows, taken in order, fit the budget as one padded pass."""
+        count, longest = 0, 0
+        for job in self._jobs:
+            for ids in job.inputs[job.next_row :]:
+                longest = max(longest, len(ids))
+                if count and (count + 1) * longest > budget_tokens:
+                    return count
+                count += 1
+        return count
+
+    def _encode(self, budget_tokens: int) -> list[StepOutput]:
+        """One forward over the rows that fit (always at least one), then one frame per row."""
+        take = self._rows_fitting(budget_tokens)
+        rows: list[tuple[_Job, int]] = []
+        for job in self._jobs:
+            while job.next_row < len(job.inputs) and len(rows) < take:
+                rows.append((job, job.next_row))
+                job.next_row += 1
+        if not rows:
+            return []
+        try:
+            vectors = self.model.encode([list(job.inputs[i]) for job, i in rows])
+        except Exception:  # a failing pass ends the requests in it, not the host
+            failed = {job.key: job for job, _ in rows}
+            log.exception("embedding failed for %s", ", ".join(request_ref(*k) for k in failed))
+            for job in failed.values():
+                self._jobs.remove(job)
+            return [error_output(k, ErrorKind.GENERATION_FAILED, ENCODING_FAILED) for k in failed]
+        outputs = [self._frame(job, i, vector) for (job, i), vector in zip(rows, vectors, strict=True)]
+        while self._jobs and self._jobs[0].done:
+            self._jobs.popleft()
+        return outputs
+
+    def _frame(self, job: _Job, index: int, vector: torch.Tensor) -> StepOutput:
+        if job.dimensions is not None and job.dimensions < vector.shape[0]:
+            vector = vector[: job.dimensions]
+            if self.model.normalizes:  # Matryoshka: truncate, then back to unit length
+                vector = torch.nn.functional.normalize(vector, dim=0)
+        raw = vector.to(device="cpu", dtype=torch.float32).numpy().astype("<f4").tobytes()
+        last = index == len(job.inputs) - 1
+        reason = FinishReason.STOP if last else FinishReason.NONE
+        return StepOutput(job.key[0], TokenFrame(job.key[1], (), reason, vector=raw, index=index))

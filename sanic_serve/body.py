@@ -1,0 +1,66 @@
+"""Request bodies read under a deadline and a per-route size limit.
+
+Sanic reads a body after routing, in its handler stage, where only its response timeout applies
+(24 h here, since generations may run long): a client that sent the headers and half a body would
+hold the connection and its handler for that long. :class:`TimedRequest` reads every body under
+``--request-timeout-s`` instead and answers a slow or stalled client with a 408; Sanic's own
+``REQUEST_TIMEOUT`` covers the headers before it. Routes that take prompts say so
+(``ctx_large_body=True``) and take up to ``max_request_bytes`` (16 MiB); the others take small
+JSON commands (1 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sanic import Request
+from sanic.http import Http
+
+from sanic_serve.errors import APIError
+
+log = logging.getLogger(__name__)
+
+SMALL_BODY_LIMIT_BYTES = 1024 * 1024  # routes that declare no limit of their own
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+
+
+class RequestTimedOut(APIError):
+    status = 408
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"The request did not arrive within {timeout_s:g} s; the connection was closed.",
+            code="request_timeout",
+        )
+
+
+def route_body_limit(request: Request, large_limit_bytes: int) -> int:
+    route = request.route
+    large = route is not None and getattr(route.ctx, "large_body", False)
+    return large_limit_bytes if large else SMALL_BODY_LIMIT_BYTES
+
+
+class TimedRequest(Request):
+    """Sanic calls ``receive_body`` before every handler that takes a body: it is the place
+    Sanic documents for custom body handling."""
+
+    async def receive_body(self) -> None:
+        stream = self.stream
+        if self.body or stream is None or not stream.request_body:
+            return
+        config = getattr(self.app.ctx, "config", None)
+        timeout_s = float(getattr(config, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
+        large_limit_bytes = int(getattr(config, "max_request_bytes", SMALL_BODY_LIMIT_BYTES))
+        # Sanic checks this before reading (against Content-Length) and again as chunks arrive.
+        stream.request_max_size = route_body_limit(self, large_limit_bytes)
+        try:
+            await asyncio.wait_for(super().receive_body(), timeout_s)
+        except TimeoutError:
+            # Once the 408 is out, the connection closes: Sanic would otherwise wait on to drain
+            # the rest of a body that is not coming.
+            if isinstance(stream, Http):
+                stream.keep_alive = False
+                stream.request_body = None
+            log.info("%s %s: body not received within %g s", self.method, self.path, timeout_s)
+            raise RequestTimedOut(timeout_s) from None
