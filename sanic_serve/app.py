@@ -31,7 +31,7 @@ from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedReque
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.models import ModelResolver
-from sanic_serve.routes import chat, completions, health, loading, models
+from sanic_serve.routes import chat, completions, embeddings, health, loading, models
 
 log = logging.getLogger("hfserve")
 
@@ -176,7 +176,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
     app.ctx.config = config
-    for bp in (chat.bp, completions.bp, models.bp, health.bp, loading.bp):
+    for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
 
     @app.main_process_start

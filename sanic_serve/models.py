@@ -17,7 +17,14 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from model_host.ipc.model_kind import ModelKind, detect_kind
 from sanic_serve.config import ServerConfig
+from sanic_serve.embedding_spec import (
+    EmbeddingSpec,
+    EmbeddingSpecError,
+    load_embedding_tokenizer,
+    read_embedding_spec,
+)
 from sanic_serve.errors import InvalidRequest, ModelNotFound
 from sanic_serve.fim import FimFormat, detect_fim
 from sanic_serve.reasoning import template_reasons
@@ -48,7 +55,19 @@ class ModelBundle:
     response_template: dict[str, Any] | None = None  # the tokenizer's, when it has one
     reasons: bool = False  # the template knows <think>...</think>
     fim: FimFormat | None = None  # fill-in-the-middle sentinels, for completions with a suffix
+    kind: ModelKind = ModelKind.CAUSAL
+    embedding: EmbeddingSpec | None = None  # for an embedding model: its limits and output
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def require(self, kind: ModelKind) -> None:
+        """A 400 naming ``model`` when this model is of another kind than the endpoint serves."""
+        if self.kind is kind:
+            return
+        does = {
+            ModelKind.CAUSAL: "generates text: use /v1/chat/completions or /v1/completions",
+            ModelKind.EMBEDDING: "is an embedding model: use /v1/embeddings",
+        }[self.kind]
+        raise InvalidRequest(f"The model `{self.id}` {does}.", param="model", code="model_not_supported")
 
     @property
     def reads_response_template(self) -> bool:
@@ -100,7 +119,31 @@ def _chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _embedding_bundle(model_id: str, folder: Path) -> ModelBundle:
+    try:
+        spec = read_embedding_spec(folder)
+        tokenizer = load_embedding_tokenizer(spec)
+    except EmbeddingSpecError as exc:
+        log.warning("model %s is not a usable embedding model: %s", model_id, exc)
+        raise InvalidRequest(
+            f"The model `{model_id}` is not an embedding model this server can run.", param="model"
+        ) from exc
+    return ModelBundle(
+        id=model_id,
+        path=str(folder.resolve()),
+        tokenizer=tokenizer,
+        chat_template=None,
+        special_tokens={},
+        stop_token_ids=(),
+        max_context=spec.max_tokens,
+        kind=ModelKind.EMBEDDING,
+        embedding=spec,
+    )
+
+
 def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> ModelBundle:
+    if detect_kind(folder) is ModelKind.EMBEDDING:
+        return _embedding_bundle(model_id, folder)
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
         raise InvalidRequest(f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model")

@@ -114,9 +114,9 @@ class HostClient:
         caller cancelled mid-await could otherwise leave a request running that nobody aborts."""
         return self.submit_task(model_path, Generate(tuple(prompt_token_ids), sampling))
 
-    def embed(self, model_path: str, inputs: list[list[int]], dimensions: int | None = None) -> RequestStream:
+    def embed(self, model_path: str, inputs: list[list[int]]) -> RequestStream:
         """One vector per input, in frames that carry their input's ``index``."""
-        return self.submit_task(model_path, Embed(tuple(tuple(ids) for ids in inputs), dimensions))
+        return self.submit_task(model_path, Embed(tuple(tuple(ids) for ids in inputs)))
 
     def submit_task(self, model_path: str, payload: Payload) -> RequestStream:
         return self._open(lambda rid, epoch: AddRequest(rid, self.worker_index, epoch, model_path, payload))

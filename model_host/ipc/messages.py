@@ -90,12 +90,10 @@ class Generate(msgspec.Struct, frozen=True, tag=int(Task.GENERATE), tag_field="t
 
 
 class Embed(msgspec.Struct, frozen=True, tag=int(Task.EMBED), tag_field="task"):
-    """One vector per input (token ids with the model's special tokens, already within its limit);
-    one frame per input, with its ``index``. ``dimensions`` truncates each vector (Matryoshka
-    models), renormalised when the model normalises."""
+    """One vector per input (token ids with the model's special tokens, already within its limit),
+    in one frame per input that carries its ``index``."""
 
     inputs: tuple[tuple[int, ...], ...]
-    dimensions: int | None = None
 
 
 Payload = Generate | Embed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -30,9 +30,7 @@ ENCODING_FAILED = "embedding failed"  # the exception's text goes to the log, no
 class _Job:
     key: RequestKey
     inputs: tuple[tuple[int, ...], ...]
-    dimensions: int | None
     next_row: int = 0  # rows before it are encoded and sent
-    rows_left: deque[int] = field(default_factory=deque)
 
     @property
     def done(self) -> bool:
@@ -84,7 +82,7 @@ class EmbeddingRunner(Runner):
                 outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, reason))
                 continue
             queue.account(sum(len(ids) for ids in payload.inputs), 0)
-            self._jobs.append(_Job(head.key, payload.inputs, payload.dimensions))
+            self._jobs.append(_Job(head.key, payload.inputs))
             if self._rows_fitting(budget_tokens) < sum(len(j.inputs) - j.next_row for j in self._jobs):
                 break  # enough for this step; the rest of the queue waits for the next one
         return outputs + self._encode(budget_tokens)
@@ -96,10 +94,6 @@ class EmbeddingRunner(Runner):
             self.model.check([list(ids) for ids in payload.inputs])
         except ValueError as exc:
             return str(exc)
-        dims = payload.dimensions
-        if dims is not None and dims != self.model.dimensions:
-            if not self.model.matryoshka_dims or not 0 < dims <= self.model.dimensions:
-                return f"this model cannot shorten its vectors to {dims} dimensions"
         return None
 
     def _rows_fitting(self, budget_tokens: int) -> int:
@@ -136,11 +130,8 @@ class EmbeddingRunner(Runner):
             self._jobs.popleft()
         return outputs
 
-    def _frame(self, job: _Job, index: int, vector: torch.Tensor) -> StepOutput:
-        if job.dimensions is not None and job.dimensions < vector.shape[0]:
-            vector = vector[: job.dimensions]
-            if self.model.normalizes:  # Matryoshka: truncate, then back to unit length
-                vector = torch.nn.functional.normalize(vector, dim=0)
+    @staticmethod
+    def _frame(job: _Job, index: int, vector: torch.Tensor) -> StepOutput:
         raw = vector.to(device="cpu", dtype=torch.float32).numpy().astype("<f4").tobytes()
         last = index == len(job.inputs) - 1
         reason = FinishReason.STOP if last else FinishReason.NONE
