@@ -96,7 +96,7 @@ class Scheduler:
             try:
                 runner = load(head.model_path)
             except ModelLoadError as exc:
-                log.error("model load failed for %s: %s", request_ref(*head.key), exc)
+                log.error("model load failed for %s: %s", request_ref(*head.key), exc, exc_info=exc)
                 self.pop()
                 outputs.append(error_output(head.key, ErrorKind.MODEL_LOAD_FAILED, LOAD_FAILED))
                 continue
