@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from model_host.runners.base import ModelLoadError
+from model_host.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from model_host.ipc.messages import (
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import HostStatus, StatusField
 from model_host.prefix_cache import PrefixCache
-from model_host.registry import DeviceError, ModelLoadError, ModelRegistry
+from model_host.errors import DeviceError, ModelLoadError
+from model_host.registry import ModelRegistry
 
 log = logging.getLogger("hfserve.host")
 

@@ -12,9 +12,10 @@ import torch
 from model_host.causal_lm import CausalLM
 from model_host.embedding import EmbeddingModel
 from model_host.embedding_files import EmbeddingLoadError
+from model_host.errors import DeviceError, ModelLoadError
 from model_host.ipc.model_kind import ModelKind, detect_kind
 from model_host.prefix_cache import PrefixCache
-from model_host.runners.base import ModelLoadError, Runner
+from model_host.runners.base import Runner
 from model_host.runners.causal import CausalRunner
 from model_host.runners.embedding import EmbeddingRunner
 
@@ -27,10 +28,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-class DeviceError(RuntimeError):
-    """The device asked for does not exist here or this build of torch cannot use it."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,9 +13,10 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from model_host.errors import ModelLoadError
 from model_host.ipc.messages import AddRequest, ErrorKind, Task, request_ref
 from model_host.ipc.settings import HostSettings
-from model_host.runners.base import ModelLoadError, Pending, RequestKey, Runner, StepOutput, error_output
+from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, error_output
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,6 @@ from typing import Any, ClassVar, Protocol
 from model_host.ipc.messages import AddRequest, ErrorInfo, ErrorKind, FinishReason, Task, TokenFrame
 from model_host.ipc.model_kind import ModelKind
 
-
-class ModelLoadError(RuntimeError):
-    """The model folder exists but could not be loaded (bad weights, unsupported architecture)."""
-
-
 RequestKey = tuple[int, int]  # (worker index, request id): ids are unique per worker only
 _MAX_ERROR_CHARS = 2000  # frames must fit the ring; tracebacks go to the log instead
 
