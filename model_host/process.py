@@ -17,6 +17,7 @@ from types import FrameType
 import torch
 
 from model_host.engine import Engine, StepOutput
+from model_host.errors import DeviceError, ModelLoadError
 from model_host.ipc.channels import HostSide
 from model_host.ipc.host_end import HostEnd
 from model_host.ipc.messages import (
@@ -33,7 +34,6 @@ from model_host.ipc.messages import (
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import HostStatus, StatusField
 from model_host.prefix_cache import PrefixCache
-from model_host.errors import DeviceError, ModelLoadError
 from model_host.registry import ModelRegistry
 
 log = logging.getLogger("hfserve.host")
