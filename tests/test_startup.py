@@ -164,3 +164,22 @@ def test_a_started_server_says_where_it_listens_and_logs_each_line_once(
     counts = Counter(line.split(" INFO", 1)[-1] for line in text.splitlines() if "Starting worker" in line)
     assert counts and all(n == 1 for n in counts.values()), counts
     assert text.count("Experienced exception") == 0
+
+
+def test_bench_plot_without_matplotlib_fails_before_any_load(tmp_path: Path) -> None:
+    """The plot's dependency is checked before minutes of load, and the extra to install named."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    started = time.monotonic()
+    out = subprocess.run(
+        [*hfserve_cmd(), "bench", "--base-url", "http://127.0.0.1:9", "--plot", str(tmp_path / "p.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "hfserve[bench]" in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 60  # no request was even tried
