@@ -7,10 +7,12 @@ Unknown extras are accepted, since clients send vendor fields, and logged once p
 
 from __future__ import annotations
 
+import functools
 import logging
+import typing
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sanic_serve.chat_types import (
     ChatMessage,
@@ -60,6 +62,17 @@ _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
 }
 
 
+@functools.cache
+def _number_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` that take a number and not a boolean."""
+    out = set()
+    for name, info in model.model_fields.items():
+        kinds = typing.get_args(info.annotation) or (info.annotation,)
+        if any(k in (int, float) for k in kinds) and bool not in kinds:
+            out.add(name)
+    return frozenset(out)
+
+
 class GenerationFields(BaseModel):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
@@ -89,6 +102,15 @@ class GenerationFields(BaseModel):
     ignore_eos: bool = False
     # Extension (as in transformers serve): GenerationConfig fields, see sanic_serve.generation_config.
     generation_config: str | dict[str, Any] | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """Pydantic reads true and false as 1 and 0 for a number field (``"n": true``); JSON keeps
+        them apart, and so does OpenAI's API: a 400 naming the field."""
+        if isinstance(v, bool) and info.field_name in _number_fields(cls):
+            raise ValueError("a number is expected, not a boolean")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -70,6 +70,21 @@ def test_judge_catches_bad_answers() -> None:
     assert judge(case, httpx.Response(400, json=ok, request=req)) is None
 
 
+def _wrong_type_of_number(case: Case) -> bool:
+    """A mutation that puts a boolean, object, array or word into a number field hfserve honours."""
+    from sanic_serve.protocol import ChatCompletionRequest, CompletionRequest, _number_fields
+
+    route, name, mutation = (case.label.split(" ", 2) + ["", ""])[:3]
+    model = {"chat": ChatCompletionRequest, "completions": CompletionRequest}.get(route)
+    wrong = mutation in ("type-boolean", "type-object", "type-array", "type-string")
+    return model is not None and wrong and name in _number_fields(model)
+
+
+def _names_field(answer: Any) -> bool:
+    name = answer.case.label.split(" ")[1]
+    return answer.status == 400 and answer.param == name
+
+
 def test_generated_malformed_requests(server: ServerProcess, guard: Guard) -> None:
     cases = all_cases()
     assert len(cases) >= 1000
@@ -79,6 +94,8 @@ def test_generated_malformed_requests(server: ServerProcess, guard: Guard) -> No
     assert not [a for a in answers if a.problem], _report(answers)
     statuses = {a.status for a in answers}
     assert {200, 400, 404, 405} <= statuses, statuses  # the mutations reached every outcome
+    misnamed = [str(a) for a in answers if _wrong_type_of_number(a.case) and not _names_field(a)]
+    assert not misnamed, "wrong types in number fields not refused naming the field:\n" + "\n".join(misnamed)
     print(f"{len(cases)} hostile requests in {elapsed_s:.1f} s")
     guard.check()
 

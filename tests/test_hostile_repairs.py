@@ -167,3 +167,26 @@ def test_max_queue_zero_still_serves_free_slots(one_worker_server: ServerProcess
 
     statuses = sorted(r[0] for r in asyncio.run(run()))
     assert statuses.count(200) >= 2 and set(statuses) <= {200, 429}, statuses
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        (CHAT, {"top_k": 2**63}, "top_k"),  # was an int64 overflow in the host: 500
+        (CHAT, {"seed": 2**64 - 1, "n": 3}, "seed"),  # seed + i overflowed torch's seed range: 500
+        (CHAT, {"n": True}, "n"),  # booleans were read as 1 and 0
+        (CHAT, {"temperature": False}, "temperature"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/completions", {"prompt": [1] * 5000}, "prompt"),  # the context error named messages
+    ],
+)
+def test_out_of_range_and_mistyped_fields_are_400_naming_them(
+    server: ServerProcess, path: str, fields: dict[str, Any], param: str
+) -> None:
+    base: dict[str, Any] = {"model": MODEL, "max_tokens": 2}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "hi"})
+    resp = httpx.post(f"{server.base_url}{path}", json={**base, **fields}, timeout=60)
+    assert resp.status_code == 400, resp.text[:300]
+    assert error_problem(resp.json()) is None
+    assert resp.json()["error"]["param"] == param
+    assert reference_reply(server.base_url) == REFERENCE_REPLY

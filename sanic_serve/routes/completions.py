@@ -75,7 +75,7 @@ async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice
     echoes: list[str] = []
     all_ids = await off_the_loop(request, _all_prompt_ids, bundle, req)
     for p, (prompt, ids) in enumerate(zip(req.prompts(), all_ids, strict=True)):
-        budget = completion_budget(bundle, len(ids), req.max_new_tokens)
+        budget = completion_budget(bundle, len(ids), req.max_new_tokens, prompt_param="prompt")
         sampling = sampling_params(req, bundle, budget)
         if k > (req.n or 1):  # candidates are ranked by their tokens' logprobs
             sampling = sampling.replace(logprobs=max(sampling.logprobs, 0))

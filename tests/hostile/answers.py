@@ -29,6 +29,7 @@ class Answer:
     case: Case
     status: int | None
     problem: str | None  # None: the answer kept every rule
+    param: str | None = None  # an error's ``param``
 
     def __str__(self) -> str:
         return f"{self.case.label!r} -> {self.status}: {self.problem}"
@@ -144,7 +145,10 @@ async def _send(client: httpx.AsyncClient, case: Case) -> Answer:
         return Answer(case, None, f"no answer within {PER_REQUEST_TIMEOUT_S} s")
     except httpx.HTTPError as exc:
         return Answer(case, None, f"transport failure: {type(exc).__name__}: {exc}")
-    return Answer(case, resp.status_code, judge(case, resp))
+    answer = Answer(case, resp.status_code, judge(case, resp))
+    if resp.status_code >= 400 and answer.problem is None and case.method != "HEAD":
+        answer.param = resp.json()["error"]["param"]
+    return answer
 
 
 async def _run(base_url: str, cases: list[Case], concurrency: int) -> list[Answer]:
