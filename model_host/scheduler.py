@@ -55,8 +55,14 @@ class Scheduler:
         key = (request.worker_index, request.request_id)
         if request.task is Task.GENERATE and not request.payload.prompt_token_ids:  # type: ignore[union-attr]
             return error_output(key, ErrorKind.INVALID_REQUEST, "the prompt is empty")
-        if request.task is Task.EMBED and not all(request.payload.inputs):  # type: ignore[union-attr]
-            return error_output(key, ErrorKind.INVALID_REQUEST, "an input is empty")
+        if request.task is Task.EMBED:
+            inputs = request.payload.inputs  # type: ignore[union-attr]
+            # No inputs at all would never finish: the embedding runner ends a request with the
+            # frame of its last input, and would hold the head of the queue meanwhile.
+            if not inputs:
+                return error_output(key, ErrorKind.INVALID_REQUEST, "there are no inputs")
+            if not all(inputs):
+                return error_output(key, ErrorKind.INVALID_REQUEST, "an input is empty")
         # ``max_queue`` counts requests that wait for a batch slot: those that will start at the
         # next step (free slots) are not queued behind anyone, so 0 means "no waiting room".
         free_slots = max(0, self.max_batch_size - num_running)

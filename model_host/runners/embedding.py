@@ -73,7 +73,10 @@ class EmbeddingRunner(Runner):
 
     def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        while room > len(self._jobs) and (head := queue.head()) is not None and head.model_path == self.path:
+        # ``room`` is the free slots, after those this runner's unfinished jobs already hold: only
+        # jobs started now count against it.
+        started = 0
+        while room > started and (head := queue.head()) is not None and head.model_path == self.path:
             payload = head.request.payload
             assert isinstance(payload, Embed)
             reason = self._refusal(payload)
@@ -83,6 +86,7 @@ class EmbeddingRunner(Runner):
                 continue
             queue.account(sum(len(ids) for ids in payload.inputs), 0)
             self._jobs.append(_Job(head.key, payload.inputs))
+            started += 1
             if self._rows_fitting(budget_tokens) < sum(len(j.inputs) - j.next_row for j in self._jobs):
                 break  # enough for this step; the rest of the queue waits for the next one
         return outputs + self._encode(budget_tokens)
