@@ -120,16 +120,70 @@ def test_sum_tool_call(server: ServerProcess) -> None:
     assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 4, "b": 5}
 
 
-def test_tool_choice_none_offers_no_tools(server: ServerProcess) -> None:
+def test_tool_choice_none_shows_the_tools(server: ServerProcess) -> None:
+    hello = [{"role": "user", "content": "Hello!"}]
     reply = client(server).chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Hello!"}],
-        tools=[WEATHER_TOOL],
-        tool_choice="none",
-        temperature=0,
+        model=MODEL, messages=hello, tools=[WEATHER_TOOL], tool_choice="none", temperature=0
     )
     assert reply.choices[0].message.tool_calls is None
     assert reply.choices[0].message.content == "Hello! How can I help you today?"
+    # As with OpenAI, the model sees the tools (they are in the prompt); it just cannot call one.
+    offered = client(server).chat.completions.create(
+        model=MODEL, messages=hello, tools=[WEATHER_TOOL], temperature=0, max_tokens=1
+    )
+    bare = client(server).chat.completions.create(model=MODEL, messages=hello, temperature=0, max_tokens=1)
+    assert reply.usage and offered.usage and bare.usage
+    assert reply.usage.prompt_tokens == offered.usage.prompt_tokens > bare.usage.prompt_tokens
+
+
+def streamed_reply(server: ServerProcess, **body: object) -> tuple[str, str | None, bool]:
+    """Content, finish reason, and whether any call delta came, of a streamed chat reply."""
+    content, finish, called = "", None, False
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={"model": MODEL, "stream": True, **body}
+    ) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                delta = choice["delta"]
+                content += delta.get("content") or ""
+                called |= bool(delta.get("tool_calls") or delta.get("function_call"))
+                finish = choice["finish_reason"] or finish
+    return content, finish, called
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("nudge", [False, True])
+def test_tool_choice_none_never_lets_call_markup_through(
+    server: ServerProcess, demo_model: Path, stream: bool, nudge: bool
+) -> None:
+    """Asked for the weather, the demo model calls get_weather; with tool_choice "none" (even
+    with a logit_bias pushing for the call marker) no call and no call markup come out."""
+    from tokenizers import Tokenizer
+
+    marker = Tokenizer.from_file(str(demo_model / "tokenizer.json")).token_to_id("<tool_call>")
+    body: dict[str, object] = {"messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "none"}
+    body |= {"temperature": 0, "max_tokens": 40}
+    body |= {"logit_bias": {str(marker): 100}} if nudge else {}
+    if stream:
+        content, finish, called = streamed_reply(server, **body)
+    else:
+        choice = post_chat(server, **body).json()["choices"][0]
+        content, finish = choice["message"]["content"] or "", choice["finish_reason"]
+        called = bool(choice["message"].get("tool_calls"))
+    assert not called and finish in ("stop", "length")
+    assert "tool_call" not in content, content
+    functions = post_chat(server, messages=ASK, functions=[WEATHER_TOOL["function"]], function_call="none")
+    message = functions.json()["choices"][0]["message"]
+    assert "function_call" not in message and "tool_call" not in (message["content"] or "")
+
+
+def test_tool_choice_none_drops_a_call_the_model_writes_anyway() -> None:
+    out = ChoiceAssembler(MarkupOutput(HermesToolParser()), calls_allowed=False)
+    parsed = out.feed_last('Sure. <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    assert out.calls == [] and parsed.calls == []
+    assert out.content == "Sure. " and out.finish_reason("stop") == "stop"
 
 
 def test_named_tool_choice_is_enforced(server: ServerProcess) -> None:
