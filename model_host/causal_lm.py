@@ -65,6 +65,11 @@ class CausalLM:
         out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
         return (out.logits if all_logits else out.logits[:, -1, :]), out[self.cache_arg]
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the input embedding has rows for (an id past it would fail the whole batch)."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
     @classmethod
     def load(cls, path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> CausalLM:
         from transformers import AutoModelForCausalLM

@@ -187,6 +187,17 @@ def test_a_task_the_model_does_not_serve(make_host: HostFactory, demo: str) -> N
     assert len(host.tokens(2)) == 2
 
 
+def test_a_token_id_outside_the_vocabulary_fails_only_its_request(make_host: HostFactory, demo: str) -> None:
+    host = make_host()
+    host.add(0, demo, generate(prompt(5, 3), 2, stop=()))
+    host.add(1, demo, generate((5, 10**6, 7), 2, stop=()))  # prefilled in the same group otherwise
+    host.add(2, demo, generate(prompt(6, 4), 2, stop=()))
+    host.run()
+    frame = host.last(1)
+    assert frame.error is not None and frame.error.kind is ErrorKind.INVALID_REQUEST
+    assert len(host.tokens(0)) == 2 and len(host.tokens(2)) == 2
+
+
 def test_empty_prompts_are_refused(make_host: HostFactory, demo: str) -> None:
     host = make_host()
     empty: list[tuple[int, str, Payload]] = [

@@ -199,6 +199,9 @@ class CausalRunner(Runner):
         if len(seq.prompt) >= self.model.max_context:
             context = self.model.max_context
             return f"prompt of {len(seq.prompt)} tokens does not fit the model's context of {context}"
+        vocab = self.model.vocab_size
+        if not all(0 <= t < vocab for t in seq.prompt):
+            return f"the prompt has token ids outside the model's vocabulary [0, {vocab})"
         if seq.params.grammar:
             try:
                 seq.matcher = self.model.matcher(seq.params.grammar, seq.params.stop_token_ids)
