@@ -78,7 +78,7 @@ def _as_documented(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "choices": choices}
 
 
-def _stream_problem(path: str, text: str) -> str | None:
+def stream_problem(path: str, text: str) -> str | None:
     events = [e for e in text.split("\n\n") if e.strip()]
     schema = _STREAM_SCHEMA.get(path)
     if schema is not None:  # OpenAI's streams end so; /load_model's (transformers serve's) do not
@@ -121,7 +121,7 @@ def judge(case: Case, resp: httpx.Response) -> str | None:
             return f"error body is not JSON: {resp.text[:200]!r}"
         return error_problem(body)
     if ctype.startswith("text/event-stream"):
-        return _stream_problem(resp.request.url.path, resp.text)
+        return stream_problem(resp.request.url.path, resp.text)
     try:
         body = resp.json()
     except ValueError:
