@@ -187,3 +187,92 @@ def test_logit_bias_bans_a_token(server: ServerProcess, demo_model: Path) -> Non
     assert not (banned.choices[0].message.content or "").startswith("Hello")
     first_tokens = [e.token for e in banned.choices[0].logprobs.content]  # type: ignore[union-attr]
     assert "Hello" not in first_tokens
+
+
+BOOL = {"type": "boolean"}
+BOUNDED_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": obj({"city": {"type": "string", "maxLength": 8}, "units": {"enum": ["c", "f"]}}),
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "count",
+            "parameters": obj({"n": {"type": "integer", "maximum": 99, "minimum": 0}, "ok": BOOL}),
+        },
+    },
+]
+BOUNDED_SCHEMA = obj(
+    {
+        "name": {"type": "string", "maxLength": 8},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+        "n": INT,
+    }
+)
+
+
+def test_constrained_json_has_no_room_for_padding(server: ServerProcess, random_model: Path) -> None:
+    """JSON under a grammar is laid out one way, with no free whitespace: a random model pushed
+    towards blanks (a logit_bias on every whitespace token), which would otherwise pad between
+    JSON tokens for ever, always closes a bounded call or object within 120 tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(random_model / "tokenizer.json"))
+    blanks = [i for i in range(tokenizer.get_vocab_size()) if tokenizer.decode([i]).isspace()]
+    assert blanks
+
+    async def run() -> list[openai.types.chat.ChatCompletion]:
+        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+        common: dict[str, Any] = {"model": str(random_model), "temperature": 1.0, "max_tokens": 120}
+        common["logit_bias"] = {str(i): 10 for i in blanks}
+        calls = [
+            c.chat.completions.create(
+                messages=[{"role": "user", "content": f"call {seed}"}],
+                tools=BOUNDED_TOOLS,  # type: ignore[arg-type]
+                tool_choice="required",
+                seed=seed,
+                **common,
+            )
+            for seed in range(10)
+        ]
+        fmt = {"type": "json_schema", "json_schema": {"name": "bounded", "schema": BOUNDED_SCHEMA}}
+        objects = [
+            c.chat.completions.create(
+                messages=[{"role": "user", "content": f"object {seed}"}],
+                response_format=fmt,  # type: ignore[arg-type]
+                seed=seed,
+                **common,
+            )
+            for seed in range(10)
+        ]
+        try:
+            return list(await asyncio.gather(*calls, *objects))
+        finally:
+            await c.close()
+
+    replies = asyncio.run(run())
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
+    for reply in replies[:10]:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls or []
+        jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name])
+    for reply in replies[10:]:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content or ""), BOUNDED_SCHEMA)
+
+
+def test_call_grammars_fix_the_json_layout() -> None:
+    from sanic_serve.call_grammar import forced_call_grammar
+
+    params = obj({"n": INT, "xs": {"type": "array"}})
+    for markup in ("hermes", "llama3_json", "mistral", "qwen3_xml", "gemma4"):
+        grammar = forced_call_grammar(
+            markup, [{"type": "function", "function": {"name": "f", "parameters": params}}], None
+        )
+        assert grammar.count("%json") == grammar.count('"whitespace_flexible": false') > 0, markup
