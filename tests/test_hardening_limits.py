@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 import statistics
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from tests.server import ServerProcess
 from tests.test_errors import assert_error
+from tests.test_hardening import assert_plain_5xx
 
 MODEL = "hfserve-demo"
 TIMEOUT_S = 2
@@ -26,6 +28,7 @@ TIMEOUT_S = 2
 @pytest.fixture(scope="module")
 def tight(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
     args = ("--max-queue", "0", "--max-batch-size", "1", "--request-timeout-s", str(TIMEOUT_S))
+    args += ("--trust-remote-code",)  # for the model whose forward pass raises
     with ServerProcess.start(cache_dir, workers=1, args=args) as srv:
         yield srv
 
@@ -142,3 +145,30 @@ def test_a_5_mb_message_does_not_stall_small_requests(tight: ServerProcess) -> N
     # The big one was still being tokenised while the small ones ran, then failed as it should.
     assert big["done"] > small_done, "the big request finished first: nothing was measured"
     assert big["status"] == 400 and big["body"]["error"]["code"] == "context_length_exceeded"
+
+
+# -- 5xx -----------------------------------------------------------------------------------------
+BOOM = """from transformers import Qwen2ForCausalLM
+
+
+class BoomForCausalLM(Qwen2ForCausalLM):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("secret internals in /srv/weights/boom.bin")
+"""
+
+
+def test_generation_failure_says_what_failed_and_names_the_request(
+    tight: ServerProcess, demo_model: Path, tmp_path: Path
+) -> None:
+    boom = tmp_path / "boom"  # the demo model, with a forward pass that raises
+    shutil.copytree(demo_model, boom)
+    (boom / "modeling_boom.py").write_text(BOOM)
+    config = json.loads((boom / "config.json").read_text())
+    config |= {"architectures": ["BoomForCausalLM"]}
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_boom.BoomForCausalLM"}
+    (boom / "config.json").write_text(json.dumps(config))
+    resp = small_chat(tight, model=str(boom))
+    assert_plain_5xx(tight, resp, "generation_failed", ("secret", "RuntimeError", "boom.bin"))
+    assert resp.json()["error"]["message"].startswith("Generation failed (request id req_")
+    assert "secret internals" in tight.log_text()  # the log has it all
+    assert small_chat(tight).status_code == 200  # the host lives on
