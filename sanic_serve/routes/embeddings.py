@@ -15,7 +15,7 @@ from sanic_serve.requests import admit, off_the_loop, parse_json_body
 bp = Blueprint("embeddings")
 
 
-@bp.post("/v1/embeddings")
+@bp.post("/v1/embeddings", ctx_large_body=True)
 async def create_embeddings(request: Request) -> HTTPResponse:
     req = parse_embedding_request(parse_json_body(request))
     bundle = await admit(request, req.model, ModelKind.EMBEDDING)
