@@ -10,7 +10,7 @@ and weights, no ``modules.json``) gets mean pooling without normalisation, as se
 gives it.
 
 The HTTP side tokenizes (with the special tokens the tokenizer adds) and validates lengths. It
-reads the same files itself (:func:`sanic_serve.embedding_spec.read_embedding_spec`: workers import
+reads the same files itself (:func:`sanic_serve.embeddings.spec.read_embedding_spec`: workers import
 nothing from the model host but its IPC), and a test keeps the two readings in agreement.
 """
 

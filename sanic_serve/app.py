@@ -28,10 +28,13 @@ from model_host.ipc.channels import Channels, HostSide
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import StatusField
 from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedRequest
+from sanic_serve.chat import route as chat
+from sanic_serve.completions import route as completions
 from sanic_serve.config import ServerConfig
+from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.models import ModelResolver
-from sanic_serve.routes import chat, completions, embeddings, health, loading, models
+from sanic_serve.routes import health, loading, models
 
 log = logging.getLogger("hfserve")
 

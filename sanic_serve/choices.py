@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_host.ipc import HostClient, SamplingParams
-from sanic_serve.chat_output import ChoiceAssembler
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelBundle
+from sanic_serve.parsing.assembler import ChoiceAssembler
 
 
 @dataclass

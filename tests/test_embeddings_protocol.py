@@ -23,8 +23,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from sanic_serve.embedding_spec import EmbeddingSpec, load_embedding_tokenizer, read_embedding_spec
-from sanic_serve.embeddings import (
+from sanic_serve.embeddings.protocol import (
     MAX_INPUTS,
     EmbeddingRequest,
     embedding_response,
@@ -32,6 +31,7 @@ from sanic_serve.embeddings import (
     parse_embedding_request,
     tokenize_inputs,
 )
+from sanic_serve.embeddings.spec import EmbeddingSpec, load_embedding_tokenizer, read_embedding_spec
 from sanic_serve.errors import InvalidRequest
 from tests.openapi import validate
 

@@ -15,9 +15,10 @@ import torch
 
 from model_host.prefix_cache import PrefixCache
 from model_host.registry import ModelRegistry
+from sanic_serve.chat.request import parse_chat_request
+from sanic_serve.completions.request import parse_completion_request
 from sanic_serve.errors import APIError
 from sanic_serve.generation_config import config_stop_token_ids, config_temperature
-from sanic_serve.protocol import parse_chat_request, parse_completion_request
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 

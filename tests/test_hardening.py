@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sanic_serve.chat_types import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, check_json_limits
+from sanic_serve.chat.types import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, check_json_limits
 from tests.server import ServerProcess, model_with_template
 from tests.test_errors import assert_error
 

@@ -72,7 +72,9 @@ def test_judge_catches_bad_answers() -> None:
 
 def _wrong_type_of_number(case: Case) -> bool:
     """A mutation that puts a boolean, object, array or word into a number field hfserve honours."""
-    from sanic_serve.protocol import ChatCompletionRequest, CompletionRequest, _number_fields
+    from sanic_serve.chat.request import ChatCompletionRequest
+    from sanic_serve.completions.request import CompletionRequest
+    from sanic_serve.protocol import _number_fields
 
     route, name, mutation = (case.label.split(" ", 2) + ["", ""])[:3]
     model = {"chat": ChatCompletionRequest, "completions": CompletionRequest}.get(route)

@@ -9,7 +9,7 @@ import sys
 def test_importing_http_side_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import sanic_serve.app, sanic_serve.routes.chat, sanic_serve.prompt\n"
+        "import sanic_serve.app, sanic_serve.chat.route, sanic_serve.chat.prompt\n"
         "import model_host.ipc, model_host.main, cli.start\n"
         "from sanic_serve.app import create_app\n"
         "from sanic_serve.config import ServerConfig\n"

@@ -142,12 +142,9 @@ def test_models_match_schema(server: ServerProcess) -> None:
 @pytest.mark.parametrize("endpoint", ["CreateChatCompletionRequest", "CreateCompletionRequest"])
 def test_every_request_field_of_the_spec_is_handled(endpoint: str) -> None:
     """Each request field of the spec is honoured, a documented no-op, or refused."""
-    from sanic_serve.protocol import (
-        _UNSUPPORTED_DEFAULTS,
-        NO_OP_FIELDS,
-        ChatCompletionRequest,
-        CompletionRequest,
-    )
+    from sanic_serve.chat.request import ChatCompletionRequest
+    from sanic_serve.completions.request import CompletionRequest
+    from sanic_serve.protocol import NO_OP_FIELDS, UNSUPPORTED_DEFAULTS
     from tests.openapi import SPEC_PATH
 
     schemas = json.loads(SPEC_PATH.read_text())["components"]["schemas"]
@@ -162,7 +159,7 @@ def test_every_request_field_of_the_spec_is_handled(endpoint: str) -> None:
     spec = fields(endpoint)
     assert {"model", "n", "logprobs", "stream"} <= spec  # the walk above really found the fields
     if endpoint == "CreateChatCompletionRequest":
-        handled = set(ChatCompletionRequest.model_fields) | NO_OP_FIELDS | set(_UNSUPPORTED_DEFAULTS)
+        handled = set(ChatCompletionRequest.model_fields) | NO_OP_FIELDS | set(UNSUPPORTED_DEFAULTS)
     else:
         handled = set(CompletionRequest.model_fields) | NO_OP_FIELDS  # all honoured
     assert spec - handled == set()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from sanic_serve.reasoning import ReasoningParser, prompt_opens_reasoning
+from sanic_serve.parsing.reasoning import ReasoningParser, prompt_opens_reasoning
 from tests.server import ServerProcess, model_with_template
 
 

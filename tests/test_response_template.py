@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
-from sanic_serve.response_template import FALLBACK_TEMPLATES, TemplateParser, template_call_markup
+from sanic_serve.parsing.response_template import FALLBACK_TEMPLATES, TemplateParser, template_call_markup
 from tests.server import ServerProcess, model_with_template
 
 # The shapes tokenizers ship: Qwen 2/3's, and the fallbacks for Qwen 3.5 and Gemma 4.

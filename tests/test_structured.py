@@ -268,7 +268,7 @@ def test_constrained_json_has_no_room_for_padding(server: ServerProcess, random_
 
 
 def test_call_grammars_fix_the_json_layout() -> None:
-    from sanic_serve.call_grammar import forced_call_grammar
+    from sanic_serve.parsing.call_grammar import forced_call_grammar
 
     params = obj({"n": INT, "xs": {"type": "array"}})
     for markup in ("hermes", "llama3_json", "mistral", "qwen3_xml", "gemma4"):

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
-from sanic_serve.chat_output import ChoiceAssembler, MarkupOutput
-from sanic_serve.tool_parsers import HermesToolParser
+from sanic_serve.parsing.assembler import ChoiceAssembler, MarkupOutput
+from sanic_serve.parsing.tool_parsers import HermesToolParser
 from tests.openapi import validate
 from tests.server import ServerProcess
 
@@ -251,7 +251,7 @@ def _run(parser_cls: type, text: str, size: int) -> tuple[str, list[tuple[str, d
 
 @pytest.mark.parametrize("size", [1, 3, 100])
 def test_llama3_json_parser(size: int) -> None:
-    from sanic_serve.tool_parsers import Llama3JsonToolParser as P
+    from sanic_serve.parsing.tool_parsers import Llama3JsonToolParser as P
 
     call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
     assert _run(P, call, size) == ("", [("get_weather", {"city": "Paris"})])
@@ -262,7 +262,7 @@ def test_llama3_json_parser(size: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 4, 100])
 def test_mistral_parser(size: int) -> None:
-    from sanic_serve.tool_parsers import MistralToolParser as P
+    from sanic_serve.parsing.tool_parsers import MistralToolParser as P
 
     body = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3, "b": 4}}]'
     expected = [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
@@ -272,7 +272,7 @@ def test_mistral_parser(size: int) -> None:
 
 
 def test_parser_detection() -> None:
-    from sanic_serve.tool_parsers import detect_parser
+    from sanic_serve.parsing.tool_parsers import detect_parser
 
     assert detect_parser("... <tool_call> ...") == "hermes"
     assert detect_parser("{{ '[TOOL_CALLS]' }}") == "mistral"

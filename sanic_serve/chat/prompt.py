@@ -78,21 +78,3 @@ def reasoning_controls(bundle: ModelBundle, effort: str) -> dict[str, Any]:
         f"The model `{bundle.id}` has no reasoning control in its chat template.",
         param="reasoning_effort",
     )
-
-
-def completion_budget(
-    bundle: ModelBundle, prompt_tokens: int, requested: int | None, prompt_param: str = "messages"
-) -> int:
-    """How many tokens may be generated; a request that cannot fit is a 400, as OpenAI does,
-    naming the field that holds the prompt (``messages``, or ``prompt`` for text completions)."""
-    room = bundle.max_context - prompt_tokens
-    if room <= 0 or (requested is not None and requested > room):
-        wanted = prompt_tokens + (requested or 0)
-        raise InvalidRequest(
-            f"This model's maximum context length is {bundle.max_context} tokens. However, you "
-            f"requested {wanted} tokens ({prompt_tokens} in the {prompt_param}, {requested or 0} in the "
-            f"completion). Please reduce the length of the {prompt_param} or completion.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    return requested if requested is not None else room

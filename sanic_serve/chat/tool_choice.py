@@ -15,17 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sanic_serve.call_grammar import GEMMA_MARKUP, XML_MARKUP
 from sanic_serve.models import ModelBundle
+from sanic_serve.parsing.call_grammar import GEMMA_MARKUP, XML_MARKUP
 
-# By call markup (see sanic_serve.call_grammar): the marker that opens a call, then the others.
+# By call markup (see sanic_serve.parsing.call_grammar): the marker that opens a call, then the others.
 _CALL_MARKERS: dict[str, tuple[str, ...]] = {
     "hermes": ("<tool_call>", "</tool_call>"),
     XML_MARKUP: ("<tool_call>", "</tool_call>"),
     "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
     GEMMA_MARKUP: ("<|tool_call>", "<tool_call|>"),
 }
-BANNED = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,3 @@ def tool_use(bundle: ModelBundle, tools: list[dict[str, Any]] | None, choice_non
         return ToolUse(tools, tools)
     banned = call_marker_tokens(bundle)
     return ToolUse(tools if banned else None, tools, banned, calls_allowed=False)
-
-
-def ban(logit_bias: tuple[tuple[int, float], ...], tokens: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
-    """``logit_bias`` with ``tokens`` banned; the ban wins over the request's own bias for them."""
-    return (*((t, b) for t, b in logit_bias if t not in tokens), *((t, BANNED) for t in tokens))

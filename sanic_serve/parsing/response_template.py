@@ -16,8 +16,8 @@ from typing import Any
 from transformers.utils.chat_parsing import ResponseParser
 from transformers.utils.chat_parsing.response_templates import load_response_template
 
-from sanic_serve.call_grammar import GEMMA_MARKUP, XML_MARKUP
-from sanic_serve.tool_parsers import Parsed, ToolCall, call_from_object
+from sanic_serve.parsing.call_grammar import GEMMA_MARKUP, XML_MARKUP
+from sanic_serve.parsing.tool_parsers import Parsed, ToolCall, call_from_object
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def read_response_template(
 
 
 def template_call_markup(template: dict[str, Any]) -> str | None:
-    """The call markup (see sanic_serve.call_grammar) the template's tool calls are written in,
+    """The call markup (see sanic_serve.parsing.call_grammar) the template's tool calls are written in,
     if it is a known one: what ``tool_choice`` ``required``/named constrains generation to."""
     field = template.get("fields", {}).get(TOOL_CALLS)
     if not isinstance(field, dict):

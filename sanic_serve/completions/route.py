@@ -12,12 +12,11 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
 from sanic_serve.choices import Choice, fan_out, merged, usage
+from sanic_serve.completions.request import CompletionRequest, parse_completion_request
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
 from sanic_serve.models import ModelBundle
-from sanic_serve.prompt import completion_budget
-from sanic_serve.protocol import CompletionRequest, parse_completion_request
-from sanic_serve.requests import admit, off_the_loop, parse_json_body, sampling_params
+from sanic_serve.requests import admit, completion_budget, off_the_loop, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, event
 
 bp = Blueprint("completions")
@@ -76,9 +75,8 @@ async def prepare(request: Request, req: CompletionRequest) -> tuple[list[Choice
     all_ids = await off_the_loop(request, _all_prompt_ids, bundle, req)
     for p, (prompt, ids) in enumerate(zip(req.prompts(), all_ids, strict=True)):
         budget = completion_budget(bundle, len(ids), req.max_new_tokens, prompt_param="prompt")
-        sampling = sampling_params(req, bundle, budget)
-        if k > (req.n or 1):  # candidates are ranked by their tokens' logprobs
-            sampling = sampling.replace(logprobs=max(sampling.logprobs, 0))
+        # Candidates beyond n are ranked by their tokens' logprobs.
+        sampling = sampling_params(req, bundle, budget, min_logprobs=0 if k > (req.n or 1) else -1)
         choices += fan_out(client, bundle, ids, sampling, req.stop_strings, k, first_index=p * k)
         text = prompt if isinstance(prompt, str) else bundle.tokenizer.decode(ids)
         echoes += [text] * k

@@ -1,4 +1,4 @@
-"""``POST /v1/embeddings``: OpenAI's ``CreateEmbeddingRequest`` (see :mod:`sanic_serve.embeddings`)."""
+"""``POST /v1/embeddings``: OpenAI's ``CreateEmbeddingRequest`` (see ``embeddings.protocol``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc import FinishReason, HostClient
 from model_host.ipc.model_kind import ModelKind
-from sanic_serve.embeddings import embedding_response, parse_embedding_request, tokenize_inputs
+from sanic_serve.embeddings.protocol import embedding_response, parse_embedding_request, tokenize_inputs
 from sanic_serve.errors import ServerError, from_host_error
 from sanic_serve.requests import admit, off_the_loop, parse_json_body
 

@@ -11,17 +11,17 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
-from sanic_serve.call_grammar import forced_call_grammar
-from sanic_serve.chat_output import ChoiceAssembler, output_parser
-from sanic_serve.chat_types import refuse_media
+from sanic_serve.chat.prompt import reasoning_controls, render_chat
+from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
+from sanic_serve.chat.tool_choice import tool_use
+from sanic_serve.chat.types import refuse_media
 from sanic_serve.choices import Choice, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
-from sanic_serve.prompt import completion_budget, reasoning_controls, render_chat
-from sanic_serve.protocol import ChatCompletionRequest, parse_chat_request
-from sanic_serve.requests import admit, off_the_loop, parse_json_body, sampling_params
+from sanic_serve.parsing.assembler import ChoiceAssembler, output_parser
+from sanic_serve.parsing.call_grammar import forced_call_grammar
+from sanic_serve.requests import admit, completion_budget, off_the_loop, parse_json_body, sampling_params
 from sanic_serve.sse import DONE, SYSTEM_FINGERPRINT, ChunkFactory, event
-from sanic_serve.tool_choice import ban, tool_use
 
 bp = Blueprint("chat")
 
@@ -48,9 +48,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         generation_prompt=req.add_generation_prompt,
     )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
-    sampling = sampling_params(req, bundle, budget)
-    if use.banned_tokens:
-        sampling = sampling.replace(logit_bias=ban(sampling.logit_bias, use.banned_tokens))
+    grammar = None
     forced = req.forced_tool()
     if forced is not None:
         if bundle.call_markup is None:
@@ -62,7 +60,7 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         grammar = forced_call_grammar(
             bundle.call_markup, tools or [], forced or None, bundle.tokenizer.token_to_id
         )
-        sampling = sampling.replace(grammar=grammar)
+    sampling = sampling_params(req, bundle, budget, grammar=grammar, banned_tokens=use.banned_tokens)
     return fan_out(
         client,
         bundle,

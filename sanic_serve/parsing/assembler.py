@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from sanic_serve.models import ModelBundle
-from sanic_serve.reasoning import ReasoningParser, Split, prompt_opens_reasoning
-from sanic_serve.response_template import TemplateParser
-from sanic_serve.tool_parsers import PARSERS, Parsed, ToolCall, ToolParser
+from sanic_serve.parsing.reasoning import ReasoningParser, Split, prompt_opens_reasoning
+from sanic_serve.parsing.response_template import TemplateParser
+from sanic_serve.parsing.tool_parsers import PARSERS, Parsed, ToolCall, ToolParser
 
 
 class OutputParser(Protocol):

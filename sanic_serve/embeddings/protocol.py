@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
-from sanic_serve.embedding_spec import EmbeddingSpec
+from sanic_serve.embeddings.spec import EmbeddingSpec
 from sanic_serve.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def tokenize_inputs(
 ) -> list[list[int]]:
     """Each input's token ids with the special tokens, cut or refused by the model's limit.
 
-    ``tokenizer`` comes from :func:`sanic_serve.embedding_spec.load_embedding_tokenizer` (no
+    ``tokenizer`` comes from :func:`sanic_serve.embeddings.spec.load_embedding_tokenizer` (no
     truncation or padding of its own)."""
     check_dimensions(req, spec, model_id)
     limit = _limit(req, spec, tokenizer)
