@@ -5,7 +5,7 @@ encoder, usually saved in the folder's root), a ``Pooling`` (``1_Pooling/config.
 ``Dense`` projections and a final ``Normalize``. :class:`EmbeddingModel` rebuilds exactly that
 pipeline on top of ``transformers.AutoModel`` without importing sentence-transformers, and refuses
 (with :class:`EmbeddingLoadError`) anything it cannot reproduce rather than embedding differently.
-The files are read in :mod:`model_host.embedding_files`. A bare encoder folder (``config.json``
+The files are read in :mod:`model_host.ipc.embedding_files`. A bare encoder folder (``config.json``
 and weights, no ``modules.json``) gets mean pooling without normalisation, as sentence-transformers
 gives it.
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_host.embedding_files import (
+from model_host.ipc.embedding_files import (
     POOLING_MODES,
     EmbeddingLoadError,
     matryoshka_dims,

@@ -11,8 +11,8 @@ import torch
 
 from model_host.causal_lm import CausalLM
 from model_host.embedding import EmbeddingModel
-from model_host.embedding_files import EmbeddingLoadError
 from model_host.errors import DeviceError, ModelLoadError
+from model_host.ipc.embedding_files import EmbeddingLoadError
 from model_host.ipc.model_kind import ModelKind, detect_kind
 from model_host.prefix_cache import PrefixCache
 from model_host.runners.base import Runner
