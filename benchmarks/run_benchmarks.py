@@ -273,7 +273,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} "
             f"| {t['ratio_to_goal']} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    # Other benchmarks (embeddings_bench.py) keep their own top-level sections after this one.
+    old = path.read_text() if path.exists() else ""
+    others = old.find("\n# ")
+    path.write_text("\n".join(lines) + "\n" + (old[others:] if others >= 0 else ""))
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
