@@ -317,7 +317,37 @@ def test_truncate_prompt_tokens_cuts_long_inputs(
 
     shorter = embed(minilm, long, truncate_prompt_tokens=100, encoding_format="float")
     assert shorter["usage"]["prompt_tokens"] == 100
+    st_model.max_seq_length = 100  # sentence-transformers' own cut: content first, special tokens kept
+    try:
+        ref_100 = st_model.encode([long], normalize_embeddings=True)
+    finally:
+        st_model.max_seq_length = MAX_TOKENS
+    assert_match(vectors_of(shorter), np.asarray(ref_100, dtype=np.float32))
     assert float(vectors_of(shorter)[0] @ vectors_of(cut)[0]) < 0.9999  # it read fewer tokens
+
+    # Token-id input is cut the same way: the first 256 ids of a longer list.
+    ids = _tokenizer().encode(long).ids
+    assert len(ids) > MAX_TOKENS
+    assert_error(post(minilm, "/v1/embeddings", {"model": MODEL, "input": ids}), "input")
+    cut_ids = embed(minilm, [ids], truncate_prompt_tokens=-1, encoding_format="float")
+    assert cut_ids["usage"]["prompt_tokens"] == MAX_TOKENS
+    np.testing.assert_allclose(
+        vectors_of(cut_ids)[0],
+        vectors_of(embed(minilm, [ids[:MAX_TOKENS]], encoding_format="float"))[0],
+        atol=1e-6,
+    )
+
+
+def test_2048_inputs_in_one_request_come_back_in_order(
+    minilm: ServerProcess, st_model: SentenceTransformer
+) -> None:
+    texts = [f"item number {i} of the list" for i in range(2048)]
+    body = embed(minilm, texts, encoding_format="base64")
+    assert [d["index"] for d in body["data"]] == list(range(2048))  # many passes, one order
+    picked = [0, 1, 777, 1500, 2047]
+    ours = np.stack([np.frombuffer(base64.b64decode(body["data"][i]["embedding"]), "<f4") for i in picked])
+    ref = st_model.encode([texts[i] for i in picked], normalize_embeddings=True)
+    assert_match(ours, np.asarray(ref, dtype=np.float32))
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -358,6 +388,12 @@ def test_still_serving_after_refusals(minilm: ServerProcess, reference: np.ndarr
     assert minilm.health().status_code == 200
     assert minilm.host_status()["failed_total"] == 0  # refusals never reached the host as failures
     assert_match(vectors_of(embed(minilm, TEXTS[:3], encoding_format="float")), reference[:3])
+
+
+def test_other_models_are_not_found_under_model(minilm: ServerProcess) -> None:
+    resp = post(minilm, "/v1/embeddings", {"model": "some/other-model", "input": "hello"})
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"]["param"] == "model"
 
 
 def test_generation_endpoints_refuse_the_embedding_model(minilm: ServerProcess) -> None:
