@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -30,11 +30,14 @@ ENCODING_FAILED = "embedding failed"  # the exception's text goes to the log, no
 class _Job:
     key: RequestKey
     inputs: tuple[tuple[int, ...], ...]
-    next_row: int = 0  # rows before it are encoded and sent
+    pending: set[int] = field(default_factory=set)  # inputs not yet encoded
+
+    def __post_init__(self) -> None:
+        self.pending = set(range(len(self.inputs)))
 
     @property
     def done(self) -> bool:
-        return self.next_row >= len(self.inputs)
+        return not self.pending
 
 
 class EmbeddingRunner(Runner):
@@ -87,7 +90,7 @@ class EmbeddingRunner(Runner):
             queue.account(sum(len(ids) for ids in payload.inputs), 0)
             self._jobs.append(_Job(head.key, payload.inputs))
             started += 1
-            if self._rows_fitting(budget_tokens) < sum(len(j.inputs) - j.next_row for j in self._jobs):
+            if self._rows_fitting(budget_tokens) < sum(len(j.pending) for j in self._jobs):
                 break  # enough for this step; the rest of the queue waits for the next one
         return outputs + self._encode(budget_tokens)
 
@@ -100,25 +103,29 @@ class EmbeddingRunner(Runner):
             return str(exc)
         return None
 
+    def _pass(self, budget_tokens: int) -> list[tuple[_Job, int]]:
+        """The waiting rows of one padded pass: shortest first, while rows × the longest row fits
+        the budget (always at least one). Grouping rows of like length wastes little on padding,
+        and a long row waits at most until the shorter rows admitted with it are done: no new
+        request is admitted while rows are left over."""
+        rows = sorted(
+            ((len(job.inputs[i]), n, job, i) for n, job in enumerate(self._jobs) for i in job.pending),
+            key=lambda row: (row[0], row[1], row[3]),
+        )
+        taken: list[tuple[_Job, int]] = []
+        for length, _, job, i in rows:
+            if taken and (len(taken) + 1) * length > budget_tokens:
+                break
+            taken.append((job, i))
+        return taken
+
     def _rows_fitting(self, budget_tokens: int) -> int:
-        """How many of the waiting rows, taken in order, fit the budget as one padded pass."""
-        count, longest = 0, 0
-        for job in self._jobs:
-            for ids in job.inputs[job.next_row :]:
-                longest = max(longest, len(ids))
-                if count and (count + 1) * longest > budget_tokens:
-                    return count
-                count += 1
-        return count
+        return len(self._pass(budget_tokens))
 
     def _encode(self, budget_tokens: int) -> list[StepOutput]:
-        """One forward over the rows that fit (always at least one), then one frame per row."""
-        take = self._rows_fitting(budget_tokens)
-        rows: list[tuple[_Job, int]] = []
-        for job in self._jobs:
-            while job.next_row < len(job.inputs) and len(rows) < take:
-                rows.append((job, job.next_row))
-                job.next_row += 1
+        """One forward over the rows that fit, then one frame per row; the frame of a request's
+        last row to be encoded finishes it."""
+        rows = self._pass(budget_tokens)
         if not rows:
             return []
         try:
@@ -129,14 +136,15 @@ class EmbeddingRunner(Runner):
             for job in failed.values():
                 self._jobs.remove(job)
             return [error_output(k, ErrorKind.GENERATION_FAILED, ENCODING_FAILED) for k in failed]
-        outputs = [self._frame(job, i, vector) for (job, i), vector in zip(rows, vectors, strict=True)]
-        while self._jobs and self._jobs[0].done:
-            self._jobs.popleft()
+        outputs = []
+        for (job, i), vector in zip(rows, vectors, strict=True):
+            job.pending.discard(i)
+            outputs.append(self._frame(job, i, vector))
+        self._jobs = deque(job for job in self._jobs if not job.done)
         return outputs
 
     @staticmethod
     def _frame(job: _Job, index: int, vector: torch.Tensor) -> StepOutput:
         raw = vector.to(device="cpu", dtype=torch.float32).numpy().astype("<f4").tobytes()
-        last = index == len(job.inputs) - 1
-        reason = FinishReason.STOP if last else FinishReason.NONE
+        reason = FinishReason.STOP if job.done else FinishReason.NONE
         return StepOutput(job.key[0], TokenFrame(job.key[1], (), reason, vector=raw, index=index))
