@@ -22,7 +22,7 @@ from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 START_ERROR_TIMEOUT_S = 120
 
 
-def _run_start(cache_dir: Path, *args: str) -> tuple[int, str, list[int]]:
+def _run_start(cache_dir: Path, *args: str) -> tuple[int, str, list[str]]:
     """Run ``hfserve start ARGS`` to its end; returns its exit status, its stderr, and the pids of
     processes of its session still alive afterwards."""
     if "--port" not in args:  # the default port may be taken on this machine
@@ -41,17 +41,27 @@ def _run_start(cache_dir: Path, *args: str) -> tuple[int, str, list[int]]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    left = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(p.info["pid"]) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(p.info["pid"])
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return proc.returncode, err, left
+    return proc.returncode, err, _left_in_session(proc.pid)
 
 
-def _assert_one_line_error(result: tuple[int, str, list[int]], *needles: str) -> None:
+def _left_in_session(sid: int, grace_s: float = 3.0) -> list[str]:
+    """Processes of the server's session still alive ``grace_s`` after it exited (its helpers get
+    a moment to notice), by command line."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getsid(p.info["pid"]) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(" ".join(p.info["cmdline"] or [])[:120])
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _assert_one_line_error(result: tuple[int, str, list[str]], *needles: str) -> None:
     code, err, left = result
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1, err
