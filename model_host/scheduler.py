@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from model_host.errors import ModelLoadError
-from model_host.ipc.messages import AddRequest, ErrorKind, Task, request_ref
+from model_host.ipc.messages import AddRequest, Embed, ErrorKind, Generate, Payload, request_ref
 from model_host.ipc.settings import HostSettings
 from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, error_output
 
@@ -53,16 +53,9 @@ class Scheduler:
     def add(self, request: AddRequest, num_running: int) -> StepOutput | None:
         """Queue a request; an error frame instead when it is refused (queue full, nothing to do)."""
         key = (request.worker_index, request.request_id)
-        if request.task is Task.GENERATE and not request.payload.prompt_token_ids:  # type: ignore[union-attr]
-            return error_output(key, ErrorKind.INVALID_REQUEST, "the prompt is empty")
-        if request.task is Task.EMBED:
-            inputs = request.payload.inputs  # type: ignore[union-attr]
-            # No inputs at all would never finish: the embedding runner ends a request with the
-            # frame of its last input, and would hold the head of the queue meanwhile.
-            if not inputs:
-                return error_output(key, ErrorKind.INVALID_REQUEST, "there are no inputs")
-            if not all(inputs):
-                return error_output(key, ErrorKind.INVALID_REQUEST, "an input is empty")
+        refusal = _refusal(request.payload)
+        if refusal is not None:
+            return error_output(key, ErrorKind.INVALID_REQUEST, refusal)
         # ``max_queue`` counts requests that wait for a batch slot: those that will start at the
         # next step (free slots) are not queued behind anyone, so 0 means "no waiting room".
         free_slots = max(0, self.max_batch_size - num_running)
@@ -116,3 +109,17 @@ class Scheduler:
         if owner is not None and (owner.prefilling or room > 0):
             outputs += owner.admit(self, self.budget_tokens, room)
         return outputs
+
+
+def _refusal(payload: Payload) -> str | None:
+    """What no runner can do anything with (the workers refuse it first)."""
+    if isinstance(payload, Generate) and not payload.prompt_token_ids:
+        return "the prompt is empty"
+    if isinstance(payload, Embed):
+        # No inputs at all would never finish: the embedding runner ends a request with the frame
+        # of its last input, and would hold the head of the queue meanwhile.
+        if not payload.inputs:
+            return "there are no inputs"
+        if not all(payload.inputs):
+            return "an input is empty"
+    return None

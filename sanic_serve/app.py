@@ -138,7 +138,7 @@ def _supervise(app: Sanic, config: ServerConfig, stop: threading.Event) -> None:
             _stop_for_config_error(app)
             return
         # A process that exited 0 was stopped on purpose (shutdown); only crashes are restarted.
-        dead = [p.name for p in manager.processes if not p.is_alive() and p.exitcode not in (None, 0)]
+        dead = [p.name for p in processes if not p.is_alive() and p.exitcode not in (None, 0)]
         # A shutdown starts by stopping processes and only then sets its flag: look again after a
         # moment, so that no process is brought back while the server is going down.
         if dead and (stop.wait(_SUPERVISE_INTERVAL_S) or getattr(manager, "_shutting_down", False)):

@@ -359,14 +359,15 @@ def test_rows_over_the_budget_take_several_steps(make_host: HostFactory, minilm:
     host.add(1, MINILM, Embed((sentence(8, 7000),)))
     host.add(2, MINILM, Embed((sentence(6, 7100),)))
     host.run()
-    assert host.steps_of(0) == [1] * 4 + [2] * 4 + [3] * 2
-    assert vectors(host, 0) == dict(
-        enumerate(encoded(minilm, rows[:4]) + encoded(minilm, rows[4:8]) + encoded(minilm, rows[8:]))
-    )
-    # The requests behind waited for the first's last pass, and share it: 2 + 1 + 1 rows of <= 8.
-    assert host.steps_of(1) == [3] and host.steps_of(2) == [3]
-    last_pass = encoded(minilm, [*rows[8:], sentence(8, 7000), sentence(6, 7100)])
-    assert vectors(host, 1) == {0: last_pass[2]} and vectors(host, 2) == {0: last_pass[3]}
+    # Each pass leads with the oldest waiting row, then takes the shortest: request 2's 6-token
+    # row joins the first pass; request 1's 8-token row waits behind request 0's own rows.
+    assert host.steps_of(0) == [1] * 3 + [2] * 4 + [3] * 3
+    assert host.steps_of(2) == [1] and host.steps_of(1) == [3]
+    first = encoded(minilm, [rows[0], sentence(6, 7100), rows[1], rows[2]])
+    last = encoded(minilm, [rows[7], rows[8], rows[9], sentence(8, 7000)])
+    expected = [first[0], first[2], first[3], *encoded(minilm, rows[3:7]), *last[:3]]
+    assert vectors(host, 0) == dict(enumerate(expected))
+    assert vectors(host, 2) == {0: first[1]} and vectors(host, 1) == {0: last[3]}
 
 
 def test_a_free_slot_takes_a_request_beside_a_long_one(make_host: HostFactory) -> None:

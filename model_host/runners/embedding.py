@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ENCODING_FAILED = "embedding failed"  # the exception's text goes to the log, not to clients
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     key: RequestKey
     inputs: tuple[tuple[int, ...], ...]
@@ -90,8 +90,6 @@ class EmbeddingRunner(Runner):
             queue.account(sum(len(ids) for ids in payload.inputs), 0)
             self._jobs.append(_Job(head.key, payload.inputs))
             started += 1
-            if self._rows_fitting(budget_tokens) < sum(len(j.pending) for j in self._jobs):
-                break  # enough for this step; the rest of the queue waits for the next one
         return outputs + self._encode(budget_tokens)
 
     def _refusal(self, payload: Embed) -> str | None:
@@ -104,23 +102,28 @@ class EmbeddingRunner(Runner):
         return None
 
     def _pass(self, budget_tokens: int) -> list[tuple[_Job, int]]:
-        """The waiting rows of one padded pass: shortest first, while rows × the longest row fits
-        the budget (always at least one). Grouping rows of like length wastes little on padding,
-        and a long row waits at most until the shorter rows admitted with it are done: no new
-        request is admitted while rows are left over."""
-        rows = sorted(
-            ((len(job.inputs[i]), n, job, i) for n, job in enumerate(self._jobs) for i in job.pending),
-            key=lambda row: (row[0], row[1], row[3]),
+        """The rows of one padded pass: the oldest waiting row (so no row waits behind later ones
+        for long), then the other waiting rows shortest first, while rows × the longest fit the
+        budget. Rows of like length share a pass and little is spent on padding; admitting every
+        waiting request of this model gives the pass rows to choose from."""
+        oldest = next((job for job in self._jobs if job.pending), None)
+        if oldest is None:
+            return []
+        first = min(oldest.pending)
+        others = sorted(
+            (len(job.inputs[i]), n, i, job)
+            for n, job in enumerate(self._jobs)
+            for i in job.pending
+            if not (job is oldest and i == first)
         )
-        taken: list[tuple[_Job, int]] = []
-        for length, _, job, i in rows:
-            if taken and (len(taken) + 1) * length > budget_tokens:
+        rows = [(oldest, first)]
+        width = len(oldest.inputs[first])
+        for length, _, i, job in others:
+            if (len(rows) + 1) * max(width, length) > budget_tokens:
                 break
-            taken.append((job, i))
-        return taken
-
-    def _rows_fitting(self, budget_tokens: int) -> int:
-        return len(self._pass(budget_tokens))
+            rows.append((job, i))
+            width = max(width, length)
+        return rows
 
     def _encode(self, budget_tokens: int) -> list[StepOutput]:
         """One forward over the rows that fit, then one frame per row; the frame of a request's
