@@ -133,7 +133,7 @@ def _supervise(app: Sanic, config: ServerConfig, stop: threading.Event) -> None:
         if getattr(manager, "_shutting_down", False):
             return
         _announce_when_ready(app, config)
-        processes = manager.processes
+        processes = list(manager.processes)  # a generator: read it once per tick
         if any(HOST_PROCESS_NAME in p.name and p.exitcode == HOST_CONFIG_ERROR_EXIT for p in processes):
             _stop_for_config_error(app)
             return

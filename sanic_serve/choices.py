@@ -57,6 +57,12 @@ def usage(choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
     }
 
 
+def abort(choices: Sequence[Choice]) -> None:
+    """Stop every unfinished choice in the host at once."""
+    for choice in choices:
+        choice.gen.abort()
+
+
 async def merged(choices: Sequence[Choice]) -> AsyncIterator[tuple[Choice, Delta]]:
     """Deltas of all choices as they come. The first error of any choice is raised; leaving the
     iteration early (error, client gone) cancels every choice, which aborts it in the host."""

@@ -97,7 +97,7 @@ class Generation:
         error. Whatever way the caller stops iterating, an unfinished request is aborted."""
         self._stream = stream = self.client.submit(self.bundle.path, self.prompt_token_ids, self.sampling)
         try:
-            while self.finish_reason is None:
+            while self.finish_reason is None and not (stream.finished and stream.empty):
                 text = ""
                 entries: list[dict[str, Any]] | None = [] if self.sampling.logprobs >= 0 else None
                 for frame in await stream.frames():
@@ -127,3 +127,10 @@ class Generation:
         finally:
             # Stop string hit, client gone, or error: the host must stop spending steps on it.
             self.client.abort(stream)
+
+    def abort(self) -> None:
+        """Stop this generation in the host now, whatever state its reader is in. A client that
+        goes away while its handler awaits a write (not a frame) leaves the reader suspended,
+        and its own clean-up would wait for the garbage collector."""
+        if self._stream is not None:
+            self.client.abort(self._stream)

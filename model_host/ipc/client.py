@@ -58,6 +58,14 @@ class RequestStream:
         self._pending.append(frame)
         self._ready.set()
 
+    def wake(self) -> None:
+        self._ready.set()
+
+    @property
+    def empty(self) -> bool:
+        """No frame waiting to be read."""
+        return not self._pending
+
     async def frames(self) -> list[TokenFrame]:
         await self._ready.wait()
         out = list(self._pending)
@@ -143,6 +151,7 @@ class HostClient:
         if self._streams.pop(stream.request_id, None) is None or stream.finished:
             return
         stream.finished = True
+        stream.wake()  # a reader waiting for frames that will never come returns, with none
         self._send_soon(AbortRequest(stream.request_id, self.worker_index))
 
     def release(self, stream: RequestStream) -> None:

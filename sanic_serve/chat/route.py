@@ -15,7 +15,7 @@ from sanic_serve.chat.prompt import reasoning_controls, render_chat
 from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
 from sanic_serve.chat.tool_choice import tool_use
 from sanic_serve.chat.types import refuse_media
-from sanic_serve.choices import Choice, fan_out, merged, usage
+from sanic_serve.choices import Choice, abort, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
 from sanic_serve.parsing.assembler import ChoiceAssembler, output_parser
@@ -84,6 +84,15 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     req = parse_chat_request(parse_json_body(request))
     refuse_media(req.messages, req.model)
     choices = await prepare(request, req)
+    try:
+        return await _respond(request, req, choices)
+    finally:
+        abort(choices)  # however the response ended (client gone included), nothing runs on
+
+
+async def _respond(
+    request: Request, req: ChatCompletionRequest, choices: list[Choice]
+) -> HTTPResponse | None:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:

@@ -11,7 +11,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
-from sanic_serve.choices import Choice, fan_out, merged, usage
+from sanic_serve.choices import Choice, abort, fan_out, merged, usage
 from sanic_serve.completions.request import CompletionRequest, parse_completion_request
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
@@ -101,6 +101,15 @@ def _best(choices: list[Choice], entries: dict[int, list[dict[str, Any]]], k: in
 async def completions(request: Request) -> HTTPResponse | None:
     req = parse_completion_request(parse_json_body(request))
     choices, echoes = await prepare(request, req)
+    try:
+        return await _respond(request, req, choices, echoes)
+    finally:
+        abort(choices)  # however the response ended (client gone included), nothing runs on
+
+
+async def _respond(
+    request: Request, req: CompletionRequest, choices: list[Choice], echoes: list[str]
+) -> HTTPResponse | None:
     base = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
