@@ -21,8 +21,9 @@ from sanic_serve.parsing.call_grammar import JSON_SEPARATORS
 from sanic_serve.protocol import GenerationFields
 
 T = TypeVar("T")
-# Bodies over this size are tokenised in a thread (about 1 ms of tokenising on a loaded core).
-_OFF_LOOP_MIN_CHARS = 32 * 1024
+# Requests with bodies over this size are tokenised in a thread (about 1 ms of tokenising on a
+# loaded core).
+_OFF_LOOP_MIN_BODY_BYTES = 32 * 1024
 
 
 def parse_json_body(request: Request) -> Any:
@@ -56,14 +57,10 @@ async def off_the_loop(request: Request, fn: Callable[..., T], *args: Any, **kwa
     that one big request never stalls the other requests of this worker's event loop; small
     inputs stay on the loop, where a thread hop would cost more than the work. ``tokenizers``
     releases the GIL while it encodes."""
-    if _input_chars(request) < _OFF_LOOP_MIN_CHARS:
+    if len(request.body or b"") < _OFF_LOOP_MIN_BODY_BYTES:
         return fn(*args, **kwargs)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, partial(fn, *args, **kwargs))
-
-
-def _input_chars(request: Request) -> int:
-    return len(request.body or b"")
 
 
 def completion_budget(
