@@ -133,11 +133,13 @@ class ModelHost:
 
     def _publish_status(self) -> None:
         s = self.status
-        s.set(StatusField.RUNNING, self.engine.num_running)
-        s.set(StatusField.WAITING, self.engine.num_waiting)
+        # Totals before gauges: a reader that sees ``running`` drop to 0 then also sees the
+        # aborts that made it drop (the fields are written one by one, never as a unit).
         s.set(StatusField.ABORTED_TOTAL, self.engine.aborted_total)
         s.set(StatusField.PROMPT_TOKENS_TOTAL, self.engine.prompt_tokens_total)
         s.set(StatusField.CACHED_TOKENS_TOTAL, self.engine.cached_tokens_total)
+        s.set(StatusField.RUNNING, self.engine.num_running)
+        s.set(StatusField.WAITING, self.engine.num_waiting)
         loaded = self.registry.loaded()
         if loaded != self._published_models:
             s.publish_models(loaded)
