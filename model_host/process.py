@@ -53,6 +53,7 @@ class ModelHost:
         self.registry = ModelRegistry(
             settings.device, settings.dtype, settings.trust_remote_code, prefix_cache
         )
+        self.registry.on_load = self._count_load
         self.engine = Engine(self.registry, settings, settings.prefill_budget(self.registry.device.type))
         self.settings = settings
         self.epoch = 0
@@ -130,6 +131,10 @@ class ModelHost:
                 self.status.add(StatusField.FAILED_TOTAL)
             elif out.frame.finish_reason is not FinishReason.NONE:
                 self.status.add(StatusField.FINISHED_TOTAL)
+
+    def _count_load(self, path: str, load_s: float) -> None:
+        self.status.add(StatusField.MODEL_LOAD_MS_TOTAL, round(load_s * 1000))
+        self.status.add(StatusField.MODEL_LOADS_TOTAL)
 
     def _publish_status(self) -> None:
         s = self.status

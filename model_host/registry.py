@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,6 +63,8 @@ class ModelRegistry:
         self.trust_remote_code = trust_remote_code
         self.prefix_cache = prefix_cache
         self._runners: dict[str, Runner] = {}
+        # Told of every completed load (path, seconds): the host counts them for /metrics.
+        self.on_load: Callable[[str, float], None] | None = None
 
     def loaded(self) -> tuple[str, ...]:
         return tuple(self._runners)
@@ -91,14 +94,10 @@ class ModelRegistry:
                 CausalLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
             )
         self._runners[path] = runner
-        log.info(
-            "loaded %s (%s) on %s (%s) in %.2f s",
-            path,
-            kind,
-            self.device,
-            self.dtype,
-            time.monotonic() - started,
-        )
+        load_s = time.monotonic() - started
+        log.info("loaded %s (%s) on %s (%s) in %.2f s", path, kind, self.device, self.dtype, load_s)
+        if self.on_load is not None:
+            self.on_load(path, load_s)
         return runner
 
     def unload(self, path: str) -> bool:

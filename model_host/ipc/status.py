@@ -31,6 +31,8 @@ class StatusField(enum.IntEnum):
     PROMPT_TOKENS_TOTAL = 10  # prompt tokens admitted
     CACHED_TOKENS_TOTAL = 11  # of which reused from the prefix cache, not prefilled
     READY = 12  # 1 once the host has loaded its preloaded models and takes requests
+    MODEL_LOADS_TOTAL = 13  # models loaded, by every host incarnation (never reset: a counter)
+    MODEL_LOAD_MS_TOTAL = 14  # the time those loads took, in milliseconds
 
 
 @dataclass(frozen=True, slots=True)
