@@ -1,0 +1,274 @@
+"""The responses store on its own: no server, a SQLite file in a temporary folder."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sanic_serve.responses import store as store_module
+from sanic_serve.responses.store import ResponseStore, StoreError
+
+MB = 1024 * 1024
+
+
+def response(rid: str, text: str = "Hello!", status: str = "completed", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "instructions": extra.pop("instructions", None),
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_out_{rid}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+            }
+        ],
+        **extra,
+    }
+
+
+def user(text: str, item_id: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    if item_id:
+        item["id"] = item_id
+    return item
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Any:
+    s = ResponseStore(tmp_path / "responses.sqlite3", max_bytes=64 * MB)
+    yield s
+    s.close()
+
+
+def test_save_get_round_trip_keeps_the_body_exactly(store: ResponseStore) -> None:
+    body = response("resp_1", metadata={"k": "v"}, usage={"input_tokens": 3})
+    store.save(body, [user("Hi", "msg_in_1")], previous_response_id=None)
+    assert store.get("resp_1") == body
+    assert store.get("resp_unknown") is None
+
+
+def test_input_items_in_order_and_given_ids(store: ResponseStore) -> None:
+    items = [user("one", "msg_a"), user("two"), {"type": "function_call_output", "call_id": "c", "output": "x"}]
+    store.save(response("resp_1"), items, previous_response_id=None)
+    stored = store.input_items("resp_1")
+    assert stored is not None
+    assert [i["content"][0]["text"] for i in stored[:2]] == ["one", "two"]
+    assert stored[0]["id"] == "msg_a"
+    assert stored[1]["id"].startswith("msg_") and stored[2]["id"].startswith("item_")
+    assert len({i["id"] for i in stored}) == 3
+    assert store.input_items("resp_unknown") is None
+
+
+def test_save_again_updates_in_place_and_keeps_cancel(store: ResponseStore) -> None:
+    store.save(response("resp_1", status="queued", text=""), [user("Hi")], previous_response_id=None)
+    assert store.request_cancel("resp_1")
+    store.save(response("resp_1", text="done"), [user("Hi")], previous_response_id=None)
+    got = store.get("resp_1")
+    assert got is not None and got["output"][0]["content"][0]["text"] == "done"
+    assert store.cancel_requested("resp_1")
+    assert len(store.input_items("resp_1") or []) == 1
+
+
+def test_update_only_does_not_bring_back_a_deleted_response(store: ResponseStore) -> None:
+    store.save(response("resp_1", status="queued"), [user("Hi")], previous_response_id=None)
+    assert store.delete("resp_1")
+    store.save(response("resp_1"), [user("Hi")], previous_response_id=None, create=False)
+    assert store.get("resp_1") is None
+    assert store.cancel_requested("resp_1")  # gone: its runner should stop
+
+
+def test_chain_oldest_first_with_instructions_per_turn(store: ResponseStore) -> None:
+    store.save(response("r1", "A1", instructions="be brief"), [user("Q1")], previous_response_id=None)
+    store.save(response("r2", "A2"), [user("Q2")], previous_response_id="r1")
+    store.save(response("r3", "A3", instructions="other"), [user("Q3")], previous_response_id="r2")
+    chain = store.chain("r3")
+    assert chain is not None
+    assert [t.response_id for t in chain] == ["r1", "r2", "r3"]
+    assert [t.input_items[0]["content"][0]["text"] for t in chain] == ["Q1", "Q2", "Q3"]
+    assert [t.output_items[0]["content"][0]["text"] for t in chain] == ["A1", "A2", "A3"]
+    assert [t.instructions for t in chain] == ["be brief", None, "other"]
+    assert store.chain("r1") is not None and len(store.chain("r1") or []) == 1
+
+
+def test_chain_with_a_missing_link_is_none(store: ResponseStore) -> None:
+    store.save(response("r1"), [user("Q1")], previous_response_id=None)
+    store.save(response("r2"), [user("Q2")], previous_response_id="r1")
+    assert store.delete("r1")
+    assert store.chain("r2") is None
+    assert store.chain("nope") is None
+    assert store.get("r2") is not None  # only the chain is broken
+
+
+def test_item_finds_input_and_output_items(store: ResponseStore) -> None:
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "add", "arguments": "{}"}
+    body = response("r1")
+    body["output"].append(call)
+    store.save(body, [user("Q1", "msg_q")], previous_response_id=None)
+    assert store.item("msg_q") == user("Q1", "msg_q")
+    assert store.item("fc_1") == call
+    assert store.item("msg_out_r1") == body["output"][0]
+    assert store.item("nope") is None
+    store.delete("r1")
+    assert store.item("fc_1") is None
+
+
+def test_delete_answers_whether_there_was_one(store: ResponseStore) -> None:
+    store.save(response("r1"), [user("Q")], previous_response_id=None)
+    store.append_events("r1", [{"type": "response.created", "sequence_number": 0}])
+    assert store.delete("r1") is True
+    assert store.delete("r1") is False
+    assert store.get("r1") is None and store.events_after("r1", -1) == []
+
+
+def test_events_after_in_order(store: ResponseStore) -> None:
+    store.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None)
+    events = [{"type": f"e{i}", "sequence_number": i} for i in range(5)]
+    store.append_events("r1", events[:2])
+    store.append_events("r1", events[2:])
+    assert store.events_after("r1", -1) == events
+    assert store.events_after("r1", 2) == events[3:]
+    assert store.events_after("r1", 4) == []
+    store.append_events("nope", events)  # an unknown response: dropped, no error
+    assert store.events_after("nope", -1) == []
+
+
+def test_cancel_flags(store: ResponseStore) -> None:
+    assert store.request_cancel("nope") is False
+    store.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None)
+    assert store.cancel_requested("r1") is False
+    assert store.request_cancel("r1") is True
+    assert store.cancel_requested("r1") is True
+
+
+def test_ttl_expires_responses(tmp_path: Path) -> None:
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=MB, ttl_s=0.3)
+    s.save(response("r1"), [user("Q")], previous_response_id=None)
+    assert s.get("r1") is not None
+    time.sleep(0.5)
+    assert s.get("r1") is None and s.chain("r1") is None and s.input_items("r1") is None
+    assert s.item("msg_out_r1") is None
+    assert s.delete("r1") is False
+    s.close()
+
+
+def test_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    first = ResponseStore(path, max_bytes=MB)
+    first.save(response("r1"), [user("Q")], previous_response_id=None)
+    first.close()
+    again = ResponseStore(path, max_bytes=MB)
+    assert again.get("r1") == response("r1")
+    assert again.chain("r1") is not None
+    again.close()
+
+
+def test_wal_mode_and_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "db.sqlite3"  # the folder is made
+    s = ResponseStore(path, max_bytes=MB)
+    s.save(response("r1"), [user("Q")], previous_response_id=None)
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 1
+    s.close()
+
+
+def test_eviction_keeps_the_file_under_the_bound_oldest_first(tmp_path: Path) -> None:
+    bound = 200 * 1024
+    path = tmp_path / "db.sqlite3"
+    s = ResponseStore(path, max_bytes=bound)
+    filler = "x" * 3000
+    for i in range(200):
+        s.save(response(f"r{i}", f"{i} {filler}"), [user(f"Q{i} {filler}")], previous_response_id=None)
+        assert s.size_bytes() <= bound
+    kept = [i for i in range(200) if s.get(f"r{i}") is not None]
+    assert kept and 199 in kept and 0 not in kept
+    assert kept == list(range(kept[0], 200)), "evicted oldest first, a contiguous newest run is kept"
+    assert len(kept) >= 10, "the bound is used, not emptied"
+    s.close()
+    assert path.stat().st_size <= bound
+    wal = path.with_name(path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size <= bound
+
+
+def test_running_responses_are_not_evicted(tmp_path: Path) -> None:
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=120 * 1024)
+    s.save(response("running", status="in_progress"), [user("Q")], previous_response_id=None)
+    filler = "y" * 4000
+    for i in range(60):
+        s.save(response(f"r{i}", filler), [user("Q")], previous_response_id=None)
+    assert s.get("running") is not None
+    assert s.get("r0") is None and s.get("r59") is not None
+    s.close()
+
+
+def test_a_response_bigger_than_the_bound_is_not_kept(tmp_path: Path) -> None:
+    bound = 100 * 1024
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=bound)
+    s.save(response("small"), [user("Q")], previous_response_id=None)
+    s.save(response("huge", "z" * (3 * bound)), [user("Q")], previous_response_id=None)
+    assert s.get("huge") is None
+    assert s.size_bytes() <= bound
+    s.close()
+
+
+def test_an_orphaned_running_response_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "LEASE_S", 0.2)
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=MB)
+    s.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None)
+    s.heartbeat("r1")
+    assert s.status("r1") == "in_progress"
+    time.sleep(0.4)
+    got = s.get("r1")
+    assert got is not None and got["status"] == "failed"
+    assert got["error"]["code"] == "server_error"
+    assert s.status("r1") == "failed"
+    s.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer hfserve"):
+        ResponseStore(path, max_bytes=MB)
+
+
+def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot open"):
+        ResponseStore(blocker / "db.sqlite3", max_bytes=MB)
+
+
+def _writer(path: str, prefix: str, count: int) -> None:
+    s = ResponseStore(Path(path), max_bytes=64 * MB)
+    for i in range(count):
+        s.save(response(f"{prefix}{i}"), [user("Q")], previous_response_id=None)
+        s.request_cancel(f"{prefix}{i}")
+    s.close()
+
+
+def test_several_processes_write_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    ResponseStore(path, max_bytes=64 * MB).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(path), f"p{n}_", 40)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    s = ResponseStore(path, max_bytes=64 * MB)
+    assert all(s.get(f"p{n}_{i}") is not None for n in range(3) for i in range(40))
+    assert all(s.cancel_requested(f"p{n}_{i}") for n in range(3) for i in range(40))
+    s.close()
