@@ -34,6 +34,7 @@ from sanic_serve.config import ServerConfig
 from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.models import ModelResolver
+from sanic_serve.responses import route as responses
 from sanic_serve.routes import health, loading, models
 
 log = logging.getLogger("hfserve")
@@ -179,7 +180,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generation may legitimately run long
     app.config.NOREQUEST_LOGGING = True
     app.ctx.config = config
-    for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, loading.bp):
+    for bp in (chat.bp, completions.bp, embeddings.bp, responses.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
 
     @app.main_process_start

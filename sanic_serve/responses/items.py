@@ -9,8 +9,12 @@ verbatim: messages (with or without ``type``; ``input_text``, ``output_text`` re
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from sanic_serve.errors import InvalidRequest
+from sanic_serve.responses.request import ResponsesRequest
 
 
 @dataclass
@@ -22,3 +26,244 @@ class PreparedContext:
     items: list[dict[str, Any]] = field(default_factory=list)
     input_items: list[dict[str, Any]] = field(default_factory=list)
     instructions: str | None = None
+
+
+MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
+_MEDIA_PARTS = {"input_image": "images", "input_file": "files", "input_audio": "audio"}
+_ID_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+    "mcp_list_tools": "mcpl",
+    "mcp_call": "mcp",
+    "mcp_approval_request": "mcpr",
+    "mcp_approval_response": "mcpa",
+}
+DECLINED_TEXT = "The user declined to run this tool call."
+
+
+class ItemStore(Protocol):
+    """What context building needs of the response store (``ResponseStore``)."""
+
+    def chain(self, response_id: str) -> list[Any] | None: ...
+
+    def item(self, item_id: str) -> dict[str, Any] | None: ...
+
+
+def new_id(kind: str) -> str:
+    return f"{_ID_PREFIX.get(kind, 'item')}_{uuid.uuid4().hex}"
+
+
+def previous_not_found(response_id: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Previous response with id '{response_id}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
+def prepare_context(req: ResponsesRequest, store: ItemStore | None) -> PreparedContext:
+    """The stored chain (input and output items of every earlier response; their instructions
+    left out), then this request's input items, checked and given ids."""
+    history: list[dict[str, Any]] = []
+    if req.previous_response_id is not None:
+        chain = store.chain(req.previous_response_id) if store is not None else None
+        if chain is None:
+            raise previous_not_found(req.previous_response_id)
+        for turn in chain:
+            history += [*turn.input_items, *turn.output_items]
+    inputs = normalize_input(req.input, history, store)
+    _check_call_outputs(history + inputs, len(history))
+    return PreparedContext(history + inputs, inputs, instructions_text(req.instructions))
+
+
+def instructions_text(instructions: str | list[dict[str, Any]] | None) -> str | None:
+    if instructions is None or isinstance(instructions, str):
+        return instructions or None
+    items = normalize_input(instructions, [], None, param="instructions")
+    return "\n\n".join(text_of(i.get("content")) for i in items if i["type"] == "message") or None
+
+
+def normalize_input(
+    raw: str | list[dict[str, Any]],
+    history: list[dict[str, Any]],
+    store: ItemStore | None,
+    param: str = "input",
+) -> list[dict[str, Any]]:
+    if isinstance(raw, str):
+        return [_message({"role": "user", "content": raw}, param)]
+    known = {i["id"]: i for i in history if "id" in i}
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest("An input item must be an object.", param=where)
+        kind = item.get("type")
+        if kind == "item_reference":
+            found = known.get(item.get("id", "")) or (store.item(str(item.get("id"))) if store else None)
+            if found is None:
+                raise InvalidRequest(f"Item with id {item.get('id')!r} not found.", param=f"{where}.id")
+            out.append(dict(found))
+        elif kind in (None, "message"):
+            out.append(_message(item, where))
+        elif kind in _ID_PREFIX:
+            out.append(_tool_item(item, where))
+        else:
+            raise InvalidRequest(
+                f"Input items of type {kind!r} are not supported here.", param=f"{where}.type"
+            )
+        known[out[-1]["id"]] = out[-1]
+    return out
+
+
+def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in MESSAGE_ROLES:
+        raise InvalidRequest(f"Unknown message role {role!r}.", param=f"{where}.role")
+    content = item.get("content")
+    default = "output_text" if role == "assistant" else "input_text"
+    parts: list[dict[str, Any]]
+    if isinstance(content, str):
+        parts = [{"type": default, "text": content}]
+    elif isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _MEDIA_PARTS:
+                raise InvalidRequest(
+                    f"This model takes no {_MEDIA_PARTS[kind]}: content parts must be text.",
+                    param=f"{where}.content[{j}]",
+                    code="unsupported_content_type",
+                )
+            if kind == "refusal" and isinstance(part.get("refusal"), str):
+                parts.append(dict(part))
+                continue
+            if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+                raise InvalidRequest("A content part must be text.", param=f"{where}.content[{j}]")
+            parts.append(dict(part))
+    else:
+        raise InvalidRequest(
+            "A message needs content: a string or a list of parts.", param=f"{where}.content"
+        )
+    for part in parts:
+        if part["type"] == "output_text":
+            part.setdefault("annotations", [])
+    return {
+        "type": "message",
+        "id": item.get("id") or new_id("message"),
+        "role": role,
+        "content": parts,
+        "status": item.get("status") or "completed",
+    }
+
+
+_REQUIRED = {
+    "function_call": ("call_id", "name", "arguments"),
+    "function_call_output": ("call_id",),
+    "mcp_call": ("server_label", "name", "arguments"),
+    "mcp_approval_request": ("server_label", "name", "arguments"),
+    "mcp_approval_response": ("approval_request_id",),
+    "mcp_list_tools": ("server_label",),
+}
+
+
+def _tool_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = item["type"]
+    for name in _REQUIRED.get(kind, ()):
+        if not isinstance(item.get(name), str):
+            raise InvalidRequest(f"A {kind} item needs {name} (a string).", param=f"{where}.{name}")
+    if kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(output, str | list):
+            raise InvalidRequest("output must be a string or a list of parts.", param=f"{where}.output")
+    if kind == "mcp_approval_response" and not isinstance(item.get("approve"), bool):
+        raise InvalidRequest("approve must be true or false.", param=f"{where}.approve")
+    out = dict(item)
+    out["id"] = item.get("id") or new_id(kind)
+    if kind in ("function_call", "function_call_output"):
+        out.setdefault("status", "completed")
+    return out
+
+
+def _check_call_outputs(items: list[dict[str, Any]], first_input: int) -> None:
+    """A function result answers a call of the conversation (as OpenAI checks)."""
+    calls = {i["call_id"] for i in items if i.get("type") == "function_call"}
+    for n, item in enumerate(items[first_input:]):
+        if item.get("type") == "function_call_output" and item["call_id"] not in calls:
+            raise InvalidRequest(
+                f"No tool call found for function call output with call_id {item['call_id']!r}.",
+                param=f"input[{n}].call_id",
+            )
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content or a tool's output: a string, or text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[dict[str, Any]]:
+    """The conversation as chat templates take it: assistant text, reasoning and calls of one turn
+    in one assistant message, tool results as ``tool`` messages. MCP calls read as the function
+    calls they were; listings and approvals are no text for the model, but a declined call is
+    shown as a call whose result says so."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    names: dict[str, str] = {}
+    declined = {
+        i["approval_request_id"]
+        for i in items
+        if i.get("type") == "mcp_approval_response" and not i["approve"]
+    }
+    thought = ""
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            msg: dict[str, Any] = {"role": role, "content": text_of(item["content"])}
+            if role == "assistant" and thought:
+                msg["reasoning_content"], thought = thought, ""
+            messages.append(msg)
+        elif kind == "reasoning":
+            thought += text_of(item.get("content")) or text_of(item.get("summary"))
+        elif kind == "function_call":
+            names[item["call_id"]] = item["name"]
+            thought = _call(messages, item["call_id"], item["name"], item["arguments"], thought)
+        elif kind == "function_call_output":
+            result = text_of(item.get("output"))
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": result})
+            if item["call_id"] in names:
+                messages[-1]["name"] = names[item["call_id"]]
+        elif kind == "mcp_call":
+            thought = _call(messages, item["id"], item["name"], item["arguments"], thought)
+            error = item.get("error")
+            result = str(item.get("output") or "") if not error else f"Error: {error}"
+            messages.append(
+                {"role": "tool", "tool_call_id": item["id"], "name": item["name"], "content": result or ""}
+            )
+        elif kind == "mcp_approval_request" and item["id"] in declined:
+            thought = _call(messages, item["id"], item["name"], item["arguments"], thought)
+            messages.append(
+                {"role": "tool", "tool_call_id": item["id"], "name": item["name"], "content": DECLINED_TEXT}
+            )
+    return messages
+
+
+def _call(messages: list[dict[str, Any]], call_id: str, name: str, arguments: str, thought: str) -> str:
+    """Add a call to the turn's assistant message (a new one unless the last message is it)."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        last.setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        if thought:
+            messages[-1]["reasoning_content"] = thought
+            return ""
+    return thought

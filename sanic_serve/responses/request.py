@@ -250,7 +250,9 @@ def _check_tools(req: ResponsesRequest) -> None:
                     {k: tool.get(k) for k in ("name", "description", "parameters", "strict")}
                 )
             except ValueError as exc:
-                raise InvalidRequest(f"Invalid function tool: {_first_error(exc)}", param=f"tools[{i}]") from exc
+                raise InvalidRequest(
+                    f"Invalid function tool: {_first_error(exc)}", param=f"tools[{i}]"
+                ) from exc
             if tool["name"] in names:
                 raise InvalidRequest(f"Two tools are named {tool['name']!r}.", param=f"tools[{i}].name")
             names.add(tool["name"])
@@ -301,11 +303,15 @@ def _check_tool_choice(req: ResponsesRequest) -> None:
     elif kind == "mcp":
         labels = {t.get("server_label") for t in req.mcp_tools()}
         if choice.get("server_label") not in labels:
-            raise InvalidRequest("tool_choice names an mcp server that is not among the tools.", param="tool_choice")
+            raise InvalidRequest(
+                "tool_choice names an mcp server that is not among the tools.", param="tool_choice"
+            )
     elif kind == "allowed_tools":
         if choice.get("mode", "auto") not in ("auto", "required"):
             raise InvalidRequest("tool_choice.mode must be auto or required.", param="tool_choice.mode")
     else:
         raise InvalidRequest(f"tool_choice of type {kind!r} is not available here.", param="tool_choice")
     if req.text.format.type != "text":
-        raise InvalidRequest("tool_choice and text.format cannot both constrain the output.", param="tool_choice")
+        raise InvalidRequest(
+            "tool_choice and text.format cannot both constrain the output.", param="tool_choice"
+        )

@@ -35,12 +35,22 @@ context of the next turn, generated in the same response, up to ``max_tool_calls
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from sanic_serve.responses.items import PreparedContext
+from sanic_serve.errors import APIError, InvalidRequest, Overloaded
+from sanic_serve.generation_config import config_temperature
+from sanic_serve.models import ModelBundle
+from sanic_serve.responses.events import ResponseBuilder, TurnWriter, new_item_id, response_body, usage_body
+from sanic_serve.responses.items import PreparedContext, to_messages
 from sanic_serve.responses.request import ResponsesRequest
+from sanic_serve.responses.turn import Turn, admit, allowed, plan_turn
+
+log = logging.getLogger(__name__)
 
 
 class Emitter(Protocol):
@@ -127,5 +137,237 @@ async def response_events(
     created_at: int | None = None,
     server_tools: ServerTools | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    raise NotImplementedError
-    yield {}  # pragma: no cover
+    bundle = await admit(app_ctx, req.model)
+    tools = server_tools if server_tools is not None else server_tools_for(req, app_ctx)
+    functions = allowed(req, req.function_tools())
+    # The first turn as the request alone makes it: whatever makes it a 400 (a prompt over the
+    # context, a template that refuses the input, a schema the decoder cannot enforce) is raised
+    # here, before the first event.
+    first_choice = "auto" if _is_mcp_choice(req.tool_choice) else req.tool_choice
+    planned: Turn | None = await plan_turn(
+        app_ctx,
+        bundle,
+        req,
+        to_messages(context.items, context.instructions),
+        functions,
+        first_choice,
+        [],
+        req.max_output_tokens,
+    )
+    body = response_body(
+        req,
+        response_id or new_response_id(),
+        created_at if created_at is not None else int(time.time()),
+        "in_progress",
+        temperature=config_temperature(req, bundle),
+        top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
+    )
+    run = _Run(req, context, app_ctx, bundle, tools, ResponseBuilder(body))
+    yield run.builder.event("response.created", response=run.builder.snapshot("in_progress"))
+    yield run.builder.event("response.in_progress", response=run.builder.snapshot("in_progress"))
+    try:
+        async for event in run.turns(planned, functions):
+            yield event
+    except APIError as exc:
+        async for event in run.failed(exc.message, exc.code, exc.param, _error_code(exc)):
+            yield event
+        return
+    except Exception as exc:  # a fault of ours: the client gets plain words and a reference
+        ref = f"resp_err_{uuid.uuid4().hex[:12]}"
+        log.error("response %s failed (reference %s)", body["id"], ref, exc_info=exc)
+        async for event in run.failed(f"The response failed (reference {ref}).", "server_error", None):
+            yield event
+        return
+    yield run.terminal()
+
+
+def _is_mcp_choice(choice: str | dict[str, Any]) -> bool:
+    return isinstance(choice, dict) and choice.get("type") == "mcp"
+
+
+def _error_code(exc: APIError) -> str:
+    """``ResponseError.code`` takes a fixed set of values."""
+    if isinstance(exc, Overloaded):
+        return "rate_limit_exceeded"
+    return "invalid_prompt" if isinstance(exc, InvalidRequest) else "server_error"
+
+
+class _Emitter:
+    """Server tools' items and events, numbered as they come and sent while the tools work."""
+
+    def __init__(self, builder: ResponseBuilder) -> None:
+        self._b = builder
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.emitted: set[str] = set()
+
+    def add(self, item: dict[str, Any]) -> int:
+        index, event = self._b.add(item)
+        self.emitted.add(str(item.get("id")))
+        self.queue.put_nowait(event)
+        return index
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.queue.put_nowait(self._b.numbered(event))
+
+    def done(self, output_index: int, item: dict[str, Any]) -> None:
+        self.queue.put_nowait(self._b.done(output_index, item))
+
+
+class _Run:
+    def __init__(
+        self,
+        req: ResponsesRequest,
+        context: PreparedContext,
+        app_ctx: Any,
+        bundle: ModelBundle,
+        tools: ServerTools,
+        builder: ResponseBuilder,
+    ) -> None:
+        self.req, self.context, self.app_ctx, self.bundle = req, context, app_ctx, bundle
+        self.tools = tools
+        self.builder = builder
+        self.input_tokens = self.cached_tokens = self.output_tokens = self.reasoning_tokens = 0
+        self.incomplete = False
+
+    def usage(self) -> dict[str, Any]:
+        return usage_body(self.input_tokens, self.cached_tokens, self.output_tokens, self.reasoning_tokens)
+
+    def terminal(self) -> dict[str, Any]:
+        if self.incomplete:
+            final = self.builder.final("incomplete", self.usage(), incomplete_reason="max_output_tokens")
+            return self.builder.event("response.incomplete", response=final)
+        return self.builder.event(
+            "response.completed", response=self.builder.final("completed", self.usage())
+        )
+
+    async def failed(
+        self, message: str, code: str | None, param: str | None, response_code: str = "server_error"
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield self.builder.event("error", code=code, message=message, param=param)
+        error = {"code": response_code, "message": message}
+        yield self.builder.event(
+            "response.failed", response=self.builder.final("failed", self.usage(), error=error)
+        )
+
+    async def _drive(self, work: Any, result: list[Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run a server-tools coroutine, sending the events it emits as they come; its result
+        goes in ``result``, and its items that were not emitted yet follow it."""
+        emitter = _Emitter(self.builder)
+        task = asyncio.ensure_future(work(emitter))
+        try:
+            while not (task.done() and emitter.queue.empty()):
+                getter = asyncio.ensure_future(emitter.queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            items, extra = task.result()
+        finally:
+            task.cancel()  # the response was closed while the tools worked
+        for item in items:
+            if str(item.get("id")) not in emitter.emitted:
+                index, added = self.builder.add(item)
+                yield added
+                yield self.builder.done(index, item)
+        result.append(extra)
+
+    async def turns(
+        self, planned: Turn | None, functions: list[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        prepared: list[Any] = []
+        context = self.context.items
+        async for event in self._drive(lambda emit: self.tools.prepare(context, emit), prepared):
+            yield event
+        extra_functions: list[dict[str, Any]] = prepared[0]
+        if extra_functions or self.builder.output:
+            planned = None  # the first turn sees more than the request alone showed
+        offered = functions + allowed(self.req, extra_functions)
+        calls_made, first = 0, True
+        while True:
+            if planned is None:
+                choice = self.req.tool_choice if first else "auto"
+                if calls_made >= self.req.tool_call_limit:
+                    choice = "none"  # no more calls: the model answers with what it has
+                names = (
+                    self.tools.choice_functions(choice)
+                    if isinstance(choice, dict) and _is_mcp_choice(choice)
+                    else []
+                )
+                budget = self._budget()
+                if budget is not None and budget <= 0:
+                    self.incomplete = True
+                    return
+                messages = to_messages([*context, *self.builder.output], self.context.instructions)
+                try:
+                    planned = await plan_turn(
+                        self.app_ctx, self.bundle, self.req, messages, offered, choice, names, budget
+                    )
+                except InvalidRequest as exc:
+                    if exc.code != "context_length_exceeded" or first:
+                        raise
+                    self.incomplete = True  # a later turn ran out of context
+                    return
+            turn, planned, first = planned, None, False
+            server_calls: list[dict[str, Any]] = []
+            async for event in self._generate(turn, server_calls):
+                yield event
+            if self.incomplete or not server_calls:
+                return
+            ran: list[Any] = []
+            async for event in self._drive(
+                lambda emit, calls=server_calls: self.tools.run_calls(calls, emit), ran
+            ):
+                yield event
+            calls_made += len(server_calls)
+            if not ran[0] or any(i.get("type") == "function_call" for i in self.builder.output):
+                return  # waiting for approval, or for the client's own function results
+
+    def _budget(self) -> int | None:
+        if self.req.max_output_tokens is None:
+            return None
+        return self.req.max_output_tokens - self.output_tokens
+
+    async def _generate(
+        self, turn: Turn, server_calls: list[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        writer = TurnWriter(self.builder)
+        gen = turn.generation
+        pending: list[dict[str, Any]] = []  # logprobs of text the parser still holds back
+        try:
+            async for delta in gen.deltas():
+                last = delta.finish_reason is not None
+                parsed = turn.output.feed_last(delta.text) if last else turn.output.feed(delta.text)
+                pending += delta.logprobs or []
+                events = writer.reasoning(parsed.reasoning)
+                if parsed.content:
+                    events += writer.content(parsed.content, pending)
+                    pending = []
+                elif parsed.reasoning or parsed.calls:
+                    pending = []  # those tokens were thought or call markup, not text
+                for call in parsed.calls:
+                    if self.tools.owns(call.name):
+                        server_calls.append(
+                            {
+                                "type": "function_call",
+                                "id": new_item_id("fc"),
+                                "call_id": call.id,
+                                "name": call.name,
+                                "arguments": call.arguments,
+                            }
+                        )
+                    else:
+                        events += writer.function_call(call.id, call.name, call.arguments)
+                for event in events:
+                    yield event
+        finally:
+            gen.abort()  # closed early (client gone, cancelled): the host stops at once
+        self.incomplete = gen.finish_reason == "length"
+        for event in writer.close("incomplete" if self.incomplete else "completed"):
+            yield event
+        self.input_tokens += gen.prompt_tokens
+        self.cached_tokens += gen.cached_tokens
+        self.output_tokens += gen.completion_tokens
+        if writer.reasoning_text:
+            thought = len(self.bundle.encode(writer.reasoning_text))
+            self.reasoning_tokens += min(thought, gen.completion_tokens)
