@@ -227,6 +227,8 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     @app.after_server_stop
     async def _detach(app: Sanic) -> None:
         await app.ctx.client.close()
+        if getattr(app.ctx, "mcp", None) is not None:  # stops the --mcp-config stdio servers it ran
+            await app.ctx.mcp.close()
 
     @app.exception(APIError)
     async def _api_error(request: Request, exc: APIError) -> HTTPResponse:

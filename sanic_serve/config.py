@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from model_host.ipc.channels import DEFAULT_RING_CAPACITY_BYTES
 from model_host.ipc.settings import HostSettings
+from sanic_serve.mcp.settings import MCPSettings
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ServerConfig:
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     tool_parser: str | None = None  # None: chosen from each model's chat template
     engine: HostSettings = field(default_factory=HostSettings)  # the model host's own settings
+    # Server-side MCP tools of /v1/responses: --mcp-config servers, the outbound policy, the timeout.
+    mcp: MCPSettings = field(default_factory=MCPSettings)
 
     def host_settings(self) -> HostSettings:
         preload = (self.default_model_path,) if self.default_model_path else ()
