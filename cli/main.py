@@ -96,10 +96,36 @@ def start(
         min=0.1,
         help="Seconds a request's headers, then its body, may take to arrive; slower clients get 408.",
     ),
+    mcp_config: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="MCP servers (the mcpServers JSON) that /v1/responses mcp tools may name by server_label.",
+    ),
+    mcp_allow_private: bool = typer.Option(
+        _SERVER.mcp.allow_private, help="Let requests' MCP server_url reach loopback and private addresses."
+    ),
+    mcp_allow_hosts: str | None = typer.Option(
+        None, help="Comma list of the only hosts requests' MCP server_url may name (*.example.com: subdomains)."
+    ),
+    mcp_timeout_s: float = typer.Option(
+        _SERVER.mcp.timeout_s, min=0.1, help="Seconds one MCP operation (listing tools, a call) may take."
+    ),
+    responses_db: Path | None = typer.Option(
+        None,
+        dir_okay=False,
+        help="SQLite file of stored /v1/responses (default: responses.sqlite3 in the cache folder).",
+    ),
+    responses_max_mb: float = typer.Option(
+        _SERVER.responses_max_mb, min=0.1, help="Bound of the stored responses; the oldest are evicted."
+    ),
+    responses_ttl_s: float | None = typer.Option(
+        None, min=0.1, help="Seconds a stored response is kept (default: until deleted or evicted)."
+    ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
     from cli.preflight import ConfigError, check_device, check_port
-    from cli.start import resolve_model_arg, serve
+    from cli.start import check_responses_db, resolve_model_arg, serve
 
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         _fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -108,7 +134,14 @@ def start(
         check_port(host, port)
         check_device(device)
         model_id, model_path, pinned = resolve_model_arg(model)
+        db_path = check_responses_db(responses_db, responses_max_mb)
     except ConfigError as exc:
+        _fail(str(exc))
+    from sanic_serve.mcp.settings import MCPConfigError, settings_from_options
+
+    try:
+        mcp = settings_from_options(mcp_config, mcp_allow_private, mcp_allow_hosts, mcp_timeout_s)
+    except MCPConfigError as exc:
         _fail(str(exc))
     config = ServerConfig(
         host=host,
@@ -119,6 +152,9 @@ def start(
         pinned=pinned,
         log_level=log_level,
         request_timeout_s=request_timeout_s,
+        responses_db=str(db_path),
+        responses_max_mb=responses_max_mb,
+        responses_ttl_s=responses_ttl_s,
         engine=HostSettings(
             device=device,
             dtype=dtype.value,
@@ -130,6 +166,7 @@ def start(
             prefix_cache_mb=prefix_cache_mb,
         ),
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
+        mcp=mcp,
     )
     raise typer.Exit(serve(config))
 

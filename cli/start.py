@@ -66,6 +66,21 @@ def serve(config: ServerConfig) -> int:
     return int(getattr(app.ctx, "exit_code", 0))
 
 
+def check_responses_db(path: Path | None, max_mb: float) -> Path:
+    """The stored responses' SQLite file (``--responses-db``, else ``responses.sqlite3`` in the cache
+    folder), opened once here: a path that cannot hold it is one error line, and the file is made
+    (and brought under a lowered bound) before the workers open it together."""
+    from model_host.demo.build import default_cache_dir
+    from sanic_serve.responses.store import ResponseStore, StoreError
+
+    path = path or default_cache_dir() / "responses.sqlite3"
+    try:
+        ResponseStore(path, max_bytes=int(max_mb * 1024 * 1024)).close()
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from exc
+    return path
+
+
 def resolve_model_arg(model: str | None) -> tuple[str, str, bool]:
     """(model id, local folder, pinned) for ``--model`` or the demo model."""
     if model is None:

@@ -34,7 +34,9 @@ from sanic_serve.config import ServerConfig
 from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.models import ModelResolver
+from sanic_serve.responses import background as background_responses
 from sanic_serve.responses import route as responses
+from sanic_serve.responses import stored as stored_responses
 from sanic_serve.routes import health, loading, models
 
 log = logging.getLogger("hfserve")
@@ -182,6 +184,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.ctx.config = config
     for bp in (chat.bp, completions.bp, embeddings.bp, responses.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
+    app.blueprint(stored_responses.bp)
 
     @app.main_process_start
     async def _create_channels(app: Sanic) -> None:
@@ -223,10 +226,14 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
         client.start(app.loop)
         app.ctx.client = client
         app.ctx.models = ModelResolver(config)
+        app.ctx.responses = stored_responses.open_store(config)  # one connection per worker
 
     @app.after_server_stop
     async def _detach(app: Sanic) -> None:
+        await background_responses.stop_all()  # saved as interrupted, their generations aborted
         await app.ctx.client.close()
+        if getattr(app.ctx, "responses", None) is not None:
+            app.ctx.responses.close()
         if getattr(app.ctx, "mcp", None) is not None:  # stops the --mcp-config stdio servers it ran
             await app.ctx.mcp.close()
 

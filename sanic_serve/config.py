@@ -26,6 +26,12 @@ class ServerConfig:
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     tool_parser: str | None = None  # None: chosen from each model's chat template
     engine: HostSettings = field(default_factory=HostSettings)  # the model host's own settings
+    # Stored responses (sanic_serve.responses.store): the SQLite file every worker shares (None: no
+    # store; `hfserve start` always names one), its bound in MB, and how long a response is kept
+    # (None: until it is deleted or evicted).
+    responses_db: str | None = None
+    responses_max_mb: float = 1024.0
+    responses_ttl_s: float | None = None
     # Server-side MCP tools of /v1/responses: --mcp-config servers, the outbound policy, the timeout.
     mcp: MCPSettings = field(default_factory=MCPSettings)
 

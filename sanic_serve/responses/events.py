@@ -48,7 +48,7 @@ def response_body(
     """A Response with no output yet (``queued`` or ``in_progress``): what a background request
     answers at once, and what ``response.created`` carries."""
     reasoning = req.reasoning
-    return {
+    body: dict[str, Any] = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -74,12 +74,13 @@ def response_body(
         "top_logprobs": req.top_logprobs or 0,
         "top_p": top_p if top_p is not None else req.top_p,
         "truncation": req.truncation or "disabled",
-        "usage": None,
-        "user": req.user,
         "metadata": req.metadata or {},
         "safety_identifier": req.safety_identifier,
         "prompt_cache_key": req.prompt_cache_key,
     }
+    if req.user is not None:  # a string when present (the spec has no null for it)
+        body["user"] = req.user
+    return body
 
 
 class ResponseBuilder:

@@ -120,8 +120,13 @@ class NoServerTools:
 
 
 def server_tools_for(req: ResponsesRequest, app_ctx: Any) -> ServerTools:
-    """The server tools of this request (the MCP gateway plugs in here)."""
-    return NoServerTools()
+    """The server tools of this request: its ``mcp`` tools (``sanic_serve.responses.mcp_tools``),
+    validated here, so a malformed one is a 400 before the first event."""
+    if not req.mcp_tools():
+        return NoServerTools()
+    from sanic_serve.responses.mcp_tools import mcp_server_tools  # imports the MCP SDK: only when used
+
+    return mcp_server_tools(req, app_ctx)
 
 
 def new_response_id() -> str:

@@ -1,0 +1,250 @@
+"""Responses API parts that need no server: request validation, input items -> chat messages,
+context from a stored chain, the event builder (against the spec), and the server-tools seam."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from sanic_serve.errors import InvalidRequest
+from sanic_serve.responses.events import ResponseBuilder, TurnWriter, response_body, usage_body
+from sanic_serve.responses.items import DECLINED_TEXT, prepare_context, to_messages
+from sanic_serve.responses.request import parse_responses_request
+from sanic_serve.responses.run import Emitter, _Run
+from tests.responses_helpers import check_events
+
+
+@dataclass
+class Turn:
+    input_items: list[dict[str, Any]]
+    output_items: list[dict[str, Any]]
+    instructions: str | None = None
+
+
+@dataclass
+class FakeStore:
+    chains: dict[str, list[Turn]] = field(default_factory=dict)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def chain(self, response_id: str) -> list[Any] | None:
+        return self.chains.get(response_id)
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        return self.items.get(item_id)
+
+
+def request(**fields: Any) -> Any:
+    return parse_responses_request({"model": "m", **fields})
+
+
+def test_string_input_is_one_user_message_with_an_id() -> None:
+    ctx = prepare_context(request(input="Hi", instructions="Be brief."), None)
+    [item] = ctx.input_items
+    assert item["type"] == "message" and item["role"] == "user" and item["id"].startswith("msg_")
+    assert item["content"] == [{"type": "input_text", "text": "Hi"}]
+    assert to_messages(ctx.items, ctx.instructions) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+def test_chain_rebuilds_context_without_old_instructions() -> None:
+    first_in = [
+        {"type": "message", "id": "msg_a", "role": "user", "content": [{"type": "input_text", "text": "Q1"}]}
+    ]
+    first_out = [
+        {"type": "function_call", "id": "fc_a", "call_id": "call_a", "name": "f", "arguments": "{}"},
+    ]
+    second_in = [{"type": "function_call_output", "id": "fco_a", "call_id": "call_a", "output": "42"}]
+    second_out = [
+        {
+            "type": "message",
+            "id": "msg_b",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "A"}],
+        }
+    ]
+    store = FakeStore({"resp_2": [Turn(first_in, first_out, "old"), Turn(second_in, second_out, "older")]})
+    ctx = prepare_context(request(input="Q2", previous_response_id="resp_2", instructions="new"), store)
+    assert [i["id"] for i in ctx.items[:4]] == ["msg_a", "fc_a", "fco_a", "msg_b"]
+    assert len(ctx.input_items) == 1
+    messages = to_messages(ctx.items, ctx.instructions)
+    assert messages[0] == {"role": "system", "content": "new"}  # only this request's instructions
+    assert "old" not in str(messages)
+    assert messages[2]["tool_calls"][0]["id"] == "call_a"
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_a", "content": "42", "name": "f"}
+    with pytest.raises(InvalidRequest) as err:
+        prepare_context(request(input="Q", previous_response_id="resp_gone"), store)
+    assert (err.value.param, err.value.code) == ("previous_response_id", "previous_response_not_found")
+
+
+def test_item_reference_is_resolved_from_the_store() -> None:
+    store = FakeStore(items={"msg_x": {"type": "message", "id": "msg_x", "role": "user", "content": "Hi"}})
+    ctx = prepare_context(request(input=[{"type": "item_reference", "id": "msg_x"}]), store)
+    assert ctx.items[0]["id"] == "msg_x"
+    with pytest.raises(InvalidRequest) as err:
+        prepare_context(request(input=[{"type": "item_reference", "id": "msg_nope"}]), store)
+    assert err.value.param == "input[0].id"
+
+
+def test_one_turn_becomes_one_assistant_message() -> None:
+    items = [
+        {"type": "message", "role": "user", "content": "Q"},
+        {
+            "type": "reasoning",
+            "id": "rs",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "hmm"}],
+        },
+        {"type": "message", "role": "assistant", "content": "Let me look."},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a": 1}'},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "one"}]},
+        {"type": "function_call_output", "call_id": "c2", "output": "two"},
+    ]
+    ctx = prepare_context(request(input=items), None)
+    messages = to_messages(ctx.items, None)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert messages[1]["reasoning_content"] == "hmm" and messages[1]["content"] == "Let me look."
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+    assert messages[2]["content"] == "one" and messages[3]["name"] == "g"
+
+
+def test_mcp_items_read_as_calls_and_a_declined_call_says_so() -> None:
+    items = [
+        {"role": "user", "content": "Q"},
+        {"type": "mcp_list_tools", "id": "l1", "server_label": "s", "tools": []},
+        {
+            "type": "mcp_call",
+            "id": "mcp_1",
+            "server_label": "s",
+            "name": "add",
+            "arguments": "{}",
+            "output": "5",
+        },
+        {
+            "type": "mcp_call",
+            "id": "mcp_2",
+            "server_label": "s",
+            "name": "add",
+            "arguments": "{}",
+            "error": "down",
+        },
+        {"type": "mcp_approval_request", "id": "r1", "server_label": "s", "name": "add", "arguments": "{}"},
+        {"type": "mcp_approval_response", "approval_request_id": "r1", "approve": False},
+    ]
+    messages = to_messages(prepare_context(request(input=items), None).items, None)
+    tools = [m for m in messages if m["role"] == "tool"]
+    assert [t["content"] for t in tools] == ["5", "Error: down", DECLINED_TEXT]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"input": []}, "input"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+        ({"input": [{"type": "mcp_approval_response", "approval_request_id": "r"}]}, "input[0].approve"),
+        ({"input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, "tools[0]"),
+        ({"input": "x", "tools": [{"type": "mcp"}]}, "tools[0].server_label"),
+        ({"input": "x", "tool_choice": "sometimes"}, "tool_choice"),
+        ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"input": "x", "n": 2}, "n"),
+    ],
+)
+def test_invalid_requests(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        prepare_context(request(**fields), None)
+    assert err.value.param == param
+
+
+def test_events_of_every_item_kind_validate_against_the_spec() -> None:
+    req = request(input="Hi", tools=[{"type": "mcp", "server_label": "s", "authorization": "secret-token"}])
+    builder = ResponseBuilder(response_body(req, "resp_1", 1, "in_progress"))
+    events = [
+        builder.event("response.created", response=builder.snapshot("in_progress")),
+        builder.event("response.in_progress", response=builder.snapshot("in_progress")),
+    ]
+    writer = TurnWriter(builder)
+    events += writer.reasoning("think ")
+    events += writer.reasoning("more")
+    events += writer.content("Hel", [])
+    entry = {"token": "lo", "logprob": -0.1, "bytes": [108, 111], "top_logprobs": []}
+    events += writer.content("lo", [entry])
+    events += writer.function_call("call_1", "f", '{"a": 1}')
+    events += writer.close()
+    approval = {
+        "type": "mcp_approval_request",
+        "id": "mcpr_1",
+        "server_label": "s",
+        "name": "f",
+        "arguments": "{}",
+    }
+    index, added = builder.add(approval)
+    events += [added, builder.done(index, approval)]
+    usage = usage_body(3, 0, 5, 2)
+    events.append(builder.event("response.completed", response=builder.final("completed", usage)))
+    final = check_events(events)
+    assert [i["type"] for i in final["output"]] == [
+        "reasoning",
+        "message",
+        "function_call",
+        "mcp_approval_request",
+    ]
+    assert final["output"][1]["content"][0]["logprobs"] == [entry]
+    assert "secret-token" not in str(events)
+
+
+class SlowTools:
+    """Server tools that emit an item and an event while they work, and return one more item."""
+
+    async def prepare(self, context_items: list[dict[str, Any]], emit: Emitter) -> Any:
+        return [], []
+
+    async def run_calls(
+        self, calls: list[dict[str, Any]], emit: Emitter
+    ) -> tuple[list[dict[str, Any]], bool]:
+        item = {"type": "mcp_call", "id": "mcp_1", "server_label": "s", "name": "f", "arguments": "{}"}
+        index = emit.add({**item, "status": "in_progress"})
+        emit.event({"type": "response.mcp_call.in_progress", "output_index": index, "item_id": "mcp_1"})
+        await asyncio.sleep(0.01)
+        emit.event({"type": "response.mcp_call.completed", "output_index": index, "item_id": "mcp_1"})
+        done = {**item, "status": "completed", "output": "ok", "error": None}
+        emit.done(index, done)
+        listing = {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "s", "tools": []}
+        return [done, listing], True
+
+    def owns(self, function_name: str) -> bool:
+        return True
+
+    def choice_functions(self, tool_choice: dict[str, Any]) -> list[str]:
+        return []
+
+
+def test_server_tool_events_stream_in_order() -> None:
+    req = request(input="Hi")
+    builder = ResponseBuilder(response_body(req, "resp_1", 1, "in_progress"))
+    run = _Run(req, prepare_context(req, None), None, None, SlowTools(), builder)  # type: ignore[arg-type]
+
+    async def drain() -> list[dict[str, Any]]:
+        out, result = [], []
+        tools = SlowTools()
+        async for event in run._drive(lambda emit: tools.run_calls([], emit), result):
+            out.append(event)
+        assert result == [True]
+        return out
+
+    events = asyncio.run(drain())
+    assert [e["type"] for e in events] == [
+        "response.output_item.added",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.output_item.done",
+        "response.output_item.added",  # the listing was returned, not emitted: the loop emits it
+        "response.output_item.done",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(6))
+    assert [i["id"] for i in builder.output] == ["mcp_1", "mcpl_1"]
