@@ -27,6 +27,8 @@ from model_host.ipc import HostClient, create_channels
 from model_host.ipc.channels import Channels, HostSide
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import StatusField
+from sanic_serve import ops
+from sanic_serve.access_log import ObservedSanic
 from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedRequest
 from sanic_serve.chat import route as chat
 from sanic_serve.completions import route as completions
@@ -168,7 +170,7 @@ HostEntry = Callable[[HostSide, HostSettings], None]
 def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic:
     """The app of the main process and of every worker. ``run_host`` is the model host's entry
     point, handed in by whoever starts the server (the HTTP side never imports the host)."""
-    app = Sanic("hfserve", configure_logging=True, request_class=TimedRequest)
+    app = ObservedSanic("hfserve", configure_logging=True, request_class=TimedRequest)
     # Sanic's loggers have handlers of their own: passed on to the root logger as well, every line
     # would be printed twice.
     for name in ("sanic.root", "sanic.error", "sanic.access", "sanic.server", "sanic.websockets"):
@@ -184,6 +186,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.ctx.config = config
     for bp in (chat.bp, completions.bp, embeddings.bp, responses.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
+    ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
     app.blueprint(stored_responses.bp)
 
     @app.main_process_start

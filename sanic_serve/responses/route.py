@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -15,6 +15,8 @@ from sanic_serve.requests import parse_json_body
 from sanic_serve.responses.items import PreparedContext, prepare_context
 from sanic_serve.responses.request import ResponsesRequest, parse_responses_request
 from sanic_serve.responses.run import response_events
+
+Events = AsyncGenerator[dict[str, Any], None]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
 
 
 async def _whole(
-    request: Request, req: ResponsesRequest, context: PreparedContext, events: AsyncIterator[dict[str, Any]]
+    request: Request, req: ResponsesRequest, context: PreparedContext, events: Events
 ) -> HTTPResponse:
     async for event in events:
         if event["type"] == "error":
@@ -84,9 +86,7 @@ def _as_api_error(event: dict[str, Any]) -> APIError:
     return InvalidRequest(event["message"], param=event.get("param"), code=code)
 
 
-async def _stream(
-    request: Request, req: ResponsesRequest, context: PreparedContext, events: AsyncIterator[dict[str, Any]]
-) -> None:
+async def _stream(request: Request, req: ResponsesRequest, context: PreparedContext, events: Events) -> None:
     # The first event comes once the request was found able to run: a 4xx before it keeps its status.
     first = await anext(events)
     response = await request.respond(

@@ -3,7 +3,7 @@
 THE INTERFACE the POST route, background runs and server-side tools share::
 
     response_events(req, context, app_ctx, *, response_id, created_at, server_tools=None)
-        -> AsyncIterator[dict]
+        -> AsyncGenerator[dict, None]
 
 - ``req``: the parsed ``ResponsesRequest`` (``sanic_serve.responses.request.parse_responses_request``).
 - ``context``: the ``PreparedContext`` (``sanic_serve.responses.items.prepare_context(req, store)``):
@@ -39,7 +39,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
@@ -141,7 +141,7 @@ async def response_events(
     response_id: str | None = None,
     created_at: int | None = None,
     server_tools: ServerTools | None = None,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     bundle = await admit(app_ctx, req.model)
     tools = server_tools if server_tools is not None else server_tools_for(req, app_ctx)
     functions = allowed(req, req.function_tools())
