@@ -37,7 +37,11 @@ def response(rid: str, text: str = "Hello!", status: str = "completed", **extra:
 
 
 def user(text: str, item_id: str | None = None) -> dict[str, Any]:
-    item: dict[str, Any] = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    item: dict[str, Any] = {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": text}],
+    }
     if item_id:
         item["id"] = item_id
     return item
@@ -58,7 +62,11 @@ def test_save_get_round_trip_keeps_the_body_exactly(store: ResponseStore) -> Non
 
 
 def test_input_items_in_order_and_given_ids(store: ResponseStore) -> None:
-    items = [user("one", "msg_a"), user("two"), {"type": "function_call_output", "call_id": "c", "output": "x"}]
+    items = [
+        user("one", "msg_a"),
+        user("two"),
+        {"type": "function_call_output", "call_id": "c", "output": "x"},
+    ]
     store.save(response("resp_1"), items, previous_response_id=None)
     stored = store.input_items("resp_1")
     assert stored is not None
