@@ -73,6 +73,22 @@ def start(
             "(auto: the tokenizer's response_template, else the chat template's markup)."
         ),
     ),
+    mcp_config: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="MCP servers (the mcpServers JSON) that /v1/responses mcp tools may name by server_label.",
+    ),
+    mcp_allow_private: bool = typer.Option(
+        _SERVER.mcp.allow_private, help="Let requests' MCP server_url reach loopback and private addresses."
+    ),
+    mcp_allow_hosts: str | None = typer.Option(
+        None,
+        help="Comma list of the only hosts requests' MCP server_url may name (*.example.com: subdomains).",
+    ),
+    mcp_timeout_s: float = typer.Option(
+        _SERVER.mcp.timeout_s, min=0.1, help="Seconds one MCP operation (listing tools, a call) may take."
+    ),
     log_level: str = typer.Option(_HOST.log_level, help="DEBUG, INFO, WARNING or ERROR."),
     torch_threads: int = typer.Option(
         _HOST.torch_threads, min=0, help="CPU threads for the model host (0: torch default)."
@@ -95,21 +111,6 @@ def start(
         _SERVER.request_timeout_s,
         min=0.1,
         help="Seconds a request's headers, then its body, may take to arrive; slower clients get 408.",
-    ),
-    mcp_config: Path | None = typer.Option(
-        None,
-        exists=True,
-        dir_okay=False,
-        help="MCP servers (the mcpServers JSON) that /v1/responses mcp tools may name by server_label.",
-    ),
-    mcp_allow_private: bool = typer.Option(
-        _SERVER.mcp.allow_private, help="Let requests' MCP server_url reach loopback and private addresses."
-    ),
-    mcp_allow_hosts: str | None = typer.Option(
-        None, help="Comma list of the only hosts requests' MCP server_url may name (*.example.com: subdomains)."
-    ),
-    mcp_timeout_s: float = typer.Option(
-        _SERVER.mcp.timeout_s, min=0.1, help="Seconds one MCP operation (listing tools, a call) may take."
     ),
     responses_db: Path | None = typer.Option(
         None,
@@ -165,8 +166,8 @@ def start(
             max_queue=max_queue,
             prefix_cache_mb=prefix_cache_mb,
         ),
-        tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
         mcp=mcp,
+        tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
     )
     raise typer.Exit(serve(config))
 
