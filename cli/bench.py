@@ -133,13 +133,15 @@ async def run_level(
     seed: int,
     ignore_eos: bool = True,
     progress: Any = None,
+    api_key: str = "",
 ) -> dict[str, Any]:
     """One measurement: all prompts, at most ``concurrency`` in flight, Poisson arrivals."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     rng = random.Random(seed)
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    headers = auth_headers(api_key)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
 
         async def one(prompt: str) -> RequestResult:
             async with gate:
@@ -198,10 +200,15 @@ class BenchConfig:
     out: Path | None
     plot: Path | None
     ignore_eos: bool = True
+    api_key: str = ""  # sent as a bearer token when set
 
 
-def discover_model(base_url: str) -> str:
-    resp = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30)
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def discover_model(base_url: str, api_key: str = "") -> str:
+    resp = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30, headers=auth_headers(api_key))
     resp.raise_for_status()
     data = resp.json()["data"]
     if not data:
@@ -212,7 +219,7 @@ def discover_model(base_url: str) -> str:
 def run_bench(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     from rich.progress import Progress
 
-    model = cfg.model or discover_model(cfg.base_url)
+    model = cfg.model or discover_model(cfg.base_url, cfg.api_key)
     runs = []
     with Progress(console=console, transient=True) as bar:
         for i, level in enumerate(cfg.concurrency):
@@ -232,6 +239,7 @@ def run_bench(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
                         cfg.seed,
                         cfg.ignore_eos,
                         lambda t=task: bar.advance(t),
+                        cfg.api_key,
                     )
                 )
             )

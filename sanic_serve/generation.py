@@ -14,6 +14,7 @@ from typing import Any, Literal
 from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams, TokenFrame
 from model_host.ipc.messages import request_ref
 from sanic_serve.errors import from_host_error
+from sanic_serve.metrics.worker import GenerationTracker
 from sanic_serve.models import ModelBundle
 from sanic_serve.text import IncrementalDetokenizer, StopMatcher
 
@@ -96,12 +97,16 @@ class Generation:
         """Yields text deltas, the last one with a finish reason. Raises ``APIError`` on a host
         error. Whatever way the caller stops iterating, an unfinished request is aborted."""
         self._stream = stream = self.client.submit(self.bundle.path, self.prompt_token_ids, self.sampling)
+        tracker = GenerationTracker(self.bundle.id, self.prompt_tokens)
         try:
             while self.finish_reason is None and not (stream.finished and stream.empty):
                 text = ""
                 entries: list[dict[str, Any]] | None = [] if self.sampling.logprobs >= 0 else None
-                for frame in await stream.frames():
+                frames = await stream.frames()
+                tracker.tokens_arrived(sum(len(f.token_ids) for f in frames if not f.prompt))
+                for frame in frames:
                     if frame.error is not None:
+                        tracker.failed()
                         ref = request_ref(self.client.worker_index, stream.request_id)
                         raise from_host_error(frame.error, ref, self.bundle.id)
                     if frame.prompt:
@@ -127,6 +132,7 @@ class Generation:
         finally:
             # Stop string hit, client gone, or error: the host must stop spending steps on it.
             self.client.abort(stream)
+            tracker.finished(self.finish_reason or "abort")
 
     def abort(self) -> None:
         """Stop this generation in the host now, whatever state its reader is in. A client that
