@@ -123,8 +123,25 @@ def start(
     responses_ttl_s: float | None = typer.Option(
         None, min=0.1, help="Seconds a stored response is kept (default: until deleted or evicted)."
     ),
+    api_key: list[str] = typer.Option(
+        [],
+        "--api-key",
+        help="Require 'Authorization: Bearer KEY' (repeatable). Prefer HFSERVE_API_KEY or --api-key-file: "
+        "arguments show in ps.",
+    ),
+    api_key_file: Path | None = typer.Option(
+        None, dir_okay=False, help="File with API keys, one per line ('#' comments)."
+    ),
+    metrics_auth: bool = typer.Option(_SERVER.metrics_auth, help="/metrics needs the API key too."),
+    metrics_vllm_names: bool = typer.Option(
+        _SERVER.metrics_vllm_names, help="Name metrics vllm:* instead of hfserve:* (vLLM dashboards)."
+    ),
+    cors_origin: list[str] = typer.Option(
+        [], "--cors-origin", help="Origin browsers may call from (repeatable; '*': any). Default: none."
+    ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
+    from cli.api_keys import load_api_keys
     from cli.preflight import ConfigError, check_device, check_port
     from cli.start import check_responses_db, resolve_model_arg, serve
 
@@ -134,6 +151,7 @@ def start(
     try:
         check_port(host, port)
         check_device(device)
+        api_keys = load_api_keys(api_key, api_key_file)
         model_id, model_path, pinned = resolve_model_arg(model)
         db_path = check_responses_db(responses_db, responses_max_mb)
     except ConfigError as exc:
@@ -168,6 +186,10 @@ def start(
         ),
         mcp=mcp,
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
+        api_keys=api_keys,
+        metrics_auth=metrics_auth,
+        cors_origins=tuple(cors_origin),
+        metrics_vllm_names=metrics_vllm_names,
     )
     raise typer.Exit(serve(config))
 
@@ -187,6 +209,9 @@ def bench(
     out: Path | None = typer.Option(None, help="Write JSON results here."),
     plot: Path | None = typer.Option(None, help="Write a PNG plot here."),
     ignore_eos: bool = typer.Option(True, help="Send ignore_eos for a fixed output length."),
+    api_key: str = typer.Option(
+        "", envvar=["HFSERVE_API_KEY", "OPENAI_API_KEY"], help="Sent as a bearer token.", show_default=False
+    ),
 ) -> None:
     """Measure throughput and latency of a running server under streaming load."""
     from rich.console import Console
@@ -220,6 +245,7 @@ def bench(
         out,
         plot,
         ignore_eos,
+        api_key,
     )
     try:
         report = run_bench(cfg, console)
@@ -235,7 +261,9 @@ def bench(
 def chat(
     base_url: str = typer.Argument("http://127.0.0.1:8000", help="The server (any OpenAI-compatible)."),
     model: str | None = typer.Option(None, help="Model to talk to (default: the server's first)."),
-    api_key: str = typer.Option("", envvar="OPENAI_API_KEY", help="Sent as a bearer token."),
+    api_key: str = typer.Option(
+        "", envvar=["HFSERVE_API_KEY", "OPENAI_API_KEY"], help="Sent as a bearer token.", show_default=False
+    ),
     prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot: answer this and exit."),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print the final response object."),
     system: str | None = typer.Option(None, help="System prompt."),

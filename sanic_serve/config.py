@@ -34,6 +34,12 @@ class ServerConfig:
     responses_ttl_s: float | None = None
     # Server-side MCP tools of /v1/responses: --mcp-config servers, the outbound policy, the timeout.
     mcp: MCPSettings = field(default_factory=MCPSettings)
+    # Running as a service (sanic_serve.ops): API keys (none: no check; never in a repr or a log),
+    # whether /metrics needs one too, CORS origins, and vLLM's own metric names instead of hfserve:.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    metrics_vllm_names: bool = False
 
     def host_settings(self) -> HostSettings:
         preload = (self.default_model_path,) if self.default_model_path else ()
