@@ -7,11 +7,12 @@ that came back from the server (an error message that quotes a header) before it
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from sanic_serve.errors import InvalidRequest
-from sanic_serve.mcp.policy import OutboundPolicy, PolicyRefused, split_url
+from sanic_serve.mcp.policy import IPAddress, OutboundPolicy, PolicyRefused, split_url
 from sanic_serve.mcp.settings import MCPSettings
 
 SECRET_FIELDS = ("authorization", "headers")
@@ -115,6 +116,9 @@ def parse_mcp_tool(tool: dict[str, Any], param: str, settings: MCPSettings) -> M
             host, _ = split_url(url)
             policy = OutboundPolicy(settings.allow_private, settings.allow_hosts)
             policy.check_host_name(host)
+            literal = _literal_address(host)
+            if literal is not None:  # no name to look up: refused now, as a 400
+                policy.check_address(literal)
         except PolicyRefused as exc:
             raise InvalidRequest(str(exc), param=f"{param}.server_url", code="mcp_server_refused") from exc
     description = tool.get("server_description")
@@ -154,6 +158,18 @@ def public_tool(tool: dict[str, Any]) -> dict[str, Any]:
     if "headers" in tool:
         out["headers"] = None
     return out
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address a host names without a lookup: an IP literal, or loopback for ``localhost``
+    (RFC 6761 reserves it and its subdomains for loopback)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return ipaddress.ip_address("127.0.0.1")
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
 
 def _headers(tool: dict[str, Any], param: str) -> dict[str, str]:
