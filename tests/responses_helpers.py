@@ -126,7 +126,8 @@ def without_ids(body: Any) -> Any:
         return [without_ids(b) for b in body]
     if not isinstance(body, dict):
         return body
-    skip = {"id", "call_id", "created_at", "completed_at", "item_id"}
+    # cached_tokens: a second run of the same prompt finds it in the prefix cache.
+    skip = {"id", "call_id", "created_at", "completed_at", "item_id", "cached_tokens"}
     return {k: ("*" if k in skip else without_ids(v)) for k, v in body.items()}
 
 

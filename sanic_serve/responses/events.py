@@ -23,7 +23,13 @@ def new_item_id(prefix: str) -> str:
 def echoed_tools(req: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's tools as the response shows them: an MCP tool's ``authorization`` and
     ``headers`` are secrets and never leave the request."""
-    return [{k: v for k, v in t.items() if k not in ("authorization", "headers")} for t in req.tools]
+    out = []
+    for tool in req.tools:
+        shown = {k: v for k, v in tool.items() if k not in ("authorization", "headers")}
+        if tool.get("type") == "function":  # the spec's FunctionTool has these, null when not given
+            shown = {"description": None, "parameters": None, "strict": None, **shown}
+        out.append(shown)
+    return out
 
 
 def _text_param(req: ResponsesRequest) -> dict[str, Any]:
