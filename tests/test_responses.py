@@ -312,6 +312,11 @@ def test_tool_choice_none_and_named(server: ServerProcess) -> None:
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         ({"include": ["nonsense"]}, "include"),
         ({"model": "no-such-model"}, "model"),
+        ({"reasoning": {"effort": "high"}}, "reasoning.effort"),  # the demo template has no control
+        (
+            {"tool_choice": "required", "text": {"format": {"type": "json_object"}}, "tools": [WEATHER]},
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(server: ServerProcess, extra: dict[str, Any], param: str) -> None:
@@ -369,3 +374,39 @@ def test_openai_sdk_create_and_stream(server: ServerProcess) -> None:
     assert call.output[0].type == "function_call" and json.loads(call.output[0].arguments) == {"a": 2, "b": 3}
     validate("Response", whole.model_dump(mode="json", exclude_unset=True))
     assert time.time() - whole.created_at < 600
+
+
+def test_previous_response_id_chain_equals_the_full_history(server: ServerProcess) -> None:
+    """Each turn may land on any of the four workers: the chain lives in the shared store. A
+    function call and its output round-trip through it; old instructions are not carried over."""
+    body = {**GREEDY, "tools": [WEATHER], "max_output_tokens": 40}
+    first = create(
+        server.base_url, {**body, "input": "What is the weather in Paris?", "instructions": "Be brief."}
+    )
+    [call] = first["output"]
+    result = {
+        "type": "function_call_output",
+        "call_id": call["call_id"],
+        "output": '{"weather": "sunny, 22 C"}',
+    }
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        call,
+        result,
+    ]
+    previous = first["id"]
+    turn_input: list[dict[str, Any]] = [result]
+    for follow_up in ("Hello!", "Thank you", "What is 2 plus 3?"):
+        chained = create(server.base_url, {**body, "input": turn_input, "previous_response_id": previous})
+        whole = create(server.base_url, {**body, "input": history})
+        assert chained["previous_response_id"] == previous and chained["instructions"] is None
+        assert output_text(chained) == output_text(whole) and output_text(chained)
+        # The same prompt, token for token: the first turn's instructions are not in it.
+        assert chained["usage"]["input_tokens"] == whole["usage"]["input_tokens"]
+        history += [*chained["output"], {"role": "user", "content": follow_up}]
+        turn_input = [{"role": "user", "content": follow_up}]
+        previous = chained["id"]
+    assert (
+        output_text(create(server.base_url, {**body, "input": history[:3]}))
+        == "The weather in Paris is sunny, 22 C."
+    )
