@@ -8,7 +8,7 @@ process, not in the host that may die.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -18,8 +18,11 @@ from sanic_serve.metrics import names
 
 
 class HostCollector:
-    def __init__(self, status: HostStatus, alive: bool, vllm_names: bool) -> None:
+    def __init__(
+        self, status: HostStatus, alive: bool, vllm_names: bool, model_name: Callable[[str], str]
+    ) -> None:
         self._status = status
+        self._model_name = model_name  # the host lists folders; clients and labels use model ids
         self._alive = alive
         self._p = names.engine_prefix(vllm_names)
 
@@ -69,5 +72,5 @@ class HostCollector:
             f"{own}model_loaded", "1 for each model loaded in the model host.", labels=["model_name"]
         )
         for model in snap.models:
-            loaded.add_metric([model], 1)
+            loaded.add_metric([self._model_name(model)], 1)
         yield loaded

@@ -1,0 +1,168 @@
+"""``/metrics``: Prometheus' text format, one view over every worker and the model host (issue 13,
+acceptance 4). A server of its own, so that the counters move only with this module's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sanic_serve.metrics import multiproc
+from tests.server import ServerProcess
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+MODEL = "hfserve-demo"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def four(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
+    with ServerProcess.start(cache_dir, workers=4) as srv:
+        yield srv
+
+
+def scrape(srv: ServerProcess, **kwargs: str) -> tuple[Samples, dict[str, str]]:
+    resp = httpx.get(f"{srv.base_url}/metrics", timeout=30.0, headers=kwargs)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(resp.text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def worker_of(log: str, request_id: str) -> int:
+    """Which worker answered: the access line names it."""
+    found = re.search(rf"\[worker (\d+)\] INFO hfserve\.access \[request_id={re.escape(request_id)}\]", log)
+    assert found, f"no access line for {request_id}"
+    return int(found.group(1))
+
+
+def chat_on_new_connection(srv: ServerProcess, request_id: str, stream: bool) -> tuple[int, int]:
+    """One request on a connection of its own (so the kernel may hand it to any worker); returns
+    its (prompt, completion) tokens."""
+    body = {"model": MODEL, "messages": HELLO, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    with httpx.Client(timeout=60.0) as client:
+        resp = client.post(
+            f"{srv.base_url}/v1/chat/completions", json=body, headers={"X-Request-Id": request_id}
+        )
+    assert resp.status_code == 200, resp.text
+    if not stream:
+        usage = resp.json()["usage"]
+    else:
+        import json
+
+        events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+        usage = events[-1]["usage"]
+    return usage["prompt_tokens"], usage["completion_tokens"]
+
+
+def test_counters_say_exactly_what_was_done_across_all_workers(four: ServerProcess) -> None:
+    before, _ = scrape(four)
+    n = 24
+    ids = [f"metrics-{os.getpid()}-{i}" for i in range(n)]
+    prompt = completion = 0
+    for i, rid in enumerate(ids):
+        p, c = chat_on_new_connection(four, rid, stream=i % 2 == 1)
+        prompt += p
+        completion += c
+    missing = 3
+    for _ in range(missing):
+        assert httpx.get(f"{four.base_url}/no/such/route", timeout=10.0).status_code == 404
+    after, types = scrape(four)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    route = {"route": "/v1/chat/completions", "method": "POST"}
+    assert delta("hfserve:http_requests_total", **route, status="200") == n
+    assert delta("hfserve:http_requests_total", route="unmatched", method="GET", status="404") == missing
+    assert delta("hfserve:http_request_duration_seconds_count", **route) == n
+    assert delta("hfserve:request_success_total", model_name=MODEL, finished_reason="stop") == n
+    assert delta("hfserve:generation_tokens_total", model_name=MODEL) == completion
+    assert delta("hfserve:prompt_tokens_total") == prompt  # counted by the host
+    assert delta("hfserve:prefix_cache_queries_total") == prompt
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens"):
+        assert delta(f"hfserve:{histogram}_count", model_name=MODEL) == n, histogram
+        assert types[f"hfserve:{histogram}"] == "histogram"
+    assert delta("hfserve:request_prompt_tokens_sum", model_name=MODEL) == prompt
+    assert delta("hfserve:request_generation_tokens_sum", model_name=MODEL) == completion
+    # Every token after the first is one inter-token interval (some arrive together and share it).
+    assert 0 < delta("hfserve:inter_token_latency_seconds_count", model_name=MODEL) <= completion - n
+    assert value(after, "hfserve:e2e_request_latency_seconds_bucket", model_name=MODEL, le="+Inf") >= n
+    # The sums are one view of several workers' files: the requests were answered by more than one.
+    log = four.log_text()
+    assert len({worker_of(log, rid) for rid in ids}) >= 2
+
+
+def test_host_gauges_and_model_state(four: ServerProcess) -> None:
+    samples, types = scrape(four)
+    assert value(samples, "hfserve:host_up") == 1
+    assert value(samples, "hfserve:host_restarts_total") == 0
+    assert value(samples, "hfserve:model_loaded", model_name=MODEL) == 1
+    assert value(samples, "hfserve:model_load_seconds_count") >= 1
+    assert value(samples, "hfserve:model_load_seconds_sum") > 0
+    assert types["hfserve:num_requests_running"] == "gauge"
+    assert types["hfserve:num_requests_waiting"] == "gauge"
+    assert value(samples, "hfserve:num_requests_running") == 0  # nothing runs between tests
+
+
+def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{four.base_url}/v1", api_key="unused", max_retries=0)
+    streams = 6
+
+    async def run() -> tuple[float, float]:
+        opened = [
+            await client.chat.completions.create(
+                model=MODEL, messages=HELLO, stream=True, max_tokens=400, extra_body={"ignore_eos": True}
+            )
+            for _ in range(streams)
+        ]
+        for s in opened:  # each has begun
+            await s.__anext__()
+        samples, _ = await asyncio.to_thread(scrape, four)
+        for s in opened:
+            await s.close()
+        running = value(samples, "hfserve:num_requests_running") + value(samples, "hfserve:num_requests_waiting")
+        return running, value(samples, "hfserve:http_requests_in_flight")
+
+    running, in_flight = asyncio.run(run())
+    assert running >= 1  # some may have finished on a fast machine; the host saw them
+    assert in_flight >= streams  # every open stream, and the scrape itself, wherever they run
+    four.wait_for(lambda s: s["running"] == 0, timeout_s=30.0)
+
+
+def test_metrics_folder_lives_with_the_server(cache_dir: Path, demo_model: Path) -> None:
+    with ServerProcess.start(cache_dir, workers=1) as srv:
+        mine = list(Path(tempfile.gettempdir()).glob(f"hfserve-metrics-{srv.proc.pid}-*"))
+        assert len(mine) == 1 and any(mine[0].iterdir())  # the worker's files are there
+        assert srv.stop() == 0
+    assert not mine[0].exists()
+
+
+def test_stale_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    dead_pid = 2**22 + 12345  # above the default pid_max: never a live process
+    stale = tmp_path / f"hfserve-metrics-{dead_pid}-abc"
+    live = tmp_path / f"hfserve-metrics-{os.getpid()}-abc"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert multiproc.remove_stale_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
