@@ -248,3 +248,33 @@ def test_server_tool_events_stream_in_order() -> None:
     ]
     assert [e["sequence_number"] for e in events] == list(range(6))
     assert [i["id"] for i in builder.output] == ["mcp_1", "mcpl_1"]
+
+
+def test_a_failure_is_an_error_event_then_response_failed() -> None:
+    req = request(input="Hi")
+    builder = ResponseBuilder(response_body(req, "resp_1", 1, "in_progress"))
+    run = _Run(req, prepare_context(req, None), None, None, SlowTools(), builder)  # type: ignore[arg-type]
+    events = [
+        builder.event("response.created", response=builder.snapshot("in_progress")),
+        builder.event("response.in_progress", response=builder.snapshot("in_progress")),
+    ]
+    writer = TurnWriter(builder)
+    events += writer.content("partial", [])
+    events += writer.close("incomplete")  # as the turn loop closes it when the host fails
+
+    async def fail() -> list[dict[str, Any]]:
+        return [e async for e in run.failed("Generation failed (request id x).", "generation_failed", None)]
+
+    events += asyncio.run(fail())
+    failed = events[-1]["response"]
+    assert events[-2]["type"] == "error" and events[-1]["type"] == "response.failed"
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert (
+        failed["output"][0]["status"] == "incomplete"
+        and failed["output"][0]["content"][0]["text"] == "partial"
+    )
+    for event in events:
+        from tests.responses_helpers import validate_event
+
+        validate_event(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))

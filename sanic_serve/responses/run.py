@@ -317,6 +317,8 @@ class _Run:
             server_calls: list[dict[str, Any]] = []
             async for event in self._generate(turn, server_calls):
                 yield event
+            # Calls past max_tool_calls are not run (the next turn may call nothing more).
+            server_calls = server_calls[: max(0, self.req.tool_call_limit - calls_made)]
             if self.incomplete or not server_calls:
                 return
             ran: list[Any] = []
@@ -365,6 +367,12 @@ class _Run:
                         events += writer.function_call(call.id, call.name, call.arguments)
                 for event in events:
                     yield event
+        except APIError:
+            # The host failed mid-turn: what was written stays, closed as incomplete, before the
+            # error and response.failed that follow.
+            for event in writer.close("incomplete"):
+                yield event
+            raise
         finally:
             gen.abort()  # closed early (client gone, cancelled): the host stops at once
         self.incomplete = gen.finish_reason == "length"
