@@ -140,7 +140,9 @@ def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> N
         samples, _ = await asyncio.to_thread(scrape, four)
         for s in opened:
             await s.close()
-        running = value(samples, "hfserve:num_requests_running") + value(samples, "hfserve:num_requests_waiting")
+        running = value(samples, "hfserve:num_requests_running") + value(
+            samples, "hfserve:num_requests_waiting"
+        )
         return running, value(samples, "hfserve:http_requests_in_flight")
 
     running, in_flight = asyncio.run(run())
