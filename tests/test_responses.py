@@ -369,8 +369,11 @@ def test_openai_sdk_create_and_stream(server: ServerProcess) -> None:
     assert [i.type for i in final.output] == [i.type for i in whole.output]
     assert final.usage == whole.usage and final.status == whole.status
     call = client.responses.create(
-        model="hfserve-demo", input="What is 2 plus 3?", tools=[ADD], temperature=0
-    )  # type: ignore[list-item]
+        model="hfserve-demo",
+        input="What is 2 plus 3?",
+        tools=[ADD],  # type: ignore[list-item]
+        temperature=0,
+    )
     assert call.output[0].type == "function_call" and json.loads(call.output[0].arguments) == {"a": 2, "b": 3}
     validate("Response", whole.model_dump(mode="json", exclude_unset=True))
     assert time.time() - whole.created_at < 600

@@ -230,7 +230,8 @@ def test_server_tool_events_stream_in_order() -> None:
     run = _Run(req, prepare_context(req, None), None, None, SlowTools(), builder)  # type: ignore[arg-type]
 
     async def drain() -> list[dict[str, Any]]:
-        out, result = [], []
+        out: list[dict[str, Any]] = []
+        result: list[Any] = []
         tools = SlowTools()
         async for event in run._drive(lambda emit: tools.run_calls([], emit), result):
             out.append(event)
