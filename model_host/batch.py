@@ -41,6 +41,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     chunk_tail_logits: torch.Tensor | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    queued_s: float = 0.0  # how long it waited in the queue before its prefill began
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -103,7 +103,10 @@ class Generation:
                 text = ""
                 entries: list[dict[str, Any]] | None = [] if self.sampling.logprobs >= 0 else None
                 frames = await stream.frames()
-                tracker.tokens_arrived(sum(len(f.token_ids) for f in frames if not f.prompt))
+                produced = [f for f in frames if not f.prompt]
+                tracker.tokens_arrived(
+                    sum(len(f.token_ids) for f in produced), produced[0].queue_s if produced else None
+                )
                 for frame in frames:
                     if frame.error is not None:
                         tracker.failed()

@@ -99,7 +99,8 @@ def test_counters_say_exactly_what_was_done_across_all_workers(four: ServerProce
     assert delta("hfserve:generation_tokens_total", model_name=MODEL) == completion
     assert delta("hfserve:prompt_tokens_total") == prompt  # counted by the host
     assert delta("hfserve:prefix_cache_queries_total") == prompt
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens"):
+    histograms = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds")
+    for histogram in (*histograms, "request_prompt_tokens"):
         assert delta(f"hfserve:{histogram}_count", model_name=MODEL) == n, histogram
         assert types[f"hfserve:{histogram}"] == "histogram"
     assert delta("hfserve:request_prompt_tokens_sum", model_name=MODEL) == prompt

@@ -156,3 +156,4 @@ class TokenFrame(msgspec.Struct, frozen=True, array_like=True, tag=int(MessageKi
     cached_tokens: int = 0  # on a request's first frame: prompt tokens reused, not prefilled
     vector: bytes | None = None
     index: int = 0
+    queue_s: float = 0.0  # on a request's first frame: seconds it waited in the host's queue

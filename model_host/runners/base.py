@@ -11,7 +11,8 @@ publishing frames — is the engine's and the scheduler's, written once for ever
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from model_host.ipc.messages import AddRequest, ErrorInfo, ErrorKind, FinishReason, Task, TokenFrame
@@ -39,6 +40,7 @@ class Pending:
 
     request: AddRequest
     prepared: Any = None
+    arrived_s: float = field(default_factory=time.monotonic)  # when it joined the queue
 
     @property
     def key(self) -> RequestKey:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import ClassVar
 
 import torch
@@ -126,9 +127,15 @@ class CausalRunner(Runner):
                 keep.append(i)
             if reason is not FinishReason.NONE and self.prefix_cache is not None and batch.joinable:
                 self.prefix_cache.store(seq.model_path, *batch.row_kv(i))
-            cached = seq.cached_tokens if len(seq.generated) == 1 else 0  # said once, first
+            first = len(seq.generated) == 1  # cached tokens and queue time are said once, first
             frame = TokenFrame(
-                seq.key[1], (token,), reason, None, None if lp is None else (lp,), cached_tokens=cached
+                seq.key[1],
+                (token,),
+                reason,
+                None,
+                None if lp is None else (lp,),
+                cached_tokens=seq.cached_tokens if first else 0,
+                queue_s=seq.queued_s if first else 0.0,
             )
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
@@ -213,7 +220,7 @@ class CausalRunner(Runner):
 
     @staticmethod
     def _take(queue: WaitingQueue, seq: Sequence) -> Sequence:
-        queue.pop()
+        seq.queued_s = time.monotonic() - queue.pop().arrived_s
         queue.account(len(seq.prompt), seq.cached_tokens)
         return seq
 
