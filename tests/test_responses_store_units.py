@@ -280,3 +280,17 @@ def test_several_processes_write_at_once(tmp_path: Path) -> None:
     assert all(s.get(f"p{n}_{i}") is not None for n in range(3) for i in range(40))
     assert all(s.cancel_requested(f"p{n}_{i}") for n in range(3) for i in range(40))
     s.close()
+
+
+def test_reopening_with_a_lower_bound_shrinks_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    big = ResponseStore(path, max_bytes=4 * MB)
+    for i in range(100):
+        big.save(response(f"r{i}", "w" * 8000), [user("Q")], previous_response_id=None)
+    assert big.size_bytes() > 600 * 1024
+    big.close()
+    small = ResponseStore(path, max_bytes=200 * 1024)
+    assert small.size_bytes() <= 200 * 1024
+    assert small.get("r99") is not None and small.get("r0") is None
+    small.close()
+    assert path.stat().st_size <= 200 * 1024

@@ -23,62 +23,24 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from sanic_serve.responses.store_db import StoreError as StoreError  # re-exported: callers catch it here
+from sanic_serve.responses.store_db import connect, write
+
 log = logging.getLogger("hfserve")
 
-SCHEMA_VERSION = 1
 RUNNING_STATUSES = ("queued", "in_progress")
-# A writer that finds the file locked waits this long before giving up (transactions last
-# milliseconds; this only matters when many workers write at the same moment).
-_BUSY_TIMEOUT_MS = 10_000
-# Pages of the write-ahead log before a checkpoint copies them into the database: at most this
-# share of the bound (and SQLite's own default, 1000 pages, for large bounds).
-_WAL_SHARE = 0.25
 # A running background response whose worker has not reported for this long (the worker died, the
 # server was stopped) is failed: no one will ever finish it. Runners report every few seconds.
 LEASE_S = 30.0
 INTERRUPTED_MESSAGE = "The response was interrupted: the server stopped or restarted while it ran."
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: eviction takes the lowest first
-    id TEXT NOT NULL UNIQUE,
-    previous_id TEXT,
-    status TEXT NOT NULL,
-    created_s REAL NOT NULL,
-    expires_s REAL,                         -- NULL: no TTL
-    cancel INTEGER NOT NULL DEFAULT 0,      -- a cancel was asked for (by any worker)
-    lease_s REAL,                           -- running: its runner reports again before this time
-    body_bytes INTEGER NOT NULL,
-    body BLOB NOT NULL                      -- the response without ``output``
-);
-CREATE TABLE IF NOT EXISTS items (
-    response_seq INTEGER NOT NULL REFERENCES responses(seq) ON DELETE CASCADE,
-    kind INTEGER NOT NULL,                  -- 0: input item, 1: output item
-    position INTEGER NOT NULL,
-    item_id TEXT,
-    body BLOB NOT NULL,
-    PRIMARY KEY (response_seq, kind, position)
-);
-CREATE INDEX IF NOT EXISTS items_by_id ON items(item_id);
-CREATE TABLE IF NOT EXISTS events (
-    response_seq INTEGER NOT NULL REFERENCES responses(seq) ON DELETE CASCADE,
-    sequence_number INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (response_seq, sequence_number)
-);
-"""
 _INPUT, _OUTPUT = 0, 1
-
-
-class StoreError(Exception):
-    """The database cannot be opened or used (its message is fit for the start-up error line)."""
 
 
 @dataclass
@@ -118,53 +80,12 @@ class ResponseStore:
         self.max_bytes = int(max_bytes)
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-            )
-            self._setup()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the responses database {self.path}: {exc}") from exc
+        self._db, self.page_size = connect(self.path, self.max_bytes)
+        with self._lock:
+            self._make_room(0)  # started with a lower bound than before: shrink to it now
 
-    # -- set-up ----------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        db = self._db
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA foreign_keys = ON")
-        # Set before the first table exists (a no-op on a file made earlier with it).
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"the responses database {self.path} cannot use WAL mode (file system?)")
-        db.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
-        self.page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
-        wal_pages = max(16, min(1000, int(self.max_bytes * _WAL_SHARE) // self.page_size))
-        db.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
-        db.execute(f"PRAGMA journal_size_limit = {wal_pages * self.page_size}")
-        with self._write():
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the responses database {self.path} was written by a newer hfserve; "
-                    "move it away or point --responses-db elsewhere"
-                )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (``IMMEDIATE``), so that two workers never both
-        read and then both try to upgrade to a write lock (which would fail one of them)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write(self._db)
 
     def close(self) -> None:
         with self._lock:
