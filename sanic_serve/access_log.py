@@ -147,9 +147,18 @@ class ObservedSanic(Sanic):
             current_request.reset(token)  # the connection's next request starts clean
 
 
+def observe(app: Sanic, observer: RequestObserver) -> None:
+    """Have ``observer`` told of every request of this worker, however it ends (a client gone
+    included): the place to count requests in flight. Sanic forbids replacing ``handle_request``
+    on an app instance; this is the hook instead."""
+    observers: list[RequestObserver] = getattr(app.ctx, "request_observers", [])
+    app.ctx.request_observers = [*observers, observer]
+
+
 def install(app: Sanic, observers: list[RequestObserver]) -> None:
     """Observe this worker's requests (``app`` is an ``ObservedSanic``) and echo their ids."""
-    app.ctx.request_observers = observers
+    for observer in observers:
+        observe(app, observer)
 
     @app.on_response(priority=1000)
     async def _echo_request_id(request: Request, response: BaseHTTPResponse) -> None:
