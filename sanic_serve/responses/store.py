@@ -381,5 +381,6 @@ class ResponseStore:
         """Give the free pages back to the file system and fold the log into the file."""
         if int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
             return
-        self._db.execute("PRAGMA incremental_vacuum")
+        # Frees one page per step: run it to the end (execute() would step it once).
+        self._db.executescript("PRAGMA incremental_vacuum;")
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
