@@ -243,7 +243,7 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
         elif kind == "mcp_call":
             thought = _call(messages, item["id"], item["name"], item["arguments"], thought)
             error = item.get("error")
-            result = str(item.get("output") or "") if not error else f"Error: {error}"
+            result = str(item.get("output") or "") if not error else mcp_error_text(error)
             messages.append(
                 {"role": "tool", "tool_call_id": item["id"], "name": item["name"], "content": result or ""}
             )
@@ -253,6 +253,18 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
                 {"role": "tool", "tool_call_id": item["id"], "name": item["name"], "content": DECLINED_TEXT}
             )
     return messages
+
+
+def mcp_error_text(error: Any) -> str:
+    """An ``mcp_call``'s error as the model reads it: ``Error: `` and the tool's own text (an
+    execution error) or the message (a protocol or HTTP error), not the error object."""
+    if isinstance(error, dict):
+        content = error.get("content")
+        text = text_of(content) if isinstance(content, list) else str(content or error.get("message") or "")
+    else:
+        text = str(error)
+    text = text.strip() or "the tool call failed"
+    return text if text.lower().startswith("error") else f"Error: {text}"
 
 
 def _call(messages: list[dict[str, Any]], call_id: str, name: str, arguments: str, thought: str) -> str:
