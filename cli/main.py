@@ -11,6 +11,7 @@ from typing import NoReturn
 import httpx
 import typer
 
+from cli.service import service_app
 from model_host.ipc.settings import HostSettings
 from sanic_serve.config import ServerConfig
 
@@ -19,6 +20,7 @@ _HOST = HostSettings()
 _SERVER = ServerConfig()
 
 app = typer.Typer(help="hfserve: an OpenAI-compatible server for Hugging Face transformers models.")
+app.add_typer(service_app, name="service")
 
 
 class Dtype(StrEnum):
@@ -107,6 +109,17 @@ def start(
         min=0,
         help="Memory for the KV of finished requests, reused by prompts that start the same way. 0: off.",
     ),
+    idle_unload_s: float = typer.Option(
+        _HOST.idle_unload_s,
+        min=0,
+        help="Unload a model loaded on demand after this many seconds without requests (the default or "
+        "pinned model stays). 0: never.",
+    ),
+    drain_timeout_s: float = typer.Option(
+        _SERVER.drain_timeout_s,
+        min=0,
+        help="On SIGTERM/SIGINT, seconds requests in flight may take to finish (new ones get 503).",
+    ),
     request_timeout_s: float = typer.Option(
         _SERVER.request_timeout_s,
         min=0.1,
@@ -171,6 +184,7 @@ def start(
         pinned=pinned,
         log_level=log_level,
         request_timeout_s=request_timeout_s,
+        drain_timeout_s=drain_timeout_s,
         responses_db=str(db_path),
         responses_max_mb=responses_max_mb,
         responses_ttl_s=responses_ttl_s,
@@ -183,6 +197,7 @@ def start(
             max_batch_tokens=max_batch_tokens,
             max_queue=max_queue,
             prefix_cache_mb=prefix_cache_mb,
+            idle_unload_s=idle_unload_s,
         ),
         mcp=mcp,
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,

@@ -17,7 +17,7 @@ from cli.preflight import ConfigError, check_model_folder
 from model_host.main import run_host
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
-from sanic_serve.head_timeout import HeadDeadlineProtocol
+from sanic_serve.lifecycle.protocol import ServerProtocol
 
 log = logging.getLogger("hfserve")
 
@@ -55,7 +55,9 @@ def serve(config: ServerConfig) -> int:
         access_log=config.log_level.upper() == "DEBUG",
         motd=False,
         single_process=False,
-        protocol=HeadDeadlineProtocol,  # Sanic's own request timeout restarts with every byte
+        # The head deadline (Sanic's own request timeout restarts with every byte) and the count of
+        # requests in flight that a drain waits for.
+        protocol=ServerProtocol,
     )
     # Sanic's shared-state manager process is started first thing in serve() and inherits ignored
     # signals: a SIGTERM sent to the whole process group (systemd's default, `timeout`, `kill -- -PGID`)

@@ -16,8 +16,10 @@ from model_host.ipc.settings import HostSettings
 
 def run_host(side: HostSide, settings: HostSettings) -> None:
     # A stop that arrives while torch is still being imported or a model loaded has nothing to
-    # save: leave quietly (host_main installs the graceful handlers once the host exists).
-    signal.signal(signal.SIGINT, _exit_quietly)
+    # save: leave quietly (host_main installs the graceful handler once the host exists). SIGINT
+    # is the terminal's Ctrl-C, sent to every process of the group: the main process drains the
+    # server and then stops the host itself (with SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
     from model_host.process import host_main
 

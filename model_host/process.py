@@ -189,6 +189,5 @@ def host_main(side: HostSide, settings: HostSettings) -> None:
         log.info("signal %s: stopping after this step", signal.Signals(signum).name)
         host.stopping.set()
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, _stop)  # SIGINT stays ignored (model_host.main)
     host.run()

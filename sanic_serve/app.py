@@ -11,13 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import threading
 import uuid
 from collections.abc import Callable
 from multiprocessing import get_context
-from types import FrameType
-from typing import Any
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
@@ -25,8 +21,7 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient, create_channels
 from model_host.ipc.channels import Channels, HostSide
-from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
-from model_host.ipc.status import StatusField
+from model_host.ipc.settings import HostSettings
 from sanic_serve import ops
 from sanic_serve.access_log import ObservedSanic
 from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedRequest
@@ -35,6 +30,7 @@ from sanic_serve.completions import route as completions
 from sanic_serve.config import ServerConfig
 from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
+from sanic_serve.lifecycle import HOST_PROCESS_NAME, install_lifecycle, start_main, stop_main
 from sanic_serve.models import ModelResolver
 from sanic_serve.responses import background as background_responses
 from sanic_serve.responses import route as responses
@@ -42,32 +38,6 @@ from sanic_serve.responses import stored as stored_responses
 from sanic_serve.routes import health, loading, models
 
 log = logging.getLogger("hfserve")
-
-HOST_PROCESS_NAME = "ModelHost"
-_SUPERVISE_INTERVAL_S = 0.5
-
-
-def _stop_off_the_signal_handler(manager: Any) -> None:
-    """Sanic's worker manager stops on SIGINT/SIGTERM from inside the signal handler. The signal
-    can land while the main thread waits for a reply from the shared-state manager; the stop's own
-    state writes then go out on that same connection mid-call, and the shutdown crashes (exit 1).
-    A thread has a connection of its own: the stop runs there.
-
-    A stop before every worker has started meets a second problem: the manager's wait for the
-    workers' acknowledgements puts the stop message back and waits on, forever (a busy loop). The
-    stop ends that wait, and the manager goes on to its normal shutdown."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        if not manager._all_workers_ack():
-            manager._all_workers_ack = lambda: True
-        manager.shutdown_signal(signum, frame)
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=stop, args=(signum, frame), name="hfserve-stop", daemon=True).start()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
 
 def worker_index() -> int:
     """Sanic names server processes ``Sanic-Server-<n>-<i>``; ``n`` is stable across restarts."""
@@ -106,53 +76,6 @@ def _shared(app: Sanic) -> Channels:
         ctx.status_fields,
         ctx.status_models,
     )
-
-
-def _announce_when_ready(app: Sanic, config: ServerConfig) -> None:
-    """Say once, on stdout, where the server listens and what it serves, when it really can."""
-    if getattr(app.ctx, "announced", False) or not app.ctx.channels.status().get(StatusField.READY):
-        return
-    app.ctx.announced = True
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    model = config.default_model_id or "models on demand"
-    print(
-        f"hfserve ready: http://{host}:{config.port}/v1 serving {model} "
-        f"({config.workers} worker{'s' if config.workers > 1 else ''}; Ctrl-C stops)",
-        flush=True,
-    )
-
-
-def _stop_for_config_error(app: Sanic) -> None:
-    """The host said it cannot start with these settings (and said why in its log): stop the
-    whole server with exit status 1 rather than restart it in a loop."""
-    log.debug("the model host cannot start with these settings; stopping")
-    app.ctx.exit_code = 1
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _supervise(app: Sanic, config: ServerConfig, stop: threading.Event) -> None:
-    """Restart the model host or an HTTP worker that died (crash, OOM kill). Sanic's manager does
-    not restart a dead process by itself; it does act on a restart message from its monitor pipe."""
-    manager = app.manager
-    while not stop.wait(_SUPERVISE_INTERVAL_S):
-        if getattr(manager, "_shutting_down", False):
-            return
-        _announce_when_ready(app, config)
-        processes = list(manager.processes)  # a generator: read it once per tick
-        if any(HOST_PROCESS_NAME in p.name and p.exitcode == HOST_CONFIG_ERROR_EXIT for p in processes):
-            _stop_for_config_error(app)
-            return
-        # A process that exited 0 was stopped on purpose (shutdown); only crashes are restarted.
-        dead = [p.name for p in processes if not p.is_alive() and p.exitcode not in (None, 0)]
-        # A shutdown starts by stopping processes and only then sets its flag: look again after a
-        # moment, so that no process is brought back while the server is going down.
-        if dead and (stop.wait(_SUPERVISE_INTERVAL_S) or getattr(manager, "_shutting_down", False)):
-            return
-        for name in dead:
-            log.error("process %s died; restarting it", name)
-            manager.monitor_publisher.send(name)
-        if dead:
-            stop.wait(5.0)  # give the restarts time before judging again
 
 
 def _internal_error(request: Request, exc: Exception, status: int = 500) -> HTTPResponse:
@@ -206,19 +129,11 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
             {"side": channels.host_side(), "settings": config.host_settings()},
             restartable=True,
         )
-        _stop_off_the_signal_handler(app.manager)
-        app.ctx.supervisor_stop = threading.Event()
-        threading.Thread(
-            target=_supervise,
-            args=(app, config, app.ctx.supervisor_stop),
-            name="hfserve-supervisor",
-            daemon=True,
-        ).start()
+        start_main(app, config)  # supervisor, systemd notifications, drain on stop
 
     @app.main_process_stop
     async def _stop(app: Sanic) -> None:
-        if hasattr(app.ctx, "supervisor_stop"):
-            app.ctx.supervisor_stop.set()
+        stop_main(app)
         app.ctx.channels.close()
 
     @app.before_server_start
@@ -258,4 +173,5 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
         return _internal_error(request, exc)
 
+    install_lifecycle(app, config)  # drain state, requests in flight, 503 while draining
     return app

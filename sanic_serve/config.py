@@ -23,6 +23,9 @@ class ServerConfig:
     # How long a request's headers, and then its body, may take to arrive: a slow or stalled
     # client gets a 408 (responses, streamed or not, have no such limit).
     request_timeout_s: float = 60.0
+    # On SIGTERM/SIGINT: how long requests in flight may take to finish before they are ended
+    # (new requests get 503 meanwhile; sanic_serve.lifecycle.drain).
+    drain_timeout_s: float = 30.0
     ring_capacity_bytes: int = DEFAULT_RING_CAPACITY_BYTES
     tool_parser: str | None = None  # None: chosen from each model's chat template
     engine: HostSettings = field(default_factory=HostSettings)  # the model host's own settings

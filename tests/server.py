@@ -75,14 +75,20 @@ class ServerProcess:
 
     @classmethod
     @contextmanager
-    def start(cls, cache_dir: Path, workers: int = 1, args: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
+    def start(
+        cls,
+        cache_dir: Path,
+        workers: int = 1,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Iterator[ServerProcess]:
         port = free_port()
         log = Path(tempfile.mkstemp(prefix="hfserve-test-", suffix=".log")[1])
         cmd = [*hfserve_cmd(), "start", "--port", str(port), "--workers", str(workers), *args]
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd,
-                env=server_env(cache_dir),
+                env={**server_env(cache_dir), **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

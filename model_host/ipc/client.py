@@ -91,6 +91,7 @@ class HostClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._ending: str | None = None  # set by end_all: the server is stopping
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -108,6 +109,17 @@ class HostClient:
         for rid in list(self._streams):
             self._fail(rid, ErrorKind.ENGINE_DEAD, "server is shutting down")
         self._sender.shutdown(wait=False, cancel_futures=True)
+
+    def end_all(self, message: str) -> int:
+        """End every open request at once with an ``ENGINE_DEAD`` error (a server that must stop
+        now), tell the host to drop them, and refuse whatever is opened afterwards. Returns how
+        many were ended."""
+        self._ending = message
+        rids = list(self._streams)
+        for rid in rids:
+            self._fail(rid, ErrorKind.ENGINE_DEAD, message)
+            self._send_soon(AbortRequest(rid, self.worker_index))
+        return len(rids)
 
     # -- requests --------------------------------------------------------------------------------
     @property
@@ -140,6 +152,9 @@ class HostClient:
         epoch = self.status.get(StatusField.EPOCH)
         stream = RequestStream(rid, epoch)
         self._streams[rid] = stream
+        if self._ending is not None:
+            self._fail(rid, ErrorKind.ENGINE_DEAD, self._ending)
+            return stream
         if not self.host_alive():
             self._fail(rid, ErrorKind.ENGINE_DEAD, "the model host is not running")
             return stream

@@ -23,6 +23,8 @@ class HostSettings:
     max_batch_tokens: int = 0  # prompt tokens computed per step; 0: by device (see prefill_budget)
     max_queue: int = 256  # requests waiting for a batch slot, all workers together
     prefix_cache_mb: int = 1024  # KV kept for prompts that start like earlier ones; 0: off
+    # Models loaded on demand (not preloaded) that served nothing for this long are unloaded; 0: never.
+    idle_unload_s: float = 0.0
 
     def prefill_budget(self, device_type: str) -> int:
         """``max_batch_tokens``, or the default for the device. Measured on a 2-core CPU

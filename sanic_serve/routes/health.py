@@ -1,4 +1,5 @@
-"""``GET /health``: 200 while the model host is alive and ready to serve, 503 while it loads or is down."""
+"""``GET /health``: 200 while the model host is alive and ready to serve; 503 while it loads, is down,
+or the server drains."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
+from sanic_serve.lifecycle.drain import draining
 
 bp = Blueprint("health")
 
@@ -16,10 +18,12 @@ async def health(request: Request) -> HTTPResponse:
     client: HostClient = request.app.ctx.client
     snapshot = client.status.snapshot()
     alive = client.host_alive()
-    # 200 only when requests can be served: the host is alive and has loaded its models.
-    ready = alive and snapshot.ready
+    # 200 only when requests can be served: the host is alive and has loaded its models, and the
+    # server is not draining (a load balancer stops sending before the listener goes away).
+    stopping = draining(request.app)
+    ready = alive and snapshot.ready and not stopping
     body = {
-        "status": "ok" if ready else "loading" if alive else "unavailable",
+        "status": "draining" if stopping else "ok" if ready else "loading" if alive else "unavailable",
         "worker": {"index": client.worker_index, "open_requests": client.open_requests},
         "host": snapshot.to_dict(),
     }
