@@ -310,7 +310,7 @@ def test_the_bound_evicts_the_oldest(cache_dir: Path, demo_model: Path, tmp_path
         cache_dir, workers=2, args=("--responses-db", str(db), "--responses-max-mb", "0.2")
     ) as srv:
         # Metadata fills each stored response without a long prompt: 16 values of 512 characters.
-        metadata = {f"k{i}": f"{i}" * 512 for i in range(16)}
+        metadata = {f"k{i}": str(i % 10) * 512 for i in range(16)}
         ids = [
             create(srv.base_url, {**GREEDY, "input": "Hello!", "max_output_tokens": 8, "metadata": metadata})[
                 "id"
