@@ -9,8 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
-from cli.chat.mcp_tools import MCPConfigError, MCPTools, load_config
+from cli.chat.mcp_tools import MCPTools
 from cli.chat.session import ChatError, ChatSession
+from sanic_serve.mcp.settings import MCPConfigError, load_config  # the format --mcp-config shares
 
 
 def _tools(mcp_config: Path | None, console: Console) -> MCPTools | None:

@@ -14,32 +14,12 @@ import os
 import threading
 from concurrent.futures import Future
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 60.0
-
-
-class MCPConfigError(ValueError):
-    pass
-
-
-def load_config(path: Path) -> dict[str, dict[str, Any]]:
-    """The common ``{"mcpServers": {name: {command, args, env} | {url, headers}}}`` format."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MCPConfigError(f"cannot read MCP config {path}: {exc}") from exc
-    servers = data.get("mcpServers") if isinstance(data, dict) else None
-    if not isinstance(servers, dict):
-        raise MCPConfigError(f"{path}: expected an object with an 'mcpServers' object")
-    for name, spec in servers.items():
-        if not isinstance(spec, dict) or not ("command" in spec or "url" in spec):
-            raise MCPConfigError(f"{path}: server {name!r} needs a 'command' or a 'url'")
-    return servers
 
 
 def _field(obj: Any, snake: str, camel: str) -> Any:
