@@ -3,6 +3,7 @@ graceful drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
+import psutil
 
 from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 
@@ -145,3 +148,139 @@ def notify_server(cache_dir: Path) -> Iterator[tuple[ServerProcess, NotifyListen
         srv.stop()
         srv.kill_leftovers()
         listener.close()
+
+
+# -- the drain ---------------------------------------------------------------------------------
+STREAM_TOKENS = 600
+
+
+async def _stream(client: httpx.AsyncClient, started: asyncio.Event, counter: list[int]) -> dict[str, object]:
+    """One long stream; returns what a client saw: content chunks, finish reason, errors, [DONE]."""
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": STREAM_TOKENS,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Write a long story"}],
+    }
+    seen: dict[str, object] = {"chunks": 0, "finish": None, "errors": [], "done": False}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        seen["status"] = resp.status_code
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                seen["done"] = True
+                continue
+            event = orjson.loads(line[6:])
+            if "error" in event:
+                seen["errors"].append(event["error"])  # type: ignore[attr-defined]
+                continue
+            for choice in event["choices"]:
+                if choice["delta"].get("content"):
+                    seen["chunks"] = int(seen["chunks"]) + 1  # type: ignore[call-overload]
+                    if seen["chunks"] == 1:
+                        counter[0] += 1
+                        if counter[0] == 16:
+                            started.set()
+                if choice["finish_reason"]:
+                    seen["finish"] = choice["finish_reason"]
+    seen["ended_at"] = time.monotonic()
+    return seen
+
+
+async def _drain_run(srv: ServerProcess, n: int = 16) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """n streams in flight, then SIGTERM, then a new request and a health check during the drain."""
+    started = asyncio.Event()
+    counter = [0]
+    during: dict[str, object] = {}
+    async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
+        tasks = [asyncio.create_task(_stream(client, started, counter)) for _ in range(n)]
+        await asyncio.wait_for(started.wait(), 120)
+        srv.proc.send_signal(signal.SIGTERM)
+        during["signal_at"] = time.monotonic()
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=30) as fresh:  # a new connection
+            deadline = time.monotonic() + 10
+            while True:  # the signal takes a moment to reach the workers
+                late = await fresh.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+                if late.status_code != 200 or time.monotonic() > deadline:
+                    break
+            during["late"] = (late.status_code, late.headers.get("retry-after"), late.json())
+            during["late_at"] = time.monotonic()
+            health = await fresh.get("/health")
+            during["health"] = (health.status_code, health.json()["status"])
+        results = await asyncio.gather(*tasks)
+    return list(results), during
+
+
+def test_sigterm_drains_streams_in_flight(cache_dir: Path, demo_model: Path) -> None:
+    shm_before = shm_entries()
+    with ServerProcess.start(cache_dir, workers=4, args=("--drain-timeout-s", "120")) as srv:
+        pids = [p.pid for p in srv.processes()]
+        results, during = asyncio.run(_drain_run(srv))
+        code = srv.proc.wait(60)
+        log = srv.log_text()
+    assert code == 0, log[-3000:]
+    # A request that arrives during the drain: 503, an OpenAI error object, and when to retry.
+    status, retry_after, body = during["late"]  # type: ignore[misc]
+    assert status == 503 and retry_after is not None and int(retry_after) >= 1, during
+    assert body["error"]["code"] == "server_shutting_down" and body["error"]["type"] == "server_error"
+    assert during["health"] == (503, "draining")
+    # It came while the streams still ran, and every one of them finished normally afterwards.
+    assert any(r["ended_at"] > during["late_at"] for r in results)  # type: ignore[operator]
+    for r in results:
+        assert r["status"] == 200 and r["errors"] == [] and r["done"], r
+        assert r["finish"] == "length", r
+    time.sleep(0.3)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert shm_entries() - shm_before == set()
+
+
+def test_drain_timeout_ends_the_rest_with_an_error_event(cache_dir: Path, demo_model: Path) -> None:
+    with ServerProcess.start(cache_dir, workers=2, args=("--drain-timeout-s", "1")) as srv:
+        socks = [_raw_stream(srv) for _ in range(3)]
+        srv.wait_for(lambda s: s["running"] >= 3)
+        sent_at = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        received = [_read_to_end(s) for s in socks]
+        ended_after_s = time.monotonic() - sent_at
+        assert srv.proc.wait(60) == 0, srv.log_text()[-3000:]
+    assert ended_after_s < 15
+    for raw in received:
+        assert b'"error"' in raw and b"shut down" in raw, raw[-500:]
+        assert raw.rstrip().endswith(b"data: [DONE]"), raw[-500:]
+
+
+def _raw_stream(srv: ServerProcess) -> socket.socket:
+    body = (
+        b'{"model": "hfserve-demo", "stream": true, "max_tokens": 1900, "ignore_eos": true,'
+        b' "messages": [{"role": "user", "content": "Write a long story"}]}'
+    )
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    sock.settimeout(60)
+    received = b""
+    while b"data: [DONE]" not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    # Chunked transfer encoding: keep the event text, drop the chunk sizes.
+    return b"\n".join(line for line in received.split(b"\r\n") if not _is_hex(line))
+
+
+def _is_hex(line: bytes) -> bool:
+    try:
+        int(line, 16)
+    except ValueError:
+        return False
+    return True
