@@ -302,3 +302,30 @@ def test_the_authorization_is_in_no_body_row_or_log_line(env: Env) -> None:
         assert all(value not in body for body in bodies)
         assert value.encode() not in stored
         assert value not in log
+
+
+def test_tool_choice_mcp_forces_a_call_of_that_server(env: Env) -> None:
+    tool = mcp_tool(env.url, require_approval="never")
+    choice = {"type": "mcp", "server_label": "demo", "name": "add"}
+    before = len(read_calls(env.http_calls))
+    whole = create(env.base, {**ask("Hello!", tool), "tool_choice": choice})
+    assert types(whole)[:2] == ["mcp_list_tools", "mcp_call"]
+    assert whole["output"][1]["name"] == "add" and whole["output"][1]["status"] == "completed"
+    assert [c["tool"] for c in read_calls(env.http_calls)[before:]][:1] == ["add"]
+
+
+def test_function_tools_stay_the_clients_beside_mcp_tools(env: Env) -> None:
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+    before = len(read_calls(env.http_calls))
+    whole = create(
+        env.base, ask("What is the weather in Paris?", weather, mcp_tool(env.url, require_approval="never"))
+    )
+    # The client's get_weather wins the name: the call is the client's to run, and ends the response.
+    assert types(whole) == ["mcp_list_tools", "function_call"]
+    assert whole["output"][1]["name"] == "get_weather"
+    assert len(read_calls(env.http_calls)) == before
