@@ -3,10 +3,11 @@
 A request's ``server_url`` is chosen by whoever can send requests, and the server then connects from
 inside its own network: without a policy that is a server-side request forgery. Loopback, private,
 link-local and every other non-global address is refused unless ``--mcp-allow-private``;
-``--mcp-allow-hosts`` narrows the reachable hosts further. The check runs twice: on the URL before
-anything is sent (so the refusal has a clear message), and again on the address actually dialled
-(``GuardedBackend``), which also pins it, so a name that resolves to a public address for the check
-and to 127.0.0.1 for the connection (DNS rebinding) gets nowhere.
+``--mcp-allow-hosts`` narrows the reachable hosts further. What a URL shows without a lookup (its host
+name, an address in it) is checked when the request is parsed, a 400; every name is checked again on
+the addresses it resolves to, by ``GuardedBackend`` as it dials, and the connection goes to a checked
+address, so a name that resolves to a public address once and to 127.0.0.1 the next time (DNS
+rebinding) gets nowhere.
 """
 
 from __future__ import annotations
@@ -56,13 +57,6 @@ class OutboundPolicy:
             "which this server does not reach (the operator can allow it with --mcp-allow-private)."
         )
 
-    async def check_url(self, url: str) -> None:
-        """Refuse, with a message for the client, a URL this server must not reach."""
-        host, port = split_url(url)
-        self.check_host_name(host)
-        for address in await resolve(host, port):
-            self.check_address(address)
-
 
 def split_url(url: str) -> tuple[str, int]:
     try:
@@ -86,21 +80,19 @@ def is_public(address: IPAddress) -> bool:
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` names; ``OSError`` when it names none."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise PolicyRefused(f"The MCP server host {host!r} could not be resolved.") from exc
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     out: list[IPAddress] = []
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if address not in out:
             out.append(address)
     if not out:
-        raise PolicyRefused(f"The MCP server host {host!r} could not be resolved.")
+        raise OSError(f"no address for {host!r}")
     return out
 
 
@@ -122,10 +114,14 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
     ) -> httpcore2.AsyncNetworkStream:
         try:
             addresses = await resolve(host, port)
+        except OSError as exc:
+            raise httpcore2.ConnectError("the name could not be resolved") from exc
+        try:
             for address in addresses:
                 self._policy.check_address(address)
         except PolicyRefused as exc:
-            # httpcore's own connect error: the transports report it as a failed connection.
+            # httpcore's own connect error: the transports report it as a failed connection,
+            # and the gateway finds the refusal (its cause) to say why.
             raise httpcore2.ConnectError(str(exc)) from exc
         last: Exception | None = None
         for address in addresses:

@@ -1,8 +1,9 @@
 """One request's ``{"type": "mcp", ...}`` tool: validated, its filters, and its secrets kept in.
 
-``authorization`` and ``headers`` are sent to the MCP server and to nothing else: ``public_tool``
-is what the response echoes and the store keeps, and ``redact`` scrubs their values out of any text
-that came back from the server (an error message that quotes a header) before it is shown or logged.
+``authorization`` and ``headers`` are sent to the MCP server and to nothing else (the response's echo
+of the tools leaves them out, ``responses.events.echoed_tools``); ``redact`` scrubs their values out
+of any text that came back from the server (an error message that quotes a header) before it is shown
+or logged.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from sanic_serve.errors import InvalidRequest
 from sanic_serve.mcp.policy import IPAddress, OutboundPolicy, PolicyRefused, split_url
 from sanic_serve.mcp.settings import MCPSettings
 
-SECRET_FIELDS = ("authorization", "headers")
 _REDACTED = "[redacted]"
 _MAX_HEADER_CHARS = 8192
 _MAX_LABEL_CHARS = 64
@@ -83,8 +83,9 @@ class MCPToolSpec:
 
 
 def parse_mcp_tool(tool: dict[str, Any], param: str, settings: MCPSettings) -> MCPToolSpec:
-    """Validate one ``mcp`` tool; ``param`` is its place in the request (``tools[2]``). URL checks
-    that need no name lookup happen here; ``check_reachable`` does the rest."""
+    """Validate one ``mcp`` tool; ``param`` is its place in the request (``tools[2]``). The URL
+    checks that need no name lookup happen here; names are checked as they are dialled
+    (``policy.GuardedBackend``)."""
     label = tool.get("server_label")
     if not isinstance(label, str) or not label.strip():
         raise InvalidRequest("An mcp tool needs a server_label.", param=f"{param}.server_label")
@@ -136,28 +137,6 @@ def parse_mcp_tool(tool: dict[str, Any], param: str, settings: MCPSettings) -> M
         approval_always=always,
         approval_never=never,
     )
-
-
-async def check_reachable(spec: MCPToolSpec, param: str, settings: MCPSettings) -> None:
-    """The outbound policy on a request's URL, its name resolved: a 400 naming ``server_url``.
-    (Connections are checked again on the address dialled; see ``policy.GuardedBackend``.)"""
-    if spec.url is None:
-        return
-    try:
-        await OutboundPolicy(settings.allow_private, settings.allow_hosts).check_url(spec.url)
-    except PolicyRefused as exc:
-        raise InvalidRequest(str(exc), param=f"{param}.server_url", code="mcp_server_refused") from exc
-
-
-def public_tool(tool: dict[str, Any]) -> dict[str, Any]:
-    """The tool as the response echoes it and the store keeps it: no ``authorization``, and
-    ``headers`` null (OpenAI's echo does the same)."""
-    if tool.get("type") != "mcp":
-        return tool
-    out = {k: v for k, v in tool.items() if k not in SECRET_FIELDS}
-    if "headers" in tool:
-        out["headers"] = None
-    return out
 
 
 def _literal_address(host: str) -> IPAddress | None:
