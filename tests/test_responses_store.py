@@ -4,6 +4,7 @@ cancelled, a chain that survives a restart of the server, and the store's bound.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
@@ -214,6 +215,20 @@ def test_background_stream_is_replayed_from_any_worker(stored: ServerProcess) ->
     assert sdk_final.model_dump(exclude_none=True)["output"] == final["output"]
 
 
+def test_a_background_stream_left_early_runs_on(stored: ServerProcess) -> None:
+    body = {**LONG, "max_output_tokens": 200, "background": True, "stream": True}
+    with httpx.stream("POST", f"{stored.base_url}/v1/responses", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines) == "event: response.created"
+        rid = json.loads(next(lines)[len("data: ") :])["response"]["id"]
+    # The client is gone; the run goes on to its end, and a replay sees all of it.
+    replay = httpx.get(f"{stored.base_url}/v1/responses/{rid}?stream=true", timeout=120)
+    final = check_events(read_sse(replay.text))
+    assert final["status"] == "incomplete" and final["usage"]["output_tokens"] == 200
+    assert poll(stored, rid) == final
+
+
 def test_a_plain_response_cannot_be_streamed_again(stored: ServerProcess) -> None:
     made = create(stored.base_url, {**GREEDY, "input": "Hello!"})
     r = httpx.get(f"{stored.base_url}/v1/responses/{made['id']}?stream=true")
@@ -282,6 +297,8 @@ def test_a_chain_survives_a_restart(cache_dir: Path, demo_model: Path, tmp_path:
     body = {**GREEDY, "tools": [WEATHER], "max_output_tokens": 40}
     with ServerProcess.start(cache_dir, workers=1, args=args) as first:
         call_turn = create(first.base_url, {**body, "input": "What is the weather in Paris?"})
+        # Still running when the server is told to stop: the drain waits for it as for a request.
+        running = create(first.base_url, {**LONG, "max_output_tokens": 200, "background": True})
     [call] = call_turn["output"]
     assert call["type"] == "function_call" and call["name"] == "get_weather"
     result = {
@@ -292,6 +309,8 @@ def test_a_chain_survives_a_restart(cache_dir: Path, demo_model: Path, tmp_path:
     history: list[dict[str, Any]] = [user("What is the weather in Paris?"), call, result]
     with ServerProcess.start(cache_dir, workers=2, args=args) as second:
         assert httpx.get(f"{second.base_url}/v1/responses/{call_turn['id']}").json() == call_turn
+        after_stop = httpx.get(f"{second.base_url}/v1/responses/{running['id']}").json()
+        assert after_stop["status"] == "incomplete" and after_stop["usage"]["output_tokens"] == 200
         chained = create(
             second.base_url, {**body, "input": [result], "previous_response_id": call_turn["id"]}
         )

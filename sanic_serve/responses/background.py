@@ -190,7 +190,11 @@ async def start_background(
     store.save(queued, context.input_items, previous_response_id=req.previous_response_id)
     runner = _Runner(store, req, context, events, first)
     _running[runner.id] = runner
-    runner.task = asyncio.get_running_loop().create_task(runner.run(), name=f"background {runner.id}")
+    work: Any = lambda _request: runner.run()  # noqa: E731
+    counter = getattr(request.app.ctx, "request_counter", None)
+    if counter is not None:  # a graceful stop waits for background runs as for requests in flight
+        work = counter.wrap(work)
+    runner.task = asyncio.get_running_loop().create_task(work(None), name=f"background {runner.id}")
     if not req.stream:
         return json(queued, dumps=orjson.dumps)
     # Streamed: the client follows the run; leaving does not stop it (GET ?stream=true resumes).
