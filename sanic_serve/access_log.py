@@ -52,6 +52,13 @@ class RequestRecord:
 current_request: ContextVar[RequestRecord | None] = ContextVar("hfserve_request", default=None)
 
 
+def count_prompt_tokens(tokens: int) -> None:
+    """Add to the current request's prompt tokens (for routes that do not generate)."""
+    record = current_request.get()
+    if record is not None:
+        record.prompt_tokens += tokens
+
+
 def request_id_of(request: Request) -> str:
     """The id this request is known by (in its response header and its log lines)."""
     record: RequestRecord | None = getattr(request.ctx, "record", None)

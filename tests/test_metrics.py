@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,12 +87,27 @@ def test_counters_say_exactly_what_was_done_across_all_workers(four: ServerProce
     missing = 3
     for _ in range(missing):
         assert httpx.get(f"{four.base_url}/no/such/route", timeout=10.0).status_code == 404
-    after, types = scrape(four)
+    route = {"route": "/v1/chat/completions", "method": "POST"}
+    # A request is counted when its handler returns, a moment after the client read its last byte.
+    deadline = time.monotonic() + 20.0
+    while True:
+        after, types = scrape(four)
+        answered = [
+            value(after, "hfserve:http_requests_total", **labels)
+            - value(before, "hfserve:http_requests_total", **labels)
+            for labels in (
+                {**route, "status": "200"},
+                {"route": "unmatched", "method": "GET", "status": "404"},
+            )
+        ]
+        if answered[0] >= n and answered[1] >= missing:
+            break
+        assert time.monotonic() < deadline, "the requests were never all counted"
+        time.sleep(0.2)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    route = {"route": "/v1/chat/completions", "method": "POST"}
     assert delta("hfserve:http_requests_total", **route, status="200") == n
     assert delta("hfserve:http_requests_total", route="unmatched", method="GET", status="404") == missing
     assert delta("hfserve:http_request_duration_seconds_count", **route) == n

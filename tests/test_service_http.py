@@ -9,6 +9,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from cli.api_keys import load_api_keys
 from cli.preflight import ConfigError
 from sanic_serve.auth import KeyChecker
+from tests.embedding_texts import FOLDER as MINILM
 from tests.openapi import validate
 from tests.server import ServerProcess, hfserve_cmd, server_env
 
@@ -199,6 +201,18 @@ def access_lines(srv: ServerProcess, request_id: str) -> list[str]:
     return [line for line in srv.log_text().splitlines() if f"[request_id={request_id}]" in line]
 
 
+def access_line(srv: ServerProcess, request_id: str, timeout_s: float = 20.0) -> str:
+    """The request's one access line. It is written once the handler returns, a moment after the
+    client has read the last byte: wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [line for line in access_lines(srv, request_id) if "hfserve.access" in line]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, found  # one line per request
+            return found[0]
+        time.sleep(0.1)
+
+
 def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> None:
     rid = "trace-" + secrets.token_hex(6)
     field = "zz_unknown_" + secrets.token_hex(4)  # logged once, as a warning, by the worker
@@ -209,12 +223,10 @@ def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> 
         timeout=60,
     )
     assert resp.status_code == 200 and resp.headers["X-Request-Id"] == rid
-    keyed_lines = access_lines(keyed, rid)
-    assert any(field in line for line in keyed_lines), keyed.log_text()[-3000:]
-    access = [line for line in keyed_lines if "hfserve.access" in line]
-    assert len(access) == 1  # one line per request
-    assert "POST /v1/chat/completions route=/v1/chat/completions status=200" in access[0]
-    assert "prompt_tokens=10 completion_tokens=10" in access[0]
+    access = access_line(keyed, rid)
+    assert any(field in line for line in access_lines(keyed, rid)), keyed.log_text()[-3000:]
+    assert "POST /v1/chat/completions route=/v1/chat/completions status=200" in access
+    assert "prompt_tokens=10 completion_tokens=10" in access
     # Every worker log line that names the field was logged inside this request.
     assert all(f"[request_id={rid}]" in line for line in keyed.log_text().splitlines() if field in line)
     # A stream's line is written when it ends: its tokens are all counted.
@@ -225,7 +237,7 @@ def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> 
         headers={**bearer(KEY_A), "X-Request-Id": sid},
         timeout=60,
     ).raise_for_status()
-    (line,) = [line for line in access_lines(keyed, sid) if "hfserve.access" in line]
+    line = access_line(keyed, sid)
     assert "status=200" in line and "completion_tokens=10" in line
     # No id, or one that could forge a log line: a fresh one, different each time.
     generated = {
@@ -233,6 +245,20 @@ def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> 
     }
     assert len(generated) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", g) for g in generated)
     assert access_lines(keyed, "a b") == []
+
+
+def test_access_line_counts_embedding_tokens(keyed: ServerProcess) -> None:
+    rid = "embed-" + secrets.token_hex(6)
+    resp = httpx.post(
+        f"{keyed.base_url}/v1/embeddings",
+        json={"model": str(MINILM), "input": ["a first text", "and a second one"]},
+        headers={**bearer(KEY_A), "X-Request-Id": rid},
+        timeout=180,
+    )
+    assert resp.status_code == 200, resp.text
+    tokens = resp.json()["usage"]["prompt_tokens"]
+    line = access_line(keyed, rid)
+    assert "status=200 " in line and f"prompt_tokens={tokens} completion_tokens=0" in line
 
 
 def test_keys_never_reach_the_log(keyed: ServerProcess) -> None:

@@ -8,6 +8,7 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc import FinishReason, HostClient
 from model_host.ipc.model_kind import ModelKind
+from sanic_serve.access_log import count_prompt_tokens
 from sanic_serve.embeddings.protocol import embedding_response, parse_embedding_request, tokenize_inputs
 from sanic_serve.errors import ServerError, from_host_error
 from sanic_serve.requests import admit, off_the_loop, parse_json_body
@@ -22,7 +23,9 @@ async def create_embeddings(request: Request) -> HTTPResponse:
     assert bundle.embedding is not None
     batch = await off_the_loop(request, tokenize_inputs, req, bundle.embedding, bundle.tokenizer, bundle.id)
     vectors = await _vectors(request.app.ctx.client, bundle.path, batch)
-    body = embedding_response(req, bundle.embedding, req.model, vectors, sum(len(ids) for ids in batch))
+    tokens = sum(len(ids) for ids in batch)
+    count_prompt_tokens(tokens)  # for the access log
+    body = embedding_response(req, bundle.embedding, req.model, vectors, tokens)
     return json(body, dumps=orjson.dumps)
 
 
