@@ -11,6 +11,7 @@ kind of model.
 from __future__ import annotations
 
 import logging
+import time
 
 from model_host.ipc.messages import AddRequest, ErrorKind, request_ref
 from model_host.ipc.settings import HostSettings
@@ -69,6 +70,20 @@ class Engine:
         running. Returns the paths unloaded."""
         busy = self.scheduler.models_waiting() | {r.path for r in self.registry.runners() if r.has_work()}
         idle = [path for path in self.registry.loaded() if path not in keep and path not in busy]
+        return [path for path in idle if self.registry.unload(path)]
+
+    def unload_idle_for(self, idle_s: float, keep: tuple[str, ...]) -> list[str]:
+        """Unload every model but those in ``keep`` that has had no request waiting or running for
+        ``idle_s`` seconds (``--idle-unload-s``). Returns the paths unloaded."""
+        now = time.monotonic()
+        busy = self.scheduler.models_waiting() | {r.path for r in self.registry.runners() if r.has_work()}
+        for path in busy:
+            self.registry.touch(path, now)
+        idle = [
+            path
+            for path in self.registry.loaded()
+            if path not in keep and path not in busy and self.registry.idle_for_s(path, now) >= idle_s
+        ]
         return [path for path in idle if self.registry.unload(path)]
 
     def fail_all(self, message: str) -> list[StepOutput]:

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 import torch
@@ -41,6 +42,7 @@ log = logging.getLogger("hfserve.host")
 _HEARTBEAT_INTERVAL_S = 0.2
 _IDLE_WAIT_S = 0.5
 _PARKED_RETRY_S = 0.002
+_IDLE_CHECK_S = 0.5
 
 
 class ModelHost:
@@ -59,6 +61,7 @@ class ModelHost:
         self.epoch = 0
         self._published_models: tuple[str, ...] = ()
         self.stopping = threading.Event()
+        self._next_idle_check = 0.0
 
     def start(self) -> None:
         """Take a new epoch and load the preloaded models; raises ``ModelLoadError`` when one
@@ -77,8 +80,23 @@ class ModelHost:
             if self.engine.has_work():
                 self._deliver(self._step())
             self.ipc.flush()
+            if self.settings.idle_unload_s:
+                self._unload_idle()
             self._publish_status()
         log.info("model host stopped")
+
+    def _unload_idle(self) -> None:
+        now = time.monotonic()
+        if now < self._next_idle_check:
+            return
+        # Often enough that a model goes within a fraction of its idle time, rarely enough to cost
+        # nothing in a busy loop.
+        self._next_idle_check = now + min(_IDLE_CHECK_S, self.settings.idle_unload_s / 4)
+        unloaded = self.engine.unload_idle_for(self.settings.idle_unload_s, keep=self.settings.preload)
+        if unloaded:
+            log.info(
+                "unloaded after %.0f s without requests: %s", self.settings.idle_unload_s, ", ".join(unloaded)
+            )
 
     def _step(self) -> list[StepOutput]:
         try:

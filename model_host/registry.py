@@ -3,6 +3,7 @@ the runner of its kind (chosen from the folder's own files by ``detect_kind``)."
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import time
@@ -63,6 +64,7 @@ class ModelRegistry:
         self.trust_remote_code = trust_remote_code
         self.prefix_cache = prefix_cache
         self._runners: dict[str, Runner] = {}
+        self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
         self.on_load: Callable[[str, float], None] | None = None
 
@@ -75,7 +77,17 @@ class ModelRegistry:
     def get(self, path: str) -> Runner:
         """The runner of the model in ``path``, loading it first; raises ``ModelLoadError``."""
         found = self._runners.get(path)
-        return found if found is not None else self._load(path)
+        runner = found if found is not None else self._load(path)
+        self._last_used[path] = time.monotonic()
+        return runner
+
+    def touch(self, path: str, now: float) -> None:
+        """``path`` has work (a request waiting or running) at ``now``."""
+        if path in self._runners:
+            self._last_used[path] = now
+
+    def idle_for_s(self, path: str, now: float) -> float:
+        return now - self._last_used.get(path, now)
 
     def _load(self, path: str) -> Runner:
         started = time.monotonic()
@@ -104,6 +116,7 @@ class ModelRegistry:
         """Forget a loaded model and give its memory back. The caller makes sure nothing still
         uses it (no request in flight, no batch holding it)."""
         runner = self._runners.pop(path, None)
+        self._last_used.pop(path, None)
         if runner is None:
             return False
         runner.close()
@@ -114,5 +127,15 @@ class ModelRegistry:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        _trim_heap()
         log.info("unloaded %s", path)
         return True
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise, so the host's memory
+    would not shrink after an unload). A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

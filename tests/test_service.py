@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -189,11 +190,11 @@ async def _stream(client: httpx.AsyncClient, started: asyncio.Event, counter: li
     return seen
 
 
-async def _drain_run(srv: ServerProcess, n: int = 16) -> tuple[list[dict[str, object]], dict[str, object]]:
+async def _drain_run(srv: ServerProcess, n: int = 16) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """n streams in flight, then SIGTERM, then a new request and a health check during the drain."""
     started = asyncio.Event()
     counter = [0]
-    during: dict[str, object] = {}
+    during: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
         tasks = [asyncio.create_task(_stream(client, started, counter)) for _ in range(n)]
         await asyncio.wait_for(started.wait(), 120)
@@ -222,12 +223,12 @@ def test_sigterm_drains_streams_in_flight(cache_dir: Path, demo_model: Path) -> 
         log = srv.log_text()
     assert code == 0, log[-3000:]
     # A request that arrives during the drain: 503, an OpenAI error object, and when to retry.
-    status, retry_after, body = during["late"]  # type: ignore[misc]
+    status, retry_after, body = during["late"]
     assert status == 503 and retry_after is not None and int(retry_after) >= 1, during
     assert body["error"]["code"] == "server_shutting_down" and body["error"]["type"] == "server_error"
     assert during["health"] == (503, "draining")
     # It came while the streams still ran, and every one of them finished normally afterwards.
-    assert any(r["ended_at"] > during["late_at"] for r in results)  # type: ignore[operator]
+    assert any(r["ended_at"] > during["late_at"] for r in results)
     for r in results:
         assert r["status"] == 200 and r["errors"] == [] and r["done"], r
         assert r["finish"] == "length", r
