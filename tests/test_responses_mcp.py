@@ -5,6 +5,7 @@ call they run (``tests/mcp_counting_server.py``), the demo model calling their t
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from openai import OpenAI
 from tests.mcp_servers import closed_port_url, counting_server, read_calls, silent_server, stdio_spec
 from tests.openapi import validate
 from tests.responses_helpers import check_events, create, output_text, stream, without_ids
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 
 MCP_TIMEOUT_S = 8
 SECRET = "sk-mcp-7d3e9b21c4f0a8"
@@ -329,3 +330,19 @@ def test_function_tools_stay_the_clients_beside_mcp_tools(env: Env) -> None:
     assert types(whole) == ["mcp_list_tools", "function_call"]
     assert whole["output"][1]["name"] == "get_weather"
     assert len(read_calls(env.http_calls)) == before
+
+
+def test_an_unusable_mcp_config_stops_the_start_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+    bad_config = tmp_path / "mcp.json"
+    bad_config.write_text('{"mcpServers": {"x": {"args": []}}}')
+    done = subprocess.run(
+        [*hfserve_cmd(), "start", "--port", str(free_port()), "--mcp-config", str(bad_config)],
+        env=server_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: {bad_config}: server 'x' needs a 'command' or a 'url'"
+    ]
