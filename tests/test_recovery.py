@@ -4,8 +4,11 @@ sweep of shared memory a killed server left behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +153,60 @@ def test_restart_backoff_doubles_while_a_process_keeps_dying() -> None:
     assert b.delay_s("Sanic-Server-0-0", now) == 0.5  # each process has its own count
     # Up for longer than stable_after_s: the next crash starts the count again.
     assert b.delay_s("ModelHost", now + 61.0) == 0.5
+
+
+# -- leftovers of a killed tree ----------------------------------------------------------------
+_HOLDER = """
+import sys, time
+from multiprocessing import shared_memory
+block = shared_memory.SharedMemory(name=sys.argv[1], create=True, size=4096)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_segments_of_a_killed_tree_are_swept_and_a_live_ones_kept(tmp_path: Path) -> None:
+    from sanic_serve.lifecycle import shm
+
+    name = f"hfserve-sweep-{os.getpid()}-{time.monotonic_ns()}"
+    # A process tree that maps a named segment, as a library in a server's process might.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, name], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        recorder = shm.Recorder(tmp_path, pid=holder.pid)
+        recorder.record()
+        assert json.loads(recorder.path.read_text())["segments"] == [f"/dev/shm/{name}"]
+        assert shm.sweep(tmp_path) == [] and recorder.path.exists()  # its server still runs
+        os.killpg(holder.pid, signal.SIGKILL)  # the whole tree, its resource tracker too
+        holder.wait(10)
+        assert Path(f"/dev/shm/{name}").exists()  # left behind
+        assert shm.sweep(tmp_path) == [f"/dev/shm/{name}"]
+        assert not Path(f"/dev/shm/{name}").exists() and not recorder.path.exists()
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(10)
+        Path(f"/dev/shm/{name}").unlink(missing_ok=True)
+
+
+def test_a_start_sweeps_what_a_killed_server_left(cache_dir: Path, demo_model: Path) -> None:
+    # A record as a killed server leaves it: a pid that is gone, a segment it mapped.
+    leftover = Path(f"/dev/shm/hfserve-left-{os.getpid()}-{time.monotonic_ns()}")
+    leftover.write_bytes(b"\0" * 64)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    run = cache_dir / "run"
+    run.mkdir(exist_ok=True)
+    record = run / f"{dead.pid}.json"
+    record.write_text(json.dumps({"pid": dead.pid, "start_ticks": 1, "segments": [str(leftover)]}))
+    try:
+        with ServerProcess.start(cache_dir, workers=1) as srv:
+            assert not leftover.exists() and not record.exists()
+            assert "left by a server that was killed" in srv.log_text()
+            own = run / f"{srv.proc.pid}.json"
+            assert srv.stop() == 0
+        assert not own.exists()  # a clean stop leaves no record
+    finally:
+        leftover.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from sanic import Sanic
 
 from model_host.ipc.status import StatusField
 from sanic_serve.config import ServerConfig
-from sanic_serve.lifecycle import drain
+from sanic_serve.lifecycle import drain, shm
 from sanic_serve.lifecycle.notify import Notifier, ServiceNotifier
 from sanic_serve.lifecycle.state import ServerState
 from sanic_serve.lifecycle.supervisor import HOST_PROCESS_NAME, Supervisor
@@ -38,6 +38,10 @@ def worker_index() -> int:
 def install_lifecycle(app: Sanic, config: ServerConfig) -> None:
     @app.main_process_start
     async def _shared_state(app: Sanic) -> None:
+        try:
+            shm.sweep()  # what a killed predecessor left in /dev/shm
+        except Exception:  # never a reason not to start
+            log.exception("sweeping leftover shared memory failed")
         app.shared_ctx.server_state = ServerState.allocate(get_context("spawn"), config.workers)
 
     drain.install_worker(app, lambda app: ServerState(app.shared_ctx.server_state), worker_index)
@@ -53,7 +57,8 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
     and the stop signals, which start a drain."""
     state = ServerState(app.shared_ctx.server_state)
     stop_event = threading.Event()
-    supervisor = Supervisor(app, stop_event)
+    recorder = shm.Recorder()
+    supervisor = Supervisor(app, stop_event, on_tick=recorder.maybe_record)
 
     def ready() -> bool:
         return state.all_listening() and _host_ready(app)
@@ -92,7 +97,7 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    app.ctx.lifecycle = (stop_event, service, notifier)
+    app.ctx.lifecycle = (stop_event, service, notifier, recorder)
     threading.Thread(target=supervisor.run, name="hfserve-supervisor", daemon=True).start()
     service.start()
 
@@ -100,10 +105,11 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
 def stop_main(app: Sanic) -> None:
     found = getattr(app.ctx, "lifecycle", None)
     if found is not None:
-        stop_event, service, notifier = found
+        stop_event, service, notifier, recorder = found
         stop_event.set()
         service.close()
         notifier.close()
+        recorder.remove()
 
 
 def _stop_manager(manager: Any, signum: int) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +65,15 @@ class Supervisor:
     """Runs in a thread of the main process. ``restarting`` says whether a host restart is pending or
     under way (the host died and no new one has beaten yet), for the watchdog and the status line."""
 
-    def __init__(self, app: Any, stop: threading.Event, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        stop: threading.Event,
+        backoff: Backoff | None = None,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> None:
         self.app = app
+        self._on_tick = on_tick
         self.stop = stop
         self.backoff = backoff or Backoff()
         self._due: dict[tuple[str, int | None], float] = {}  # (name, dead pid) -> when to restart it
@@ -81,6 +89,7 @@ class Supervisor:
         while not self.stop.wait(SUPERVISE_INTERVAL_S):
             if getattr(manager, "_shutting_down", False):
                 return
+            self._on_tick()
             processes = list(manager.processes)  # a generator: read it once per tick
             if any(HOST_PROCESS_NAME in p.name and p.exitcode == HOST_CONFIG_ERROR_EXIT for p in processes):
                 self._stop_for_config_error()
