@@ -168,14 +168,6 @@ def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> N
     four.wait_for(lambda s: s["running"] == 0, timeout_s=30.0)
 
 
-def test_metrics_folder_lives_with_the_server(cache_dir: Path, demo_model: Path) -> None:
-    with ServerProcess.start(cache_dir, workers=1) as srv:
-        mine = list(Path(tempfile.gettempdir()).glob(f"hfserve-metrics-{srv.proc.pid}-*"))
-        assert len(mine) == 1 and any(mine[0].iterdir())  # the worker's files are there
-        assert srv.stop() == 0
-    assert not mine[0].exists()
-
-
 def test_stale_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
     dead_pid = 2**22 + 12345  # above the default pid_max: never a live process
     stale = tmp_path / f"hfserve-metrics-{dead_pid}-abc"
@@ -185,3 +177,11 @@ def test_stale_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
         (folder / "counter_1.db").write_bytes(b"x")
     assert multiproc.remove_stale_dirs(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+# Last in this module: it stops the module's server.
+def test_metrics_folder_lives_with_the_server(four: ServerProcess) -> None:
+    mine = list(Path(tempfile.gettempdir()).glob(f"hfserve-metrics-{four.proc.pid}-*"))
+    assert len(mine) == 1 and any(mine[0].iterdir())  # the workers' files are there
+    assert four.stop() == 0
+    assert not mine[0].exists()

@@ -4,6 +4,7 @@ covered without touching this file), keys never logged, CORS, ``X-Request-Id`` a
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -40,6 +41,7 @@ print(json.dumps(sorted({(m, "/" + r.path.lstrip("/")) for r in app.router.route
 """
 
 
+@functools.cache
 def route_table() -> list[tuple[str, str]]:
     """(method, path pattern) of every route of the app, read from its router in a process of
     its own (the app registers itself by name, once per process)."""
