@@ -346,3 +346,24 @@ def test_an_unusable_mcp_config_stops_the_start_with_one_line(tmp_path: Path, ca
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"error: {bad_config}: server 'x' needs a 'command' or a 'url'"
+
+
+def test_a_background_response_runs_its_mcp_call(env: Env) -> None:
+    tool = mcp_tool(env.url, require_approval="never")
+    r = httpx.post(
+        f"{env.base}/v1/responses",
+        json={**ask("What is the weather in London?", tool), "background": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] in ("queued", "in_progress")
+    deadline = time.monotonic() + 120
+    while True:
+        polled = httpx.get(f"{env.base}/v1/responses/{r.json()['id']}", timeout=30).json()
+        if polled["status"] not in ("queued", "in_progress") or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert polled["status"] == "completed"
+    validate("Response", polled)
+    assert types(polled) == ["mcp_list_tools", "mcp_call", "message"]
+    assert output_text(polled) == "The weather in London is rainy, 14 C."
