@@ -187,7 +187,11 @@ async def start_background(
         raise
     queued = {**first["response"], "status": "queued"}
     first = {**first, "response": queued}
-    store.save(queued, context.input_items, previous_response_id=req.previous_response_id)
+    try:
+        store.save(queued, context.input_items, previous_response_id=req.previous_response_id)
+    except BaseException:
+        await events.aclose()  # nothing runs that no one could ever see
+        raise
     runner = _Runner(store, req, context, events, first)
     _running[runner.id] = runner
     work: Any = lambda _request: runner.run()  # noqa: E731
