@@ -317,3 +317,12 @@ def test_the_policy_holds_at_connect_time(http_url: str, call_log: Path) -> None
     outcome = run(MCPGateway(strict).call_tool(spec, "add", {"a": 2, "b": 3}))
     assert "private" in info.value.message and outcome.error is not None and outcome.error["code"] == 403
     assert len(read_calls(call_log)) == before
+
+
+def test_an_http_error_answer_is_a_failure_naming_its_status(http_url: str) -> None:
+    """A path the server does not serve: 404 over streamable HTTP, and over the SSE fallback."""
+    spec = spec_of({"server_url": http_url.rsplit("/", 1)[0] + "/nothere"})
+    with pytest.raises(MCPFailure) as info:
+        run(MCPGateway(LOCAL).list_tools(spec))
+    assert info.value.message == "The MCP server 't' answered HTTP 404."
+    assert info.value.error == {"type": "http_error", "code": 404, "message": "HTTP 404"}
