@@ -139,6 +139,7 @@ def start(
     api_key: list[str] = typer.Option(
         [],
         "--api-key",
+        metavar="KEY",
         help="Require 'Authorization: Bearer KEY' (repeatable). Prefer HFSERVE_API_KEY or --api-key-file: "
         "arguments show in ps.",
     ),
@@ -150,7 +151,10 @@ def start(
         _SERVER.metrics_vllm_names, help="Name metrics vllm:* instead of hfserve:* (vLLM dashboards)."
     ),
     cors_origin: list[str] = typer.Option(
-        [], "--cors-origin", help="Origin browsers may call from (repeatable; '*': any). Default: none."
+        [],
+        "--cors-origin",
+        metavar="ORIGIN",
+        help="Origin browsers may call from (repeatable; '*': any). Default: none.",
     ),
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""

@@ -233,12 +233,13 @@ def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> 
     assert all(f"[request_id={rid}]" in line for line in keyed.log_text().splitlines() if field in line)
     # A stream's line is written when it ends: its tokens are all counted.
     sid = "stream-" + secrets.token_hex(6)
-    httpx.post(
+    streamed = httpx.post(
         f"{keyed.base_url}/v1/chat/completions",
         json={**CHAT, "stream": True},
         headers={**bearer(KEY_A), "X-Request-Id": sid},
         timeout=60,
-    ).raise_for_status()
+    )
+    assert streamed.status_code == 200 and streamed.headers["X-Request-Id"] == sid
     line = access_line(keyed, sid)
     assert "status=200" in line and "completion_tokens=10" in line
     # No id, or one that could forge a log line: a fresh one, different each time.
