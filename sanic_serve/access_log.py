@@ -133,8 +133,8 @@ class ObservedSanic(Sanic):
         outcome = ""
         try:
             await super().handle_request(request)
-        except BaseException:  # a client gone mid-request cancels the task
-            outcome = " (cancelled: client gone)"
+        except BaseException:  # cancelled: the client went away, or the server is stopping
+            outcome = " (cancelled)"
             raise
         finally:
             status = _status_of(request)

@@ -250,6 +250,20 @@ def test_request_id_echoed_generated_and_on_every_line(keyed: ServerProcess) -> 
     assert access_lines(keyed, "a b") == []
 
 
+def test_a_client_gone_mid_stream_still_gets_its_access_line(keyed: ServerProcess) -> None:
+    rid = "gone-" + secrets.token_hex(6)
+    body = {**CHAT, "stream": True, "max_tokens": 1500, "ignore_eos": True}
+    headers = {**bearer(KEY_A), "X-Request-Id": rid}
+    with httpx.stream("POST", f"{keyed.base_url}/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())  # it has begun; leaving the block drops the connection
+    line = access_line(keyed, rid)
+    assert "status=200" in line
+    completion = int(re.search(r"completion_tokens=(\d+)", line).group(1))  # type: ignore[union-attr]
+    assert 0 < completion < 1500  # ended early, with what it had generated
+    keyed.wait_for(lambda s: s["running"] == 0, timeout_s=30.0)
+
+
 def test_access_line_counts_embedding_tokens(keyed: ServerProcess) -> None:
     rid = "embed-" + secrets.token_hex(6)
     resp = httpx.post(
