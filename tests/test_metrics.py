@@ -163,7 +163,7 @@ def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> N
     async def run() -> tuple[float, float]:
         opened = [
             await client.chat.completions.create(
-                model=MODEL, messages=HELLO, stream=True, max_tokens=400, extra_body={"ignore_eos": True}
+                model=MODEL, messages=HELLO, stream=True, max_tokens=1500, extra_body={"ignore_eos": True}
             )
             for _ in range(streams)
         ]
