@@ -285,3 +285,29 @@ def _is_hex(line: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_ctrl_c_to_the_whole_group_drains_too(cache_dir: Path, demo_model: Path) -> None:
+    # A terminal's Ctrl-C sends SIGINT to every process of the group: only the main process acts
+    # on it, so the host and the workers keep serving the stream until the drain is over.
+    with ServerProcess.start(cache_dir, workers=2) as srv:
+        body = {
+            "model": MODEL,
+            "stream": True,
+            "max_tokens": 600,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a long story"}],
+        }
+        events: list[str] = []
+        with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", json=body, timeout=120) as resp:
+            lines = resp.iter_lines()
+            for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    break  # generating
+            os.killpg(srv.proc.pid, signal.SIGINT)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert srv.proc.wait(60) == 0, srv.log_text()[-3000:]
+    assert events[-1] == "data: [DONE]"
+    assert not any('"error"' in e for e in events), [e for e in events if "error" in e]
+    finishes = [orjson.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+    assert finishes[-1] == "length"
