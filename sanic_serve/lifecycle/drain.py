@@ -119,11 +119,17 @@ class Drain:
         self._status = status
         self._lock = threading.Lock()
         self._started = False
+        self._stopping = False
         self.hurry = threading.Event()
 
     def begin(self) -> None:
-        """Start the drain; a second call (a second signal) cuts it short."""
+        """Start the drain; a second call (a second signal) cuts it short, and one after the drain
+        kills what has not stopped yet."""
         with self._lock:
+            if self._stopping:
+                # Stopping already and signalled again: Sanic's manager kills what is left.
+                threading.Thread(target=self._stop, name="hfserve-kill", daemon=True).start()
+                return
             if self._started:
                 log.warning("second stop signal: ending the requests still running now")
                 self.hurry.set()
@@ -136,6 +142,8 @@ class Drain:
             self._drain()
         except Exception:
             log.exception("the drain failed; stopping anyway")
+        with self._lock:
+            self._stopping = True
         self._stop()
 
     def _drain(self) -> None:

@@ -1,0 +1,129 @@
+"""Unit tests of the service parts that need no server: the shared state, the drain's phases, the
+notify socket, the unit's quoting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+
+from cli.service_unit import drain_timeout_of, quote_exec_arg
+from sanic_serve.lifecycle.drain import Drain
+from sanic_serve.lifecycle.notify import Notifier, watchdog_interval_s
+from sanic_serve.lifecycle.state import Phase, ServerState
+from sanic_serve.lifecycle.supervisor import describe_exit
+
+
+def state(workers: int = 2) -> ServerState:
+    s = ServerState(ServerState.allocate(get_context("spawn"), workers))
+    for i in range(workers):
+        s.worker_started(i)  # as if this process were every worker
+    return s
+
+
+def test_state_counts_in_flight_and_listening() -> None:
+    s = state(2)
+    assert not s.all_listening() and s.in_flight_total() == 0
+    s.worker_listening(0, True)
+    s.worker_listening(1, True)
+    s.add_in_flight(0, 2)
+    s.add_in_flight(1, 1)
+    assert s.all_listening() and s.in_flight_total() == 3
+    s.worker_started(1)  # a restarted worker starts from nothing
+    assert s.in_flight_total() == 2 and not s.all_listening()
+
+
+def run_drain(s: ServerState, timeout_s: float) -> tuple[Drain, threading.Event, list[str]]:
+    stopped = threading.Event()
+    statuses: list[str] = []
+    drain = Drain(s, timeout_s, stopped.set, on_start=statuses.append, status=statuses.append)
+    drain.begin()
+    return drain, stopped, statuses
+
+
+def test_drain_waits_for_requests_in_flight_then_stops() -> None:
+    s = state(1)
+    s.add_in_flight(0, 2)
+    _, stopped, statuses = run_drain(s, 30.0)
+    time.sleep(0.3)
+    assert s.phase is Phase.DRAINING and not stopped.is_set()
+    assert statuses[0] == "draining: 2 request(s) in flight"
+    s.add_in_flight(0, -2)
+    assert stopped.wait(5) and s.phase is Phase.DRAINING  # nothing had to be ended
+
+
+def test_drain_timeout_ends_the_rest_and_a_second_signal_hurries() -> None:
+    s = state(1)
+    s.add_in_flight(0, 1)
+    _, stopped, _ = run_drain(s, 0.3)
+    time.sleep(0.6)
+    assert s.phase is Phase.ENDING and not stopped.is_set()  # the worker now ends what runs
+    s.add_in_flight(0, -1)
+    assert stopped.wait(5)
+
+    s = state(1)
+    s.add_in_flight(0, 1)
+    drain, stopped, _ = run_drain(s, 30.0)
+    time.sleep(0.2)
+    drain.begin()  # a second SIGTERM
+    time.sleep(0.3)
+    assert s.phase is Phase.ENDING
+    s.add_in_flight(0, -1)
+    assert stopped.wait(5)
+
+
+def _worker_that_dies(array: object) -> None:
+    worker = ServerState(array)
+    worker.worker_started(0)
+    worker.add_in_flight(0, 3)
+
+
+def test_a_dead_workers_count_does_not_hold_the_drain() -> None:
+    ctx = get_context("spawn")
+    array = ServerState.allocate(ctx, 1)
+    child = ctx.Process(target=_worker_that_dies, args=(array,))
+    child.start()
+    child.join(60)
+    s = ServerState(array)
+    assert s._a[2 + 2] == 3  # its count is still there (header, then pid, listening, in flight)
+    assert s.in_flight_total() == 0  # but its pid is gone
+
+
+def test_notifier_sends_datagrams_and_reads_the_watchdog(tmp_path: Path) -> None:
+    path = str(tmp_path / "n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        assert notifier.send("READY=1", "STATUS=serving 1 model")
+        assert sock.recv(100) == b"READY=1\nSTATUS=serving 1 model"
+        notifier.close()
+    assert not Notifier({}).enabled and not Notifier({}).send("READY=1")
+    assert not Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")}).send("READY=1")  # never raises
+    assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval_s({}) is None
+
+
+def test_unit_words_and_drain_timeout() -> None:
+    assert quote_exec_arg("/opt/my models/q") == '"/opt/my models/q"'
+    assert quote_exec_arg("100%") == "100%%" and quote_exec_arg("$HOME") == "$$HOME"
+    assert quote_exec_arg("$HOME", dollars=False) == "$HOME"
+    assert drain_timeout_of(["--workers", "2", "--drain-timeout-s", "12.5"]) == 12.5
+    assert drain_timeout_of(["--drain-timeout-s=7"]) == 7.0
+    assert drain_timeout_of([]) == 30.0
+    with pytest.raises(ValueError):
+        drain_timeout_of(["--drain-timeout-s", "soon"])
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(-signal.SIGKILL).startswith("killed by SIGKILL (the kernel's OOM killer")
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+    assert describe_exit(1) == "exit status 1"
