@@ -25,6 +25,8 @@ service_app = typer.Typer(
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+# `hfserve start` options that take a file or folder.
+PATH_OPTIONS = frozenset({"--model", "--api-key-file", "--responses-db", "--mcp-config"})
 ENV_FILE_TEMPLATE = """\
 # Environment of the {name} service, read by systemd when it starts the service (mode 0600:
 # it holds secrets). One VAR=value per line. For example:
@@ -87,7 +89,8 @@ def build_unit(name: str, system: bool, run_as: str | None, start_args: list[str
     user, home = _run_as(system, run_as)
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
     settings = UnitSettings(
-        exec_start=[sys.executable, "-m", "cli.main", "start", *start_args],
+        # -P: the service's working directory never shadows the installed package.
+        exec_start=[sys.executable, "-P", "-m", "cli.main", "start", *absolute_paths(start_args)],
         system=system,
         run_as=user,
         # %E: $XDG_CONFIG_HOME in a user manager, /etc in the system one; '-': the file is optional.
@@ -97,6 +100,21 @@ def build_unit(name: str, system: bool, run_as: str | None, start_args: list[str
         drain_timeout_s=drain_timeout_s,
     )
     return render_unit(settings)
+
+
+def absolute_paths(args: list[str]) -> list[str]:
+    """The start options with relative paths made absolute: the service does not run in the
+    directory it was installed from."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if name not in PATH_OPTIONS:
+            continue
+        if eq and os.path.exists(value):
+            out[i] = f"{name}={os.path.abspath(value)}"
+        elif not eq and i + 1 < len(out) and os.path.exists(out[i + 1]):
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out
 
 
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}

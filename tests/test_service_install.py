@@ -61,10 +61,24 @@ def test_dry_run_unit_passes_systemd_analyze_verify(tmp_path: Path, scope: list[
     assert f"-{tmp_path / 'cache'}" in s["ReadWritePaths"][0].split()
     # ExecStart: this interpreter's `hfserve start` with the options given after `--`, and it runs.
     argv = shlex.split(s["ExecStart"][0])
-    assert argv == [sys.executable, "-m", "cli.main", "start", *START_ARGS]
-    helped = subprocess.run([*argv[:4], "--help"], cwd="/", capture_output=True, text=True, timeout=60)
+    assert argv == [sys.executable, "-P", "-m", "cli.main", "start", *START_ARGS]
+    helped = subprocess.run([*argv[:5], "--help"], cwd="/", capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "--drain-timeout-s" in helped.stdout, helped.stderr
     assert s["WantedBy"] == (["multi-user.target"] if scope else ["default.target"])
+
+
+def test_relative_paths_in_the_start_options_become_absolute(tmp_path: Path) -> None:
+    (tmp_path / "my-model").mkdir()
+    proc = subprocess.run(
+        [*hfserve_cmd(), "service", "install", "--dry-run", "--", "--model", "my-model", "--port", "9000"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    argv = shlex.split(settings(proc.stdout)["ExecStart"][0])
+    assert argv[5:] == ["--model", str(tmp_path / "my-model"), "--port", "9000"]
 
 
 def test_api_key_on_the_command_line_is_refused() -> None:
