@@ -17,6 +17,7 @@ from typing import Any
 
 from sanic import Sanic
 
+from model_host.ipc.client import HOST_DEAD_AFTER_S
 from model_host.ipc.status import StatusField
 from sanic_serve.config import ServerConfig
 from sanic_serve.lifecycle import drain, shm
@@ -49,7 +50,7 @@ def install_lifecycle(app: Sanic, config: ServerConfig) -> None:
 
 def _host_ready(app: Sanic) -> bool:
     status = app.ctx.channels.status()
-    return bool(status.get(StatusField.READY)) and status.host_alive(3.0)
+    return bool(status.get(StatusField.READY)) and status.host_alive(HOST_DEAD_AFTER_S)
 
 
 def start_main(app: Sanic, config: ServerConfig) -> None:
@@ -65,14 +66,14 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
 
     def status_line() -> str:
         if supervisor.restarting:
-            return f"model host down; restarting it (restart {supervisor.host_restarts + 1})"
+            return f"model host down; restarting it ({supervisor.host_restarts} restart(s) so far)"
         if not _host_ready(app):
             return f"loading {config.default_model_id or 'the model host'}"
         n = len(app.ctx.channels.status().snapshot().models)
         return f"serving {n} model{'s' if n != 1 else ''}"
 
     def healthy() -> bool:
-        return supervisor.restarting or app.ctx.channels.status().host_alive(3.0)
+        return supervisor.restarting or app.ctx.channels.status().host_alive(HOST_DEAD_AFTER_S)
 
     notifier = Notifier()
     service = ServiceNotifier(notifier, ready, healthy, status_line, on_ready=lambda: _announce(config))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_host.ipc.client import HOST_DEAD_AFTER_S
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT
 
 log = logging.getLogger("hfserve")
@@ -134,7 +135,7 @@ class Supervisor:
 
     def _host_beating(self) -> bool:
         status = self.app.ctx.channels.status()
-        alive: bool = status.host_alive(3.0)
+        alive: bool = status.host_alive(HOST_DEAD_AFTER_S)
         return alive
 
     def _stop_for_config_error(self) -> None:
