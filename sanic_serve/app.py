@@ -109,8 +109,8 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.ctx.config = config
     for bp in (chat.bp, completions.bp, embeddings.bp, responses.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
-    ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
     app.blueprint(stored_responses.bp)
+    ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
 
     @app.main_process_start
     async def _create_channels(app: Sanic) -> None:
