@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 
 WEATHER = {"Paris": "sunny, 22 C", "London": "rainy, 14 C", "Tokyo": "cloudy, 18 C", "Berlin": "windy, 10 C"}
@@ -54,6 +55,8 @@ def add(a: int, b: int, ctx: Context) -> str:
     _record("add", {"a": a, "b": b}, ctx)
     if a == b == 1:
         raise ValueError("the tool failed")
+    if a == b == 2:  # a server whose error quotes a header it was sent: redaction must catch it
+        raise ToolError(f"refused for X-Test {(ctx.headers or {}).get('x-test')}")  # its text is shown
     return str(a + b)
 
 

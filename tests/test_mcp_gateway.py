@@ -225,6 +225,30 @@ def test_streamable_http_lists_and_calls_with_the_authorization(http_url: str, c
     assert failed.error["type"] == "mcp_tool_execution_error" and failed.error_text()
 
 
+def test_a_configured_url_server_merges_both_header_sets_and_redacts_both(
+    http_url: str, call_log: Path
+) -> None:
+    configured = "cfg-hdr-secret-7c2e"
+    server = {"url": http_url, "headers": {"X-Test": configured, "authorization": "Bearer cfg-tok-90ab"}}
+    settings = MCPSettings(servers={"cfg": server}, timeout_s=20.0)
+    gateway = MCPGateway(settings)
+    # The request's authorization replaces the configured one (names compare case-insensitively);
+    # the configured header the request does not set is still sent.
+    spec = spec_of({"server_label": "cfg", "authorization": SECRET}, settings)
+    assert spec.headers == {"X-Test": configured, "Authorization": f"Bearer {SECRET}"}
+    before = len(read_calls(call_log))
+    refused = run(gateway.call_tool(spec, "add", {"a": 2, "b": 2}))  # its error quotes X-Test
+    call = read_calls(call_log)[before]
+    assert (call["authorization"], call["x_test"]) == (f"Bearer {SECRET}", configured)
+    assert refused.error is not None and "refused for X-Test [redacted]" in refused.error_text()
+    assert configured not in json.dumps(refused.error)
+    # Without the request's own: the configured ones alone.
+    plain = spec_of({"server_label": "cfg"}, settings)
+    assert run(gateway.call_tool(plain, "add", {"a": 3, "b": 4})).output == "7"
+    assert read_calls(call_log)[-1]["authorization"] == "Bearer cfg-tok-90ab"
+    assert plain.redact("cfg-tok-90ab and cfg-hdr-secret-7c2e") == "[redacted] and [redacted]"
+
+
 def test_sse_servers_are_reached_through_the_fallback(tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
     with counting_server(log, "sse") as url:

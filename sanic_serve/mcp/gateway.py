@@ -4,10 +4,11 @@ A request's server (``server_url``) is reached afresh for each operation, over s
 over the older SSE transport when the server answers streamable HTTP's first POST with a 4xx (the
 MCP spec's backwards-compatibility rule). A server of ``--mcp-config`` started by command (stdio)
 runs once per worker, started on first use and restarted after it fails; one by URL is reached like
-a request's, with its configured headers and without the outbound policy (the operator chose it).
+a request's, with its configured headers under the request's and without the outbound policy (the
+operator chose it).
 
 Every operation is bounded by ``--mcp-timeout-s`` and every failure is an ``MCPFailure``: a message
-safe for the client (no exception text of ours, remote text with the request's secrets redacted) and
+safe for the client (no exception text of ours, remote text with every header value sent redacted) and
 the ``MCPToolCallError`` object OpenAI's ``mcp_call.error`` carries. Nothing here logs a header.
 """
 
@@ -164,9 +165,8 @@ class MCPGateway:
             if server is None:
                 server = self._stdio[spec.label] = _StdioServer(spec.label, configured)
             return await op(await server.session())
-        if configured is not None:
-            headers = {str(k): str(v) for k, v in (configured.get("headers") or {}).items()}
-            return await self._over_http(str(configured["url"]), headers, None, op)
+        if configured is not None:  # its headers: the configured ones merged with the request's
+            return await self._over_http(str(configured["url"]), spec.headers, None, op)
         assert spec.url is not None
         return await self._over_http(spec.url, spec.headers, self._policy, op)
 

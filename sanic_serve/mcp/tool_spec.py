@@ -1,9 +1,10 @@
 """One request's ``{"type": "mcp", ...}`` tool: validated, its filters, and its secrets kept in.
 
 ``authorization`` and ``headers`` are sent to the MCP server and to nothing else (the response's echo
-of the tools leaves them out, ``responses.events.echoed_tools``); ``redact`` scrubs their values out
-of any text that came back from the server (an error message that quotes a header) before it is shown
-or logged.
+of the tools leaves them out, ``responses.events.echoed_tools``); for a URL server of ``--mcp-config``
+they are merged over its configured headers. ``redact`` scrubs every value sent (the request's and the
+configured ones) out of any text that came back from the server (an error message that quotes a
+header) before it is shown, stored or logged.
 """
 
 from __future__ import annotations
@@ -126,11 +127,16 @@ def parse_mcp_tool(tool: dict[str, Any], param: str, settings: MCPSettings) -> M
     if description is not None and not isinstance(description, str):
         raise InvalidRequest("server_description must be a string.", param=f"{param}.server_description")
     default, always, never = _approval(tool.get("require_approval"), f"{param}.require_approval")
+    headers = _headers(tool, param)
+    if configured is not None and "url" in configured:
+        # A configured URL server gets its configured headers and the request's, the request's
+        # winning; both sets are secrets that redaction must know.
+        headers = merge_headers(configured.get("headers") or {}, headers)
     return MCPToolSpec(
         label=label,
         url=url,
         configured=configured,
-        headers=_headers(tool, param),
+        headers=headers,
         description=description,
         allowed=_allowed(tool.get("allowed_tools"), f"{param}.allowed_tools"),
         approval_default=default,
@@ -171,6 +177,14 @@ def _headers(tool: dict[str, Any], param: str) -> dict[str, str]:
         scheme = authorization.split(" ", 1)[0].lower()
         out["Authorization"] = authorization if scheme in ("bearer", "basic") else f"Bearer {authorization}"
     return out
+
+
+def merge_headers(configured: dict[str, Any], requested: dict[str, str]) -> dict[str, str]:
+    """``configured`` overlaid by ``requested``; header names compare case-insensitively, so a
+    request's ``Authorization`` replaces a configured ``authorization`` instead of joining it."""
+    overridden = {name.lower() for name in requested}
+    merged = {str(k): str(v) for k, v in configured.items() if str(k).lower() not in overridden}
+    return {**merged, **requested}
 
 
 def _filter(value: Any, param: str) -> ToolFilter:
