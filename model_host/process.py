@@ -2,17 +2,22 @@
 
 One loop, one thread for the model: read every pending message from the worker pipes, run one engine
 step, write the frames into the workers' rings. A full ring never blocks the loop: its frames are
-parked and retried on the next pass. A heartbeat thread keeps the host visibly alive even while a
-long model load or forward pass holds the loop.
+parked and retried on the next pass.
+
+The heartbeat that workers, ``/health`` and systemd's watchdog read is written by a thread of its
+own (so a long forward pass or model load does not look like death), but only while the loop shows
+progress: a loop stuck in a deadlock or a hung CUDA call stops the beat although the process lives.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import torch
@@ -43,6 +48,50 @@ _HEARTBEAT_INTERVAL_S = 0.2
 _IDLE_WAIT_S = 0.5
 _PARKED_RETRY_S = 0.002
 _IDLE_CHECK_S = 0.5
+# How long the loop may go without a pass before the host counts as hung: far above any sane step
+# (a long prefill chunk, a first CUDA call's set-up), since a stopped beat fails every request in
+# flight. A model load (weights read, maybe downloaded) gets much longer.
+STALL_S = 60.0
+LOAD_STALL_S = 3600.0
+
+
+def _seconds_from_env(name: str, default_s: float) -> float:
+    """``HFSERVE_HOST_STALL_S`` / ``HFSERVE_HOST_LOAD_STALL_S``: the operator's override."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default_s
+    return value if value > 0 else default_s
+
+
+class LoopProgress:
+    """When the host's loop last moved. The loop calls ``moved`` every pass (idle waits included:
+    an idle host is healthy); a model load, which runs inside the loop, calls ``loading`` first and
+    ``moved`` when it is done. The heartbeat thread beats only while ``fresh``."""
+
+    def __init__(
+        self, stall_s: float, load_stall_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stall_s = stall_s
+        self.load_stall_s = load_stall_s
+        self._clock = clock
+        self._moved_s = clock()
+        self._loading_since_s: float | None = None
+
+    def moved(self) -> None:
+        # Two single stores, each atomic under the GIL; a reader between them errs towards fresh.
+        self._moved_s = self._clock()
+        self._loading_since_s = None
+
+    def loading(self, _path: str = "") -> None:
+        self._loading_since_s = self._clock()
+
+    def fresh(self) -> bool:
+        now = self._clock()
+        loading_since = self._loading_since_s
+        if loading_since is not None:
+            return now - loading_since <= self.load_stall_s
+        return now - self._moved_s <= self.stall_s
 
 
 class ModelHost:
@@ -56,6 +105,11 @@ class ModelHost:
             settings.device, settings.dtype, settings.trust_remote_code, prefix_cache
         )
         self.registry.on_load = self._count_load
+        self.progress = LoopProgress(
+            _seconds_from_env("HFSERVE_HOST_STALL_S", STALL_S),
+            _seconds_from_env("HFSERVE_HOST_LOAD_STALL_S", LOAD_STALL_S),
+        )
+        self.registry.on_load_start = self.progress.loading
         self.engine = Engine(self.registry, settings, settings.prefill_budget(self.registry.device.type))
         self.settings = settings
         self.epoch = 0
@@ -76,6 +130,7 @@ class ModelHost:
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self.progress.moved()
             self._receive()
             if self.engine.has_work():
                 self._deliver(self._step())
@@ -106,8 +161,19 @@ class ModelHost:
             return self.engine.fail_all("internal error in the generation step")
 
     def _heartbeat(self) -> None:
+        hung = False
         while not self.stopping.wait(_HEARTBEAT_INTERVAL_S):
-            self.status.beat()
+            if self.progress.fresh():
+                self.status.beat()
+                hung = False
+            elif not hung:
+                hung = True
+                log.error(
+                    "the model host's loop has not moved for %.0f s (%.0f s while loading): no more "
+                    "heartbeats, so requests fail and the service manager's watchdog restarts the service",
+                    self.progress.stall_s,
+                    self.progress.load_stall_s,
+                )
 
     def _receive(self) -> None:
         if self.engine.has_work():
@@ -151,6 +217,7 @@ class ModelHost:
                 self.status.add(StatusField.FINISHED_TOTAL)
 
     def _count_load(self, path: str, load_s: float) -> None:
+        self.progress.moved()  # the rest of this pass gets a step's allowance from now
         self.status.add(StatusField.MODEL_LOAD_MS_TOTAL, round(load_s * 1000))
         self.status.add(StatusField.MODEL_LOADS_TOTAL)
 

@@ -67,6 +67,8 @@ class ModelRegistry:
         self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
         self.on_load: Callable[[str, float], None] | None = None
+        # Told when a load starts: a load holds the host's loop far longer than a step may.
+        self.on_load_start: Callable[[str], None] | None = None
 
     def loaded(self) -> tuple[str, ...]:
         return tuple(self._runners)
@@ -90,6 +92,8 @@ class ModelRegistry:
         return now - self._last_used.get(path, now)
 
     def _load(self, path: str) -> Runner:
+        if self.on_load_start is not None:
+            self.on_load_start(path)
         started = time.monotonic()
         kind = detect_kind(path)
         runner: Runner

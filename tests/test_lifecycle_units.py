@@ -127,3 +127,24 @@ def test_exit_descriptions() -> None:
     assert describe_exit(-signal.SIGKILL).startswith("killed by SIGKILL (the kernel's OOM killer")
     assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
     assert describe_exit(1) == "exit status 1"
+
+
+def test_loop_progress_needs_the_loop_to_move_and_allows_a_load_longer() -> None:
+    from model_host.process import LoopProgress
+
+    now = [100.0]
+    progress = LoopProgress(stall_s=5.0, load_stall_s=60.0, clock=lambda: now[0])
+    now[0] += 4.9
+    assert progress.fresh()
+    now[0] += 0.2  # 5.1 s without a pass: hung
+    assert not progress.fresh()
+    progress.moved()
+    assert progress.fresh()
+    progress.loading("/m")
+    now[0] += 59.0  # a load may hold the loop far longer than a step
+    assert progress.fresh()
+    now[0] += 2.0
+    assert not progress.fresh()  # but not forever
+    progress.moved()  # the load ended: a step's allowance again, from now
+    now[0] += 5.5
+    assert not progress.fresh()

@@ -38,13 +38,14 @@ class NotifyListener:
     """The service manager's end of the notify protocol: a datagram socket the server writes to.
     When READY=1 arrives, it checks at once what a unit ordered after this one would rely on."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, model: str = MODEL) -> None:
         self.dir = tempfile.mkdtemp(prefix="hfn-")  # short: socket paths are limited to 108 bytes
         self.path = os.path.join(self.dir, "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.settimeout(0.2)
         self.base_url = base_url
+        self.model = model
         self.messages: list[tuple[float, str]] = []
         self.ready_check: tuple[int, str | None] | None = None
         self._stop = threading.Event()
@@ -66,7 +67,7 @@ class NotifyListener:
     def _check_serving(self) -> tuple[int, str | None]:
         health = httpx.get(f"{self.base_url}/health", timeout=10).status_code
         client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="x", max_retries=0)
-        reply = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0)  # type: ignore[arg-type]
+        reply = client.chat.completions.create(model=self.model, messages=HELLO, temperature=0)  # type: ignore[arg-type]
         return health, reply.choices[0].message.content
 
     def lines(self, prefix: str) -> list[tuple[float, str]]:
@@ -127,16 +128,22 @@ def test_sd_notify_ready_watchdog_and_stopping(cache_dir: Path, demo_model: Path
 
 
 @contextmanager
-def notify_server(cache_dir: Path) -> Iterator[tuple[ServerProcess, NotifyListener]]:
-    """A 2-worker server whose NOTIFY_SOCKET is a listener's socket, with WATCHDOG_USEC 1 s. Not
-    waited for: the listener must see the start."""
+def notify_server(
+    cache_dir: Path,
+    workers: int = 2,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    model: str = MODEL,
+) -> Iterator[tuple[ServerProcess, NotifyListener]]:
+    """A server whose NOTIFY_SOCKET is a listener's socket, with WATCHDOG_USEC 1 s. Not waited for:
+    the listener must see the start."""
     port = free_port()
-    listener = NotifyListener(f"http://127.0.0.1:{port}")
-    env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "1000000"}
+    listener = NotifyListener(f"http://127.0.0.1:{port}", model)
+    env = {**(env or {}), "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "1000000"}
     log = Path(tempfile.mkstemp(prefix="hfserve-test-", suffix=".log")[1])
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*hfserve_cmd(), "start", "--port", str(port), "--workers", "2"],
+            [*hfserve_cmd(), "start", "--port", str(port), "--workers", str(workers), *args],
             env={**server_env(cache_dir), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
