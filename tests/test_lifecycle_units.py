@@ -58,6 +58,23 @@ def test_drain_waits_for_requests_in_flight_then_stops() -> None:
     assert stopped.wait(5) and s.phase is Phase.DRAINING  # nothing had to be ended
 
 
+def test_drain_refuses_new_requests_before_it_counts_those_in_flight() -> None:
+    """A request that passes the phase check while the drain counts must be counted: the phase is
+    set before the first count."""
+    s = state(1)
+    phases_at_count: list[Phase] = []
+    count = s.in_flight_total
+
+    def counting() -> int:
+        phases_at_count.append(s.phase)
+        return count()
+
+    s.in_flight_total = counting  # type: ignore[method-assign]
+    _, stopped, _ = run_drain(s, 30.0)
+    assert stopped.wait(5)
+    assert phases_at_count and phases_at_count[0] is Phase.DRAINING
+
+
 def test_drain_timeout_ends_the_rest_and_a_second_signal_hurries() -> None:
     s = state(1)
     s.add_in_flight(0, 1)

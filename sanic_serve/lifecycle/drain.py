@@ -147,10 +147,12 @@ class Drain:
         self._stop()
 
     def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        # The phase first, the count after: a request that arrives between the two is either
+        # refused (it saw DRAINING) or counted; counted first, it could slip past both.
+        self.state.set_phase(Phase.DRAINING, time.monotonic_ns() + int(self.timeout_s * 1e9))
         in_flight = self.state.in_flight_total()
         self._on_start(f"draining: {in_flight} request(s) in flight")
-        deadline = time.monotonic() + self.timeout_s
-        self.state.set_phase(Phase.DRAINING, time.monotonic_ns() + int(self.timeout_s * 1e9))
         if in_flight:
             log.info("stopping: draining %d request(s), at most %.0f s", in_flight, self.timeout_s)
         last = -1
