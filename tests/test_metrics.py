@@ -131,8 +131,8 @@ def test_counters_say_exactly_what_was_done_across_all_workers(four: ServerProce
     assert delta("hfserve:http_request_duration_seconds_count", **route) == n
     assert delta("hfserve:request_success_total", model_name=MODEL, finished_reason="stop") == n
     assert delta("hfserve:generation_tokens_total", model_name=MODEL) == completion
-    assert delta("hfserve:prompt_tokens_total") == prompt  # counted by the host
-    assert delta("hfserve:prefix_cache_queries_total") == prompt
+    assert delta("hfserve:prompt_tokens_total", model_name=MODEL) == prompt  # counted by the host
+    assert delta("hfserve:prefix_cache_queries_total", model_name=MODEL) == prompt
     histograms = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds")
     for histogram in (*histograms, "request_prompt_tokens"):
         assert delta(f"hfserve:{histogram}_count", model_name=MODEL) == n, histogram
@@ -153,7 +153,10 @@ def test_host_gauges_and_model_state(four: ServerProcess) -> None:
     assert value(samples, "hfserve:model_load_seconds_sum") > 0
     assert types["hfserve:num_requests_running"] == "gauge"
     assert types["hfserve:num_requests_waiting"] == "gauge"
-    assert value(samples, "hfserve:num_requests_running") == 0  # nothing runs between tests
+    # vLLM's names carry vLLM's model_name label (its dashboards filter on it).
+    for gauge in ("num_requests_running", "num_requests_waiting"):
+        assert (f"hfserve:{gauge}", frozenset({("model_name", MODEL)})) in samples, gauge
+    assert value(samples, "hfserve:num_requests_running", model_name=MODEL) == 0  # nothing runs now
 
 
 def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> None:
@@ -172,8 +175,8 @@ def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> N
         samples, _ = await asyncio.to_thread(scrape, four)
         for s in opened:
             await s.close()
-        running = value(samples, "hfserve:num_requests_running") + value(
-            samples, "hfserve:num_requests_waiting"
+        running = value(samples, "hfserve:num_requests_running", model_name=MODEL) + value(
+            samples, "hfserve:num_requests_waiting", model_name=MODEL
         )
         return running, value(samples, "hfserve:http_requests_in_flight")
 
@@ -181,6 +184,53 @@ def test_running_and_in_flight_gauges_see_open_streams(four: ServerProcess) -> N
     assert running >= 1  # some may have finished on a fast machine; the host saw them
     assert in_flight >= streams  # every open stream, and the scrape itself, wherever they run
     four.wait_for(lambda s: s["running"] == 0, timeout_s=30.0)
+
+
+def test_methods_outside_the_standard_set_share_one_series(four: ServerProcess) -> None:
+    odd = [f"M{os.getpid()}X{i}" for i in range(3)]  # any token is a method to Sanic
+    for method in odd:
+        for path in ("/v1/models", f"/random/{method}"):
+            httpx.request(method, f"{four.base_url}{path}", timeout=30.0)
+    deadline = time.monotonic() + 20.0
+    while True:
+        samples, _ = scrape(four)
+        labels = [dict(key[1]) for key in samples if key[0] == "hfserve:http_requests_total"]
+        others = [
+            value(samples, "hfserve:http_requests_total", **lab) for lab in labels if lab["method"] == "OTHER"
+        ]
+        if sum(others) >= 2 * len(odd):
+            break
+        assert time.monotonic() < deadline, labels
+        time.sleep(0.2)
+    assert not [lab for lab in labels if lab["method"] in odd]
+    # Routes are patterns, never raw paths: the random paths are all "unmatched".
+    assert not [lab for lab in labels if lab["route"].startswith("/random/")]
+    assert {lab["route"] for lab in labels if lab["method"] == "OTHER"} <= {"/v1/models", "unmatched"}
+
+
+def test_concurrent_scrapes_forget_a_dead_worker_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two scrapes both list a dead worker's live gauge; the first removes it, the second must not
+    fail (it did: a 500 from /metrics)."""
+    dead_pid = 2**22 + 4321
+    gauge = tmp_path / f"gauge_livesum_{dead_pid}.db"
+    gauge.write_bytes(b"x")
+    kept = tmp_path / f"counter_{dead_pid}.db"  # a dead worker's totals still count
+    kept.write_bytes(b"x")
+    listed = multiproc.glob.glob
+
+    def listing_then_other_scrape_removes(pattern: str) -> list[str]:
+        found = listed(pattern)
+        gauge.unlink(missing_ok=True)  # the other scrape got there first
+        return found
+
+    monkeypatch.setattr(multiproc.glob, "glob", listing_then_other_scrape_removes)
+    multiproc.forget_dead_processes(str(tmp_path))
+    monkeypatch.undo()
+    gauge.write_bytes(b"x")
+    multiproc.forget_dead_processes(str(tmp_path))  # the ordinary case: removed
+    assert not gauge.exists() and kept.exists()
 
 
 def test_stale_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
@@ -192,6 +242,25 @@ def test_stale_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
         (folder / "counter_1.db").write_bytes(b"x")
     assert multiproc.remove_stale_dirs(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+# Next to last: the module's server has a new model host from here on.
+def test_host_restarts_counted_once_after_a_kill(four: ServerProcess) -> None:
+    before, _ = scrape(four)
+    old = four.host_status()
+    (host,) = [p for p in four.processes() if p.pid == old["pid"]]
+    host.kill()
+    four.wait_for(lambda s: s["pid"] != old["pid"] and s["ready"], timeout_s=180.0)
+    four.wait_healthy(60.0)
+    after, _ = scrape(four)
+    assert value(after, "hfserve:host_restarts_total") == value(before, "hfserve:host_restarts_total") + 1
+    assert value(after, "hfserve:host_up") == 1
+    # The host's totals live in the main process: a new host does not start them over.
+    finished = {"outcome": "finished"}
+    assert value(before, "hfserve:host_requests_total", **finished) > 0
+    assert value(after, "hfserve:host_requests_total", **finished) >= value(
+        before, "hfserve:host_requests_total", **finished
+    )
 
 
 # Last in this module: it stops the module's server.

@@ -13,18 +13,38 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from model_host.ipc.status import HostStatus, StatusField
+from model_host.ipc.status import HostStatus, StatusField, StatusSnapshot
 from sanic_serve.metrics import names
+
+
+def host_restarts(snapshot: StatusSnapshot) -> int:
+    """Model host starts after the first one: the status block's epoch (every host start adds one)
+    is the one count of restarts, kept in the main process across host deaths."""
+    return max(snapshot.epoch - 1, 0)
 
 
 class HostCollector:
     def __init__(
-        self, status: HostStatus, alive: bool, vllm_names: bool, model_name: Callable[[str], str]
+        self,
+        status: HostStatus,
+        alive: bool,
+        vllm_names: bool,
+        model_name: Callable[[str], str],
+        served_model: str | None = None,
     ) -> None:
         self._status = status
         self._model_name = model_name  # the host lists folders; clients and labels use model ids
+        self._served_model = served_model
         self._alive = alive
         self._p = names.engine_prefix(vllm_names)
+
+    def _engine_model(self, snap: StatusSnapshot) -> str:
+        """The ``model_name`` of the engine-wide numbers. vLLM labels every metric with it and its
+        dashboards filter on it; the host counts for all its models together, so the label is the
+        served default model (else the one loaded, else ``unknown``)."""
+        if self._served_model:
+            return self._served_model
+        return self._model_name(snap.models[0]) if len(snap.models) == 1 else "unknown"
 
     def collect(self) -> Iterator[Metric]:
         s = self._status
@@ -36,25 +56,28 @@ class HostCollector:
             int(self._alive and snap.ready),
         )
         yield CounterMetricFamily(
-            f"{own}host_restarts", "Model host starts after the first one (crashes).", max(snap.epoch - 1, 0)
+            f"{own}host_restarts", "Model host starts after the first one (crashes).", host_restarts(snap)
         )
-        yield GaugeMetricFamily(f"{p}num_requests_running", "Requests in the running batch.", snap.running)
-        yield GaugeMetricFamily(
-            f"{p}num_requests_waiting", "Requests waiting in the model host's queue.", snap.waiting
+        # Every vLLM-named metric carries model_name, as vLLM's own do.
+        engine_model = [self._engine_model(snap)]
+        gauges = (
+            ("num_requests_running", "Requests in the running batch.", snap.running),
+            ("num_requests_waiting", "Requests waiting in the model host's queue.", snap.waiting),
         )
-        yield CounterMetricFamily(
-            f"{p}prompt_tokens",
-            "Prompt tokens admitted (prefilled or taken from the cache).",
-            snap.prompt_tokens_total,
+        for name, help_text, value in gauges:
+            gauge = GaugeMetricFamily(f"{p}{name}", help_text, labels=["model_name"])
+            gauge.add_metric(engine_model, value)
+            yield gauge
+        prompt, cached = snap.prompt_tokens_total, snap.cached_tokens_total
+        counters = (
+            ("prompt_tokens", "Prompt tokens admitted (prefilled or taken from the cache).", prompt),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", prompt),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", cached),
         )
-        yield CounterMetricFamily(
-            f"{p}prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            snap.prompt_tokens_total,
-        )
-        yield CounterMetricFamily(
-            f"{p}prefix_cache_hits", "Prompt tokens found in the prefix cache.", snap.cached_tokens_total
-        )
+        for name, help_text, value in counters:
+            counter = CounterMetricFamily(f"{p}{name}", help_text, labels=["model_name"])
+            counter.add_metric(engine_model, value)
+            yield counter
         outcomes = CounterMetricFamily(
             f"{own}host_requests", "Requests the model host ended, by outcome.", labels=["outcome"]
         )

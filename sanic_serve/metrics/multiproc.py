@@ -10,6 +10,7 @@ is removed by the next start.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -61,10 +62,14 @@ def remove_dir(folder: Path) -> None:
 
 def forget_dead_processes(folder: str) -> None:
     """Drop the live gauges (requests in flight) of workers that died: their last values would
-    otherwise count for ever. Counters and histograms of dead workers stay, as totals must."""
-    from prometheus_client import multiprocess
+    otherwise count for ever. Counters and histograms of dead workers stay, as totals must.
 
+    Every scrape does this, in whichever worker it lands, so two scrapes may both find a dead
+    worker's file and both remove it: the second finds it gone, which is the outcome it wanted
+    (prometheus-client's ``mark_process_dead`` raises then, and the scrape would be a 500). Its
+    collector already skips a live gauge file removed between its listing and its read."""
     for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
         found = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(path))
         if found and not pid_alive(int(found.group(1))):
-            multiprocess.mark_process_dead(int(found.group(1)), folder)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)

@@ -29,8 +29,11 @@ def render(client: HostClient, config: ServerConfig, models: ModelResolver) -> b
     if folder and os.path.isdir(folder):
         multiproc.forget_dead_processes(folder)
         MultiProcessCollector(registry, folder)
+    alive = client.host_alive()
     registry.register(
-        HostCollector(client.status, client.host_alive(), config.metrics_vllm_names, models.id_for_path)
+        HostCollector(
+            client.status, alive, config.metrics_vllm_names, models.id_for_path, config.default_model_id
+        )
     )
     return generate_latest(registry)
 

@@ -16,6 +16,15 @@ from sanic import Request
 from sanic_serve.access_log import RequestRecord, current_request, route_label
 from sanic_serve.metrics import names
 
+# Sanic accepts any method token a client sends; a label per token would grow the series (and the
+# multiprocess files) without bound. Anything else is counted as OTHER.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "OTHER"
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else OTHER_METHOD
+
 
 class WorkerMetrics:
     def __init__(self, vllm_names: bool) -> None:
@@ -25,7 +34,7 @@ class WorkerMetrics:
         # objects, and a second instance (tests) must not clash with the first.
         self.http_requests = Counter(
             f"{own}http_requests",
-            "HTTP requests answered, by route pattern, method and status code.",
+            "HTTP requests answered, by route pattern, method (OTHER: not a standard one) and status code.",
             ["route", "method", "status"],
             registry=None,
         )
@@ -100,10 +109,10 @@ class WorkerMetrics:
 
     def request_ended(self, request: Request, record: RequestRecord, status: int | None) -> None:
         self.http_in_flight.dec()
-        route = route_label(request)
+        route, method = route_label(request), method_label(record.method)
         # No status: the client went away before an answer began (nginx would log 499).
-        self.http_requests.labels(route, record.method, str(status or 499)).inc()
-        self.http_duration.labels(route, record.method).observe(record.elapsed_s())
+        self.http_requests.labels(route, method, str(status or 499)).inc()
+        self.http_duration.labels(route, method).observe(record.elapsed_s())
 
 
 _metrics: WorkerMetrics | None = None
