@@ -22,6 +22,8 @@ class Turn:
     input_items: list[dict[str, Any]]
     output_items: list[dict[str, Any]]
     instructions: str | None = None
+    status: str = "completed"
+    response_id: str = "resp_x"
 
 
 @dataclass
@@ -149,7 +151,6 @@ def test_mcp_items_read_as_calls_and_a_declined_call_says_so() -> None:
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
         ({"input": [{"type": "mcp_approval_response", "approval_request_id": "r"}]}, "input[0].approve"),
         ({"input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, "tools[0]"),
-        ({"input": "x", "tools": [{"type": "mcp"}]}, "tools[0].server_label"),
         ({"input": "x", "tool_choice": "sometimes"}, "tool_choice"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"input": "x", "n": 2}, "n"),
@@ -279,3 +280,140 @@ def test_a_failure_is_an_error_event_then_response_failed() -> None:
 
         validate_event(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+# -- chains through a running response ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["queued", "in_progress"])
+def test_a_chain_through_a_running_response_is_a_400(status: str) -> None:
+    done = Turn([], [], response_id="resp_1")
+    running = Turn([], [], status=status, response_id="resp_2")
+    store = FakeStore({"resp_2": [done, running], "resp_3": [running, Turn([], [], response_id="resp_3")]})
+    for previous in ("resp_2", "resp_3"):  # the running one last, or earlier in the chain
+        with pytest.raises(InvalidRequest) as err:
+            prepare_context(request(input="Q", previous_response_id=previous), store)
+        assert err.value.param == "previous_response_id" and err.value.status == 400
+        assert "resp_2" in err.value.message and status in err.value.message
+
+
+# -- malformed tools and items: a 400 naming the field, never another exception ----------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "namespace", "name": "n", "tools": ["x"]}]}, "tools[0].tools[0]"),
+        ({"tools": [{"type": "namespace", "name": "n", "tools": 5}]}, "tools[0].tools"),
+        ({"tools": [{"type": "namespace", "tools": []}]}, "tools[0].name"),
+        (
+            {"tools": [{"type": "namespace", "name": "n", "tools": [{"type": "namespace"}]}]},
+            "tools[0].tools[0]",
+        ),
+        ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": 5}}, "tool_choice.tools"),
+        ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": ["f"]}}, "tool_choice.tools"),
+        ({"tool_choice": {"type": "mcp", "server_label": ["s"]}}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "name": ["f"]}}, "tool_choice.name"),
+        ({"input": [{"type": "mcp_list_tools", "server_label": "s", "tools": "abc"}]}, "input[0].tools"),
+        ({"input": [{"type": "mcp_list_tools", "server_label": "s", "tools": [1]}]}, "input[0].tools[0]"),
+        (
+            {"input": [{"type": "mcp_list_tools", "server_label": "s", "tools": [{}]}]},
+            "input[0].tools[0].name",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "mcp_list_tools",
+                        "server_label": "s",
+                        "tools": [{"name": "a", "input_schema": 1}],
+                    }
+                ]
+            },
+            "input[0].tools[0].input_schema",
+        ),
+        ({"input": [{"type": "item_reference", "id": ["x"]}]}, "input[0].id"),
+        ({"input": [{"role": "user", "content": [5]}]}, "input[0].content[0]"),
+        ({"input": [{"type": "reasoning", "summary": [], "content": "think"}]}, "input[0].content"),
+        (
+            {
+                "input": [
+                    {"type": "mcp_call", "server_label": "s", "name": "f", "arguments": "{}", "output": 5}
+                ]
+            },
+            "input[0].output",
+        ),
+    ],
+)
+def test_malformed_tools_and_items_are_400s(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        prepare_context(request(**{"input": "x", **fields}), None)
+    assert err.value.param == param
+
+
+VALID_ITEMS: list[dict[str, Any]] = [
+    {"type": "message", "id": "msg_1", "role": "user", "status": "completed", "content": "Q"},
+    {
+        "type": "function_call",
+        "id": "fc_1",
+        "call_id": "c1",
+        "name": "f",
+        "arguments": "{}",
+        "namespace": "n",
+    },
+    {"type": "function_call_output", "id": "fco_1", "call_id": "c1", "output": "ok", "status": "completed"},
+    {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "t"}]},
+    {"type": "mcp_list_tools", "id": "l1", "server_label": "s", "tools": [{"name": "t", "input_schema": {}}]},
+    {
+        "type": "mcp_call",
+        "id": "mcp_1",
+        "server_label": "s",
+        "name": "t",
+        "arguments": "{}",
+        "output": "5",
+        "error": None,
+        "approval_request_id": None,
+        "status": "completed",
+    },
+    {"type": "mcp_approval_request", "id": "r1", "server_label": "s", "name": "t", "arguments": "{}"},
+    {
+        "type": "mcp_approval_response",
+        "id": "a1",
+        "approval_request_id": "r1",
+        "approve": False,
+        "reason": "no",
+    },
+]
+WRONG_VALUES: list[Any] = [5, 1.5, True, None, "x", [], [5], ["x"], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("kind", [item["type"] for item in VALID_ITEMS])
+def test_every_item_type_with_wrong_typed_fields_is_a_400_or_read(kind: str) -> None:
+    """Each field of each input item type replaced by values of other types: the request is a 400
+    naming that item, or it is read (into the model's messages, and by the MCP tools) without a
+    fault. Never another exception, which would be a 500."""
+    from tests.test_responses_mcp_units import Recorder, tools_of
+
+    base = next(item for item in VALID_ITEMS if item["type"] == kind)
+    prepare_context(request(input=VALID_ITEMS), None)  # the unbroken items are accepted
+    refused = 0
+    for field_name in base:
+        for value in WRONG_VALUES:
+            broken = (
+                [*VALID_ITEMS[:1], {**base, field_name: value}]
+                if kind != "message"
+                else [{**base, field_name: value}]
+            )
+            if kind == "function_call_output":
+                broken = [VALID_ITEMS[1], *broken]
+            where = len(broken) - 1
+            try:
+                ctx = prepare_context(request(input=broken), None)
+            except InvalidRequest as exc:
+                assert exc.param is not None and exc.param.startswith(f"input[{where}]"), (field_name, value)
+                refused += 1
+                continue
+            to_messages(ctx.items, None)
+            mcp, _ = tools_of({"server_label": "s"})
+            asyncio.run(mcp.prepare(ctx.items, Recorder()))
+    assert refused > 0

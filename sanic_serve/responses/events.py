@@ -10,14 +10,13 @@ streamed response rebuilds the non-stream body exactly.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
+from sanic_serve.responses.items import new_item_id
 from sanic_serve.responses.request import ResponsesRequest
 
-
-def new_item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+# The events that end a response's stream (``error`` comes before ``response.failed``).
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def echoed_tools(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -130,7 +129,9 @@ class ResponseBuilder:
     ) -> dict[str, Any]:
         body = self.snapshot(status)
         body["usage"] = usage
-        body["incomplete_details"] = {"reason": incomplete_reason} if incomplete_reason else None
+        # An incomplete response always has details; a reason only when one of the spec's fits.
+        details = {"reason": incomplete_reason} if incomplete_reason else {}
+        body["incomplete_details"] = details if status == "incomplete" else None
         body["error"] = error
         body["completed_at"] = int(time.time()) if status == "completed" else None
         return body
@@ -168,17 +169,22 @@ class TurnWriter:
         events.append(self._b.event("response.output_text.delta", **where, delta=text, logprobs=logprobs))
         return events
 
-    def function_call(self, call_id: str, name: str, arguments: str) -> list[dict[str, Any]]:
-        """A complete call (calls are parsed whole): added, its arguments, done."""
+    def function_call(
+        self, call_id: str, name: str, arguments: str, namespace: str | None = None
+    ) -> list[dict[str, Any]]:
+        """A complete call (calls are parsed whole): added, its arguments, done. ``name`` is the
+        client's own name of the function, and ``namespace`` its namespace, if it has one."""
         events = self.close()
-        item = {
+        item: dict[str, Any] = {
             "type": "function_call",
-            "id": new_item_id("fc"),
+            "id": new_item_id("function_call"),
             "call_id": call_id,
             "name": name,
             "arguments": "",
             "status": "in_progress",
         }
+        if namespace is not None:
+            item["namespace"] = namespace
         index, added = self._b.add(item)
         events.append(added)
         where = {"item_id": item["id"], "output_index": index}
@@ -219,12 +225,12 @@ class TurnWriter:
             return []
         events = self.close()
         if kind == "reasoning":
-            self._item = {"type": "reasoning", "id": new_item_id("rs"), "summary": [], "content": []}
+            self._item = {"type": "reasoning", "id": new_item_id("reasoning"), "summary": [], "content": []}
             part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
         else:
             self._item = {
                 "type": "message",
-                "id": new_item_id("msg"),
+                "id": new_item_id("message"),
                 "role": "assistant",
                 "status": "in_progress",
                 "content": [],

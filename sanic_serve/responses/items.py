@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sanic_serve.errors import InvalidRequest
-from sanic_serve.responses.request import ResponsesRequest
+from sanic_serve.responses.request import ResponsesRequest, namespaced_name
+from sanic_serve.responses.store import RUNNING_STATUSES
 
 
 @dataclass
@@ -52,7 +53,9 @@ class ItemStore(Protocol):
     def item(self, item_id: str) -> dict[str, Any] | None: ...
 
 
-def new_id(kind: str) -> str:
+def new_item_id(kind: str) -> str:
+    """A fresh id for an item of type ``kind`` (``msg_...``, ``fc_...``, ``mcp_...``): the one
+    helper every item the server makes or receives without an id gets its id from."""
     return f"{_ID_PREFIX.get(kind, 'item')}_{uuid.uuid4().hex}"
 
 
@@ -73,6 +76,14 @@ def prepare_context(req: ResponsesRequest, store: ItemStore | None) -> PreparedC
         if chain is None:
             raise previous_not_found(req.previous_response_id)
         for turn in chain:
+            if getattr(turn, "status", "completed") in RUNNING_STATUSES:
+                # A background run still going: its output is not there yet, and a chain through it
+                # would silently lose it.
+                raise InvalidRequest(
+                    f"Response '{turn.response_id}' of this chain is still {turn.status}: wait until it "
+                    "has finished (poll GET /v1/responses/{id}) or cancel it before continuing from it.",
+                    param="previous_response_id",
+                )
             history += [*turn.input_items, *turn.output_items]
     inputs = normalize_input(req.input, history, store)
     _check_call_outputs(history + inputs, len(history))
@@ -101,7 +112,13 @@ def normalize_input(
         if not isinstance(item, dict):
             raise InvalidRequest("An input item must be an object.", param=where)
         kind = item.get("type")
+        if not isinstance(kind, str | None):
+            raise InvalidRequest("type must be a string.", param=f"{where}.type")
+        if not isinstance(item.get("id"), str | None):
+            raise InvalidRequest("id must be a string.", param=f"{where}.id")
         if kind == "item_reference":
+            if not isinstance(item.get("id"), str):
+                raise InvalidRequest("An item_reference needs id (a string).", param=f"{where}.id")
             found = known.get(item.get("id", "")) or (store.item(str(item.get("id"))) if store else None)
             if found is None:
                 raise InvalidRequest(f"Item with id {item.get('id')!r} not found.", param=f"{where}.id")
@@ -120,7 +137,7 @@ def normalize_input(
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
-    if role not in MESSAGE_ROLES:
+    if not isinstance(role, str) or role not in MESSAGE_ROLES:
         raise InvalidRequest(f"Unknown message role {role!r}.", param=f"{where}.role")
     content = item.get("content")
     default = "output_text" if role == "assistant" else "input_text"
@@ -130,7 +147,11 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     elif isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(part, dict):
+                raise InvalidRequest("A content part must be an object.", param=f"{where}.content[{j}]")
+            kind = part.get("type")
+            if not isinstance(kind, str):
+                raise InvalidRequest("A content part needs a type.", param=f"{where}.content[{j}].type")
             if kind in _MEDIA_PARTS:
                 raise InvalidRequest(
                     f"This model takes no {_MEDIA_PARTS[kind]}: content parts must be text.",
@@ -147,12 +168,14 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequest(
             "A message needs content: a string or a list of parts.", param=f"{where}.content"
         )
+    if not isinstance(item.get("status"), str | None):
+        raise InvalidRequest("status must be a string.", param=f"{where}.status")
     for part in parts:
         if part["type"] == "output_text":
             part.setdefault("annotations", [])
     return {
         "type": "message",
-        "id": item.get("id") or new_id("message"),
+        "id": item.get("id") or new_item_id("message"),
         "role": role,
         "content": parts,
         "status": item.get("status") or "completed",
@@ -169,22 +192,69 @@ _REQUIRED = {
 }
 
 
+# Optional fields of each item type and the types they take (None is always allowed). What is
+# read later (to_messages, the MCP tools) may then trust them: a wrong type is a 400 naming it.
+_OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "function_call": {"namespace": str, "status": str},
+    "function_call_output": {"status": str},
+    "reasoning": {"content": list, "summary": list, "encrypted_content": str, "status": str},
+    "mcp_list_tools": {"tools": list, "error": (str, dict)},
+    "mcp_call": {"output": str, "error": (str, dict), "approval_request_id": str, "status": str},
+    "mcp_approval_request": {},
+    "mcp_approval_response": {"reason": str},
+}
+# Lists of objects (item type, field), and the fields each entry must have as strings.
+_OBJECT_LISTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("reasoning", "content"): (),
+    ("reasoning", "summary"): (),
+    ("function_call_output", "output"): (),
+    ("mcp_list_tools", "tools"): ("name",),
+}
+_TYPE_WORDS: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+
+
 def _tool_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     kind = item["type"]
     for name in _REQUIRED.get(kind, ()):
         if not isinstance(item.get(name), str):
             raise InvalidRequest(f"A {kind} item needs {name} (a string).", param=f"{where}.{name}")
+    for name, types in _OPTIONAL.get(kind, {}).items():
+        if item.get(name) is not None and not isinstance(item[name], types):
+            shown = " or ".join(_TYPE_WORDS[t] for t in (types if isinstance(types, tuple) else (types,)))
+            raise InvalidRequest(f"{name} must be {shown}.", param=f"{where}.{name}")
     if kind == "function_call_output":
         output = item.get("output")
         if not isinstance(output, str | list):
             raise InvalidRequest("output must be a string or a list of parts.", param=f"{where}.output")
     if kind == "mcp_approval_response" and not isinstance(item.get("approve"), bool):
         raise InvalidRequest("approve must be true or false.", param=f"{where}.approve")
+    for (of_kind, name), fields in _OBJECT_LISTS.items():
+        if of_kind == kind and isinstance(item.get(name), list):
+            _check_objects(item[name], fields, f"{where}.{name}")
+    if kind == "mcp_list_tools":
+        _check_listed_tools(item.get("tools") or [], f"{where}.tools")
     out = dict(item)
-    out["id"] = item.get("id") or new_id(kind)
+    out["id"] = item.get("id") or new_item_id(kind)
     if kind in ("function_call", "function_call_output"):
         out.setdefault("status", "completed")
     return out
+
+
+def _check_objects(values: list[Any], fields: tuple[str, ...], where: str) -> None:
+    for j, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise InvalidRequest("Each entry must be an object.", param=f"{where}[{j}]")
+        for name in fields:
+            if not isinstance(value.get(name), str):
+                raise InvalidRequest(f"{name} must be a string.", param=f"{where}[{j}].{name}")
+
+
+def _check_listed_tools(tools: list[dict[str, Any]], where: str) -> None:
+    """A replayed listing's tools are offered to the model again: their schema must be one."""
+    for j, tool in enumerate(tools):
+        for name, types in (("input_schema", dict), ("annotations", dict), ("description", str)):
+            if tool.get(name) is not None and not isinstance(tool[name], types):
+                raise InvalidRequest(f"{name} has the wrong type.", param=f"{where}[{j}].{name}")
 
 
 def _check_call_outputs(items: list[dict[str, Any]], first_input: int) -> None:
@@ -233,8 +303,9 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
         elif kind == "reasoning":
             thought += text_of(item.get("content")) or text_of(item.get("summary"))
         elif kind == "function_call":
-            names[item["call_id"]] = item["name"]
-            thought = _call(messages, item["call_id"], item["name"], item["arguments"], thought)
+            name = namespaced_name(item.get("namespace"), item["name"])  # as the model called it
+            names[item["call_id"]] = name
+            thought = _call(messages, item["call_id"], name, item["arguments"], thought)
         elif kind == "function_call_output":
             result = text_of(item.get("output"))
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": result})

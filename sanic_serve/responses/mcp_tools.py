@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Any
 
 from sanic_serve.mcp.gateway import CallOutcome, MCPFailure, MCPGateway, protocol_error
 from sanic_serve.mcp.settings import MCPSettings
 from sanic_serve.mcp.tool_spec import MCPToolSpec, parse_mcp_tool
+from sanic_serve.responses.items import new_item_id
 from sanic_serve.responses.request import ResponsesRequest
 from sanic_serve.responses.run import Emitter
 
@@ -47,10 +47,6 @@ def mcp_server_tools(req: ResponsesRequest, app_ctx: Any) -> MCPServerTools:
     return MCPServerTools(specs, gateway, functions)
 
 
-def new_item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
 class MCPServerTools:
     def __init__(self, specs: list[MCPToolSpec], gateway: MCPGateway, function_names: set[str]) -> None:
         self._specs = {s.label: s for s in specs}
@@ -72,7 +68,8 @@ class MCPServerTools:
                 listing = await self._list(spec, emit)
                 items.append(listing)
             for tool in listing.get("tools") or []:
-                offered = self._offer(spec, tool)
+                # Replayed listings were checked as input (items.py); a stored one is ours.
+                offered = self._offer(spec, tool) if isinstance(tool, dict) else None
                 if offered is not None:
                     functions.append(offered)
         for request in _approved_pending(context_items):
@@ -89,7 +86,7 @@ class MCPServerTools:
             if spec.needs_approval(call["name"], annotations):
                 item = {
                     "type": "mcp_approval_request",
-                    "id": new_item_id("mcpr"),
+                    "id": new_item_id("mcp_approval_request"),
                     "server_label": spec.label,
                     "name": call["name"],
                     "arguments": call["arguments"],
@@ -101,6 +98,15 @@ class MCPServerTools:
                 items.append(await self._call(spec, call["name"], call["arguments"], None, emit))
         # A call waiting for approval ends the response; the others' results feed the next turn.
         return items, not waiting
+
+    async def refuse(self, calls: list[dict[str, Any]], why: str, emit: Emitter) -> list[dict[str, Any]]:
+        """Calls that are not run (past ``max_tool_calls``): each a failed ``mcp_call`` saying why,
+        so nothing the model asked for vanishes; nothing reaches the server."""
+        items = []
+        for call in calls:
+            spec, _ = self._owner[call["name"]]
+            items.append(self._failed_call(spec.label, call["name"], call["arguments"], None, why, emit))
+        return items
 
     def owns(self, function_name: str) -> bool:
         return function_name in self._owner
@@ -133,7 +139,7 @@ class MCPServerTools:
     async def _list(self, spec: MCPToolSpec, emit: Emitter) -> dict[str, Any]:
         item: dict[str, Any] = {
             "type": "mcp_list_tools",
-            "id": new_item_id("mcpl"),
+            "id": new_item_id("mcp_list_tools"),
             "server_label": spec.label,
             "tools": [],
         }
@@ -174,7 +180,7 @@ class MCPServerTools:
     ) -> dict[str, Any]:
         item: dict[str, Any] = {
             "type": "mcp_call",
-            "id": new_item_id("mcp"),
+            "id": new_item_id("mcp_call"),
             "server_label": spec.label,
             "name": name,
             "arguments": "",
@@ -201,11 +207,11 @@ class MCPServerTools:
         return item
 
     def _failed_call(
-        self, label: str, name: str, arguments: str, approval_id: str, why: str, emit: Emitter
+        self, label: str, name: str, arguments: str, approval_id: str | None, why: str, emit: Emitter
     ) -> dict[str, Any]:
         item = {
             "type": "mcp_call",
-            "id": new_item_id("mcp"),
+            "id": new_item_id("mcp_call"),
             "server_label": label,
             "name": name,
             "arguments": arguments,

@@ -9,6 +9,8 @@ names the offending ``input[i]`` when one is malformed.
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,6 +26,8 @@ MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
+NAMESPACE_SEPARATOR = "__"  # a namespaced function's name for the model: ``<namespace>__<name>``
+_MODEL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what chat templates and call parsers take
 # Everything OpenAI's ``include`` names; only logprobs change what this server returns (reasoning
 # is never encrypted here, its raw text is in the item).
 KNOWN_INCLUDES = frozenset(
@@ -183,14 +187,24 @@ class ResponsesRequest(GenerationFields):
         return self.reasoning.effort if self.reasoning is not None else None
 
     # -- tools ---------------------------------------------------------------------------------
+    def functions(self) -> list[FunctionEntry]:
+        """The ``function`` tools, namespaces flattened (validated by ``parse_responses_request``)."""
+        return [
+            FunctionEntry.of(tool, namespace)
+            for _, tool, namespace in _flatten(self.tools, "tools")
+            if tool.get("type") == "function"
+        ]
+
     def function_tools(self) -> list[dict[str, Any]]:
-        """The ``function`` tools (namespaces flattened), in chat's ``tools`` shape."""
-        out = []
-        for tool in _flatten(self.tools):
-            if tool.get("type") == "function":
-                fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
-                out.append({"type": "function", "function": fn})
-        return out
+        """The ``function`` tools in chat's ``tools`` shape, under the names the model sees."""
+        return [entry.chat_tool() for entry in self.functions()]
+
+    def function_origin(self, model_name: str) -> tuple[str | None, str]:
+        """A called name the model saw -> (namespace, the client's function name)."""
+        for entry in self.functions():
+            if entry.model_name == model_name:
+                return entry.namespace, entry.name
+        return None, model_name
 
     def mcp_tools(self) -> list[dict[str, Any]]:
         return [t for t in self.tools if t.get("type") == "mcp"]
@@ -200,14 +214,62 @@ class ResponsesRequest(GenerationFields):
         return self.max_tool_calls or DEFAULT_MAX_TOOL_CALLS
 
 
-def _flatten(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``namespace`` tools (Codex groups its functions so) become their functions."""
-    out = []
-    for tool in tools:
-        if tool.get("type") == "namespace":
-            out += _flatten(list(tool.get("tools") or []))
-        else:
-            out.append(tool)
+def namespaced_name(namespace: str | None, name: str) -> str:
+    """The name the model sees for a function: namespaced ones carry their namespace, so the same
+    function name in two namespaces stays two tools (``crm__lookup``, ``erp__lookup``)."""
+    return name if namespace is None else f"{namespace}{NAMESPACE_SEPARATOR}{name}"
+
+
+@dataclass(frozen=True)
+class FunctionEntry:
+    """One client function: its name as the client knows it, its namespace, and its tool."""
+
+    name: str
+    namespace: str | None
+    tool: dict[str, Any]
+    namespace_description: str | None = None
+
+    @classmethod
+    def of(cls, tool: dict[str, Any], namespace: dict[str, Any] | None) -> FunctionEntry:
+        if namespace is None:
+            return cls(str(tool["name"]), None, tool)
+        return cls(str(tool["name"]), str(namespace["name"]), tool, namespace.get("description"))
+
+    @property
+    def model_name(self) -> str:
+        return namespaced_name(self.namespace, self.name)
+
+    def chat_tool(self) -> dict[str, Any]:
+        fn = {k: self.tool[k] for k in ("description", "parameters", "strict") if k in self.tool}
+        if self.namespace_description:  # the namespace's description is shown to the model with it
+            fn["description"] = f"{self.namespace_description}\n\n{fn.get('description') or ''}".strip()
+        return {"type": "function", "function": {"name": self.model_name, **fn}}
+
+
+def _flatten(
+    tools: list[Any], where: str, namespace: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """Every tool with its place in the request and its ``namespace`` tool (Codex groups its
+    functions so); a malformed namespace is a 400 naming it."""
+    out: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    for i, tool in enumerate(tools):
+        param = f"{where}[{i}]"
+        if not isinstance(tool, dict):
+            raise InvalidRequest("A tool must be an object.", param=param)
+        if tool.get("type") != "namespace":
+            out.append((param, tool, namespace))
+            continue
+        if namespace is not None:
+            raise InvalidRequest("A namespace holds function tools, not namespaces.", param=param)
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("A namespace needs a name (a string).", param=f"{param}.name")
+        if not isinstance(tool.get("description"), str | None):
+            raise InvalidRequest("description must be a string.", param=f"{param}.description")
+        inner = tool.get("tools")
+        if not isinstance(inner, list) or not inner:
+            raise InvalidRequest("A namespace needs tools: a list of tool objects.", param=f"{param}.tools")
+        out += _flatten(inner, f"{param}.tools", tool)
     return out
 
 
@@ -230,9 +292,6 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         raise InvalidRequest("input must not be empty.", param="input")
     if req.background and not req.store:
         raise InvalidRequest("background requires store to be true.", param="background")
-    if req.top_logprobs and not req.wants_logprobs:
-        # As OpenAI: top_logprobs alone returns nothing; accepted, and logprobs stay empty.
-        pass
     _check_tools(req)
     _check_tool_choice(req)
     if req.text.format.type == "json_schema" and req.text.format.schema_ is None:
@@ -241,8 +300,10 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
 
 
 def _check_tools(req: ResponsesRequest) -> None:
+    """Function tools (namespaced ones included) are checked here; ``mcp`` tools by
+    ``sanic_serve.mcp.tool_spec.parse_mcp_tool``, when the response starts (before its first event)."""
     names: set[str] = set()
-    for i, tool in enumerate(_flatten(req.tools)):
+    for param, tool, namespace in _flatten(req.tools, "tools"):
         kind = tool.get("type")
         if kind == "function":
             try:
@@ -250,29 +311,25 @@ def _check_tools(req: ResponsesRequest) -> None:
                     {k: tool.get(k) for k in ("name", "description", "parameters", "strict")}
                 )
             except ValueError as exc:
+                raise InvalidRequest(f"Invalid function tool: {_first_error(exc)}", param=param) from exc
+            entry = FunctionEntry.of(tool, namespace)
+            if not _MODEL_NAME.fullmatch(entry.model_name):
                 raise InvalidRequest(
-                    f"Invalid function tool: {_first_error(exc)}", param=f"tools[{i}]"
-                ) from exc
-            if tool["name"] in names:
-                raise InvalidRequest(f"Two tools are named {tool['name']!r}.", param=f"tools[{i}].name")
-            names.add(tool["name"])
-        elif kind == "mcp":
-            for field in ("connector_id", "tunnel_id"):
-                if tool.get(field) is not None:
-                    raise InvalidRequest(
-                        f"{field} is not available on this server; give server_url or a configured "
-                        "server_label.",
-                        param=f"tools[{i}].{field}",
-                    )
-            if not isinstance(tool.get("server_label"), str) or not tool["server_label"]:
-                raise InvalidRequest("An mcp tool needs a server_label.", param=f"tools[{i}].server_label")
+                    f"The namespaced name {entry.model_name!r} must be at most 64 letters, digits, _ or -.",
+                    param=f"{param}.name",
+                )
+            if entry.model_name in names:
+                raise InvalidRequest(f"Two tools are named {entry.model_name!r}.", param=f"{param}.name")
+            names.add(entry.model_name)
+        elif kind == "mcp" and namespace is None:
+            continue
         elif isinstance(kind, str):
             if kind not in HOSTED_TOOL_TYPES:
                 log.warning("skipping tool of unknown type %r", kind)
             else:
                 log.warning("skipping tool of type %r: this server does not run it", kind)
         else:
-            raise InvalidRequest("A tool needs a type.", param=f"tools[{i}].type")
+            raise InvalidRequest("A tool needs a type.", param=f"{param}.type")
 
 
 def _first_error(exc: ValueError) -> str:
@@ -295,23 +352,51 @@ def _check_tool_choice(req: ResponsesRequest) -> None:
         return
     kind = choice.get("type")
     if kind == "function":
-        name = choice.get("name")
-        if name not in {t["function"]["name"] for t in req.function_tools()}:
-            raise InvalidRequest(
-                f"tool_choice names {name!r}, which is not among the functions offered.", param="tool_choice"
-            )
+        chosen_function(req, choice, "tool_choice")
     elif kind == "mcp":
-        labels = {t.get("server_label") for t in req.mcp_tools()}
-        if choice.get("server_label") not in labels:
-            raise InvalidRequest(
-                "tool_choice names an mcp server that is not among the tools.", param="tool_choice"
-            )
+        _check_mcp_entry(req, choice, "tool_choice")
     elif kind == "allowed_tools":
         if choice.get("mode", "auto") not in ("auto", "required"):
             raise InvalidRequest("tool_choice.mode must be auto or required.", param="tool_choice.mode")
+        entries = choice.get("tools")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InvalidRequest(
+                "tool_choice.tools must be a list of tool objects.", param="tool_choice.tools"
+            )
+        for i, entry in enumerate(entries):
+            if entry.get("type") == "function":
+                chosen_function(req, entry, f"tool_choice.tools[{i}]")
+            elif entry.get("type") == "mcp":
+                _check_mcp_entry(req, entry, f"tool_choice.tools[{i}]")
     else:
         raise InvalidRequest(f"tool_choice of type {kind!r} is not available here.", param="tool_choice")
     if req.text.format.type != "text":
         raise InvalidRequest(
             "tool_choice and text.format cannot both constrain the output.", param="tool_choice"
         )
+
+
+def chosen_function(req: ResponsesRequest, choice: dict[str, Any], param: str = "tool_choice") -> str:
+    """The model's name of the function a choice names: ``name`` (with ``namespace`` for a
+    namespaced one, or its namespaced name itself, or its bare name when only one namespace has it)."""
+    name, namespace = choice.get("name"), choice.get("namespace")
+    if not isinstance(name, str) or not isinstance(namespace, str | None):
+        raise InvalidRequest("name (and namespace) must be strings.", param=f"{param}.name")
+    entries = req.functions()
+    found = [e for e in entries if e.name == name and e.namespace == namespace]
+    if namespace is None and not found:
+        found = [e for e in entries if e.model_name == name] or [e for e in entries if e.name == name]
+    if len(found) != 1:
+        shown = namespaced_name(namespace, name)
+        why = "is in more than one namespace: give its namespace" if found else "is not among the functions"
+        raise InvalidRequest(f"{param} names {shown!r}, which {why} offered.", param=param)
+    return found[0].model_name
+
+
+def _check_mcp_entry(req: ResponsesRequest, choice: dict[str, Any], param: str) -> None:
+    labels = {t.get("server_label") for t in req.mcp_tools()}
+    label, name = choice.get("server_label"), choice.get("name")
+    if not isinstance(label, str) or label not in labels:
+        raise InvalidRequest(f"{param} names an mcp server that is not among the tools.", param=param)
+    if not isinstance(name, str | None):
+        raise InvalidRequest("name must be a string.", param=f"{param}.name")

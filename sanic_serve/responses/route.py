@@ -12,6 +12,7 @@ from sanic.response import HTTPResponse, json
 
 from sanic_serve.errors import APIError, ServerError
 from sanic_serve.requests import parse_json_body
+from sanic_serve.responses.events import TERMINAL_EVENTS
 from sanic_serve.responses.items import PreparedContext, prepare_context
 from sanic_serve.responses.request import ResponsesRequest, parse_responses_request
 from sanic_serve.responses.run import response_events
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("responses")
 
-TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Every Responses stream (this route's, a background run's, a stored one's replay) is sent so.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -30,13 +32,17 @@ def sse(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
-def save(app_ctx: Any, req: ResponsesRequest, context: PreparedContext, response: dict[str, Any]) -> None:
+async def save(
+    app_ctx: Any, req: ResponsesRequest, context: PreparedContext, response: dict[str, Any]
+) -> None:
     """Keep the finished response and this request's input items (``store``, true by default)."""
     store = getattr(app_ctx, "responses", None)
     if not req.store or store is None:
         return
     try:
-        store.save(response, context.input_items, previous_response_id=req.previous_response_id)
+        # On the store's thread: a write waiting for another worker must not stall this loop.
+        previous = req.previous_response_id
+        await store.call(store.save, response, context.input_items, previous_response_id=previous)
     except Exception as exc:  # the answer still goes out; retrieval of this one will 404
         log.error("could not store response %s", response.get("id"), exc_info=exc)
 
@@ -45,7 +51,8 @@ def save(app_ctx: Any, req: ResponsesRequest, context: PreparedContext, response
 async def create_response(request: Request) -> HTTPResponse | None:
     req = parse_responses_request(parse_json_body(request))
     app_ctx = request.app.ctx
-    context = prepare_context(req, getattr(app_ctx, "responses", None))
+    store = getattr(app_ctx, "responses", None)  # the chain is read on the store's thread
+    context = await store.call(prepare_context, req, store) if store else prepare_context(req, None)
     if req.background:
         from sanic_serve.responses.background import start_background
 
@@ -69,7 +76,7 @@ async def _whole(
             raise _as_api_error(event)
         if event["type"] in TERMINAL_EVENTS:
             response: dict[str, Any] = event["response"]
-            save(request.app.ctx, req, context, response)
+            await save(request.app.ctx, req, context, response)
             return json(response, dumps=orjson.dumps)
     raise ServerError("The response ended without a result.")
 
@@ -91,13 +98,15 @@ async def _stream(request: Request, req: ResponsesRequest, context: PreparedCont
     first = await anext(events)
     response = await request.respond(
         content_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
     )
     assert response is not None
     event: dict[str, Any] | None = first
     while event is not None:
-        await response.send(sse(event))
         if event["type"] in TERMINAL_EVENTS:
-            save(request.app.ctx, req, context, event["response"])
+            # Stored before the client hears of the end: a chain it starts at once, through any
+            # worker, finds this response.
+            await save(request.app.ctx, req, context, event["response"])
+        await response.send(sse(event))
         event = await anext(events, None)
     await response.eof()

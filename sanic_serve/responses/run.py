@@ -45,8 +45,8 @@ from typing import Any, Protocol
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation_config import config_temperature
 from sanic_serve.models import ModelBundle
-from sanic_serve.responses.events import ResponseBuilder, TurnWriter, new_item_id, response_body, usage_body
-from sanic_serve.responses.items import PreparedContext, to_messages
+from sanic_serve.responses.events import ResponseBuilder, TurnWriter, response_body, usage_body
+from sanic_serve.responses.items import PreparedContext, new_item_id, to_messages
 from sanic_serve.responses.request import ResponsesRequest
 from sanic_serve.responses.turn import Turn, admit, allowed, plan_turn
 
@@ -92,6 +92,11 @@ class ServerTools(Protocol):
         ``mcp_approval_request``) and whether to generate another turn in this response."""
         ...
 
+    async def refuse(self, calls: list[dict[str, Any]], why: str, emit: Emitter) -> list[dict[str, Any]]:
+        """Calls of this turn that ``owns`` and that are not run (past ``max_tool_calls``): their
+        output items, each saying ``why`` (nothing is sent to a server)."""
+        ...
+
     def owns(self, function_name: str) -> bool: ...
 
     def choice_functions(self, tool_choice: dict[str, Any]) -> list[str]:
@@ -111,6 +116,9 @@ class NoServerTools:
         self, calls: list[dict[str, Any]], emit: Emitter
     ) -> tuple[list[dict[str, Any]], bool]:
         return [], False
+
+    async def refuse(self, calls: list[dict[str, Any]], why: str, emit: Emitter) -> list[dict[str, Any]]:
+        return []
 
     def owns(self, function_name: str) -> bool:
         return False
@@ -233,13 +241,20 @@ class _Run:
         self.builder = builder
         self.input_tokens = self.cached_tokens = self.output_tokens = self.reasoning_tokens = 0
         self.incomplete = False
+        self.incomplete_reason: str | None = "max_output_tokens"
+        self.incomplete_error: dict[str, Any] | None = None
 
     def usage(self) -> dict[str, Any]:
         return usage_body(self.input_tokens, self.cached_tokens, self.output_tokens, self.reasoning_tokens)
 
     def terminal(self) -> dict[str, Any]:
         if self.incomplete:
-            final = self.builder.final("incomplete", self.usage(), incomplete_reason="max_output_tokens")
+            final = self.builder.final(
+                "incomplete",
+                self.usage(),
+                incomplete_reason=self.incomplete_reason,
+                error=self.incomplete_error,
+            )
             return self.builder.event("response.incomplete", response=final)
         return self.builder.event(
             "response.completed", response=self.builder.final("completed", self.usage())
@@ -287,7 +302,7 @@ class _Run:
         extra_functions: list[dict[str, Any]] = prepared[0]
         if extra_functions or self.builder.output:
             planned = None  # the first turn sees more than the request alone showed
-        offered = functions + allowed(self.req, extra_functions)
+        offered = functions + allowed(self.req, extra_functions, self.tools.choice_functions)
         calls_made, first = 0, True
         while True:
             if planned is None:
@@ -311,24 +326,54 @@ class _Run:
                 except InvalidRequest as exc:
                     if exc.code != "context_length_exceeded" or first:
                         raise
-                    self.incomplete = True  # a later turn ran out of context
+                    self._out_of_context(exc.message)
                     return
             turn, planned, first = planned, None, False
             server_calls: list[dict[str, Any]] = []
             async for event in self._generate(turn, server_calls):
                 yield event
-            # Calls past max_tool_calls are not run (the next turn may call nothing more).
-            server_calls = server_calls[: max(0, self.req.tool_call_limit - calls_made)]
+            # Calls past max_tool_calls are not run: each leaves a failed mcp_call saying so (after
+            # the calls that ran, in the model's order), which the next turn, allowed no more calls,
+            # reads.
+            room = max(0, self.req.tool_call_limit - calls_made)
+            server_calls, over = server_calls[:room], server_calls[room:]
             if self.incomplete or not server_calls:
+                if self.incomplete:  # the turn was cut off: none of its calls runs
+                    server_calls, over = [], server_calls + over
+                async for event in self._drive(lambda emit, calls=over: self._refuse(calls, emit), []):
+                    yield event
                 return
             ran: list[Any] = []
             async for event in self._drive(
                 lambda emit, calls=server_calls: self.tools.run_calls(calls, emit), ran
             ):
                 yield event
+            async for event in self._drive(lambda emit, calls=over: self._refuse(calls, emit), []):
+                yield event
             calls_made += len(server_calls)
             if not ran[0] or any(i.get("type") == "function_call" for i in self.builder.output):
                 return  # waiting for approval, or for the client's own function results
+
+    async def _refuse(self, calls: list[dict[str, Any]], emit: Emitter) -> tuple[list[dict[str, Any]], None]:
+        if not calls:
+            return [], None
+        if self.incomplete:
+            why = "Not run: the turn that asked for it was cut off at its token limit."
+        else:
+            why = (
+                f"Not run: this response already made max_tool_calls ({self.req.tool_call_limit}) tool calls."
+            )
+        return await self.tools.refuse(calls, why, emit), None
+
+    def _out_of_context(self, message: str) -> None:
+        """A later turn (after tool calls) no longer fits the model's context: the response ends
+        ``incomplete`` with what it has. The spec's reasons (``max_output_tokens``,
+        ``content_filter``) name neither, so there is none, and ``error`` says what happened."""
+        self.incomplete, self.incomplete_reason = True, None
+        self.incomplete_error = {
+            "code": "invalid_prompt",
+            "message": f"The response stopped after its tool calls: the next turn no longer fits. {message}",
+        }
 
     def _budget(self) -> int | None:
         if self.req.max_output_tokens is None:
@@ -357,14 +402,15 @@ class _Run:
                         server_calls.append(
                             {
                                 "type": "function_call",
-                                "id": new_item_id("fc"),
+                                "id": new_item_id("function_call"),
                                 "call_id": call.id,
                                 "name": call.name,
                                 "arguments": call.arguments,
                             }
                         )
                     else:
-                        events += writer.function_call(call.id, call.name, call.arguments)
+                        namespace, name = self.req.function_origin(call.name)
+                        events += writer.function_call(call.id, name, call.arguments, namespace)
                 for event in events:
                     yield event
         except APIError:

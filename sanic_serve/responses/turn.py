@@ -5,6 +5,7 @@ the tools offered, the tool choice enforced, the sampling settings. The same pie
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from sanic_serve.models import ModelBundle, ModelResolver
 from sanic_serve.parsing.assembler import ChoiceAssembler, output_parser
 from sanic_serve.parsing.call_grammar import forced_call_grammar
 from sanic_serve.requests import completion_budget, sampling_params
-from sanic_serve.responses.request import ResponsesRequest
+from sanic_serve.responses.request import ResponsesRequest, chosen_function
 
 # Contexts larger than this (characters) are rendered and tokenised in a thread, so one long
 # conversation does not stall the other requests of the worker's event loop.
@@ -84,14 +85,28 @@ def forced_choice(
     return None, offered
 
 
-def allowed(req: ResponsesRequest, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``tool_choice: {"type": "allowed_tools", "tools": [...]}`` offers only those listed."""
+def allowed(
+    req: ResponsesRequest,
+    tools: list[dict[str, Any]],
+    server_functions: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """``tool_choice: {"type": "allowed_tools", "tools": [...]}`` offers only those listed.
+
+    ``tools`` are the client's functions (``server_functions`` None), let through by the
+    ``function`` entries naming them; or one request's MCP tools, let through by the ``mcp`` entries
+    naming their server (and a tool, when the entry has ``name``): ``server_functions`` is
+    ``ServerTools.choice_functions``, which knows which server owns which tool."""
     choice = req.tool_choice
     if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
         return tools
-    names = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
-    labels = {t.get("server_label") for t in choice.get("tools") or [] if isinstance(t, dict)}
-    return [t for t in tools if t["function"]["name"] in names or t.get("server_label") in labels]
+    entries = [e for e in choice.get("tools") or [] if isinstance(e, dict)]  # checked at parse
+    names: set[str] = set()
+    for entry in entries:
+        if server_functions is None and entry.get("type") == "function":
+            names.add(chosen_function(req, entry))
+        elif server_functions is not None and entry.get("type") == "mcp":
+            names.update(server_functions(entry))
+    return [t for t in tools if t["function"]["name"] in names]
 
 
 async def plan_turn(
@@ -122,6 +137,8 @@ async def _plan(
     mcp_names: list[str],
     max_new_tokens: int | None,
 ) -> Turn:
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        tool_choice = {**tool_choice, "name": chosen_function(req, tool_choice)}  # the model's name
     choice_none = tool_choice == "none" and bool(offered)
     use = tool_use(bundle, offered or None, choice_none)
     forced, grammar_tools = forced_choice(tool_choice, offered, mcp_names) if offered else (None, [])
