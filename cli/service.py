@@ -18,7 +18,15 @@ from pathlib import Path
 
 import typer
 
-from cli.service_unit import PASSED_ENV, UnitSettings, cache_dirs, drain_timeout_of, render_unit
+from cli.errors import fail
+from cli.service_unit import (
+    PASSED_ENV,
+    UnitSettings,
+    drain_timeout_of,
+    option_value,
+    render_unit,
+    writable_dirs,
+)
 
 service_app = typer.Typer(
     help="Run hfserve as a systemd service (a user service by default).", no_args_is_help=True
@@ -35,14 +43,9 @@ ENV_FILE_TEMPLATE = """\
 """
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
-        raise _fail(f"--name {name!r}: use letters, digits and . _ @ - only")
+        fail(f"--name {name!r}: use letters, digits and . _ @ - only")
 
 
 def _config_home(system: bool) -> Path:
@@ -72,30 +75,31 @@ def _run_as(system: bool, user: str | None) -> tuple[str | None, Path]:
     try:
         return name, Path(pwd.getpwnam(name).pw_dir)
     except KeyError:
-        raise _fail(f"--run-as {name!r}: no such user") from None
+        fail(f"--run-as {name!r}: no such user")
 
 
 def build_unit(name: str, system: bool, run_as: str | None, start_args: list[str]) -> str:
     for arg in start_args:
         if arg == "--api-key" or arg.startswith("--api-key="):
-            raise _fail(
+            fail(
                 "--api-key would write the key into the unit, which every local user can read: put "
                 f"HFSERVE_API_KEY=... in {env_file_path(name, system)} instead (or use --api-key-file)"
             )
     try:
         drain_timeout_s = drain_timeout_of(start_args)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     user, home = _run_as(system, run_as)
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
+    start_args = absolute_paths(start_args)
     settings = UnitSettings(
         # -P: the service's working directory never shadows the installed package.
-        exec_start=[sys.executable, "-P", "-m", "cli.main", "start", *absolute_paths(start_args)],
+        exec_start=[sys.executable, "-P", "-m", "cli.main", "start", *start_args],
         system=system,
         run_as=user,
         # %E: $XDG_CONFIG_HOME in a user manager, /etc in the system one; '-': the file is optional.
         environment_file=f"-%E/hfserve/{name}.env",
-        writable_paths=cache_dirs(os.environ, home),
+        writable_paths=writable_dirs(os.environ, home, option_value(start_args, "--responses-db")),
         environment=env,
         drain_timeout_s=drain_timeout_s,
     )
@@ -110,9 +114,11 @@ def absolute_paths(args: list[str]) -> list[str]:
         name, eq, value = arg.partition("=")
         if name not in PATH_OPTIONS:
             continue
-        if eq and os.path.exists(value):
+        # A --model that is no folder here is a Hub id; every other path may not exist yet (a new
+        # --responses-db) and is a path all the same.
+        if eq and (name != "--model" or os.path.exists(value)):
             out[i] = f"{name}={os.path.abspath(value)}"
-        elif not eq and i + 1 < len(out) and os.path.exists(out[i + 1]):
+        elif not eq and i + 1 < len(out) and (name != "--model" or os.path.exists(out[i + 1])):
             out[i + 1] = os.path.abspath(out[i + 1])
     return out
 
@@ -150,7 +156,7 @@ def install(
                 out.write(ENV_FILE_TEMPLATE.format(name=name))
     except PermissionError as exc:
         why = "run it with sudo" if system else exc.strerror
-        raise _fail(f"cannot write {exc.filename}: {why}") from None
+        fail(f"cannot write {exc.filename}: {why}")
     typer.echo(f"wrote {path}")
     typer.echo(f"secrets (HFSERVE_API_KEY, HF_TOKEN) go in {env_file}")
     ok = _call(system, "daemon-reload")
@@ -173,12 +179,12 @@ def uninstall(
     _check_name(name)
     path = unit_path(name, system)
     if not path.exists():
-        raise _fail(f"no unit at {path}")
+        fail(f"no unit at {path}")
     _call(system, "disable", "--now", name)
     try:
         path.unlink()
     except PermissionError as exc:
-        raise _fail(f"cannot remove {path}: {'run it with sudo' if system else exc.strerror}") from None
+        fail(f"cannot remove {path}: {'run it with sudo' if system else exc.strerror}")
     _call(system, "daemon-reload")
     typer.echo(f"removed {path}")
     env_file = env_file_path(name, system)
@@ -196,7 +202,7 @@ def status(
     path = unit_path(name, system)
     typer.echo(f"unit: {path}{'' if path.exists() else ' (not installed)'}")
     if shutil.which("systemctl") is None:
-        raise _fail("systemctl not found: is this a systemd machine?")
+        fail("systemctl not found: is this a systemd machine?")
     code = subprocess.run(_systemctl(system, "status", "--no-pager", name)).returncode
     raise typer.Exit(code)
 

@@ -13,8 +13,15 @@ Choices, and why:
   gets the service restarted (``Restart=on-failure``).
 * Secrets (``HFSERVE_API_KEY``, ``HF_TOKEN``) live in the ``EnvironmentFile``, never in the unit,
   which is world-readable.
+* ``RestartPreventExitStatus=78``: ``hfserve start`` exits 78 (EX_CONFIG) for settings it cannot
+  start with (a bad option value, a missing model, a port in use, a model the host cannot load);
+  restarting would fail the same way every ``RestartSec``.
 * Hardening that leaves a GPU usable: no ``PrivateDevices`` (it hides ``/dev/nvidia*``), no
-  ``MemoryDenyWriteExecute`` (CUDA and Triton compile code at run time).
+  ``MemoryDenyWriteExecute`` (CUDA and Triton compile code at run time), and ``ReadWritePaths`` for
+  the kernel caches CUDA and Triton write (``~/.nv``, ``~/.triton``) besides the model caches and
+  the stored responses' folder. No ``ProtectKernelModules``: of no use to a service that is not
+  root, and in the way of a driver set-up that loads the NVIDIA modules on first use (under
+  ``NoNewPrivileges`` the setuid ``nvidia-modprobe`` cannot do that either: load them at boot).
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT as EX_CONFIG
+from model_host.ipc.system import cache_dir
+
 # Variables worth carrying from the shell that installs the unit into the service (systemd starts
 # services with an almost empty environment). None of them is a secret.
 PASSED_ENV = (
     "HFSERVE_CACHE",
+    "XDG_CACHE_HOME",
     "HF_HOME",
     "HF_HUB_CACHE",
     "HF_HUB_OFFLINE",
@@ -46,7 +57,7 @@ class UnitSettings:
     system: bool = False  # a system unit (else a user unit)
     run_as: str | None = None  # User= of a system unit
     environment_file: str = "-%h/.config/hfserve/hfserve.env"
-    writable_paths: Sequence[str] = ()  # caches: ProtectSystem=strict makes everything else read-only
+    writable_paths: Sequence[str] = ()  # ProtectSystem=strict makes everything else read-only
     environment: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     watchdog_s: int = 30
@@ -54,20 +65,27 @@ class UnitSettings:
     description: str = "hfserve: OpenAI-compatible server for Hugging Face transformers models"
 
 
+def option_value(args: Sequence[str], name: str) -> str | None:
+    """The value of option ``name`` among ``hfserve start`` arguments (``--x V`` or ``--x=V``; the
+    last one wins, as for the command itself), or None."""
+    found: str | None = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def drain_timeout_of(args: Sequence[str]) -> float:
     """``--drain-timeout-s`` among the ``hfserve start`` arguments, or its default."""
-    for i, arg in enumerate(args):
-        value: str | None = None
-        if arg == "--drain-timeout-s" and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith("--drain-timeout-s="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"--drain-timeout-s {value!r} is not a number") from None
-    return DEFAULT_DRAIN_TIMEOUT_S
+    value = option_value(args, "--drain-timeout-s")
+    if value is None:
+        return DEFAULT_DRAIN_TIMEOUT_S
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--drain-timeout-s {value!r} is not a number") from None
 
 
 def quote_exec_arg(arg: str, dollars: bool = True) -> str:
@@ -106,6 +124,7 @@ def render_unit(s: UnitSettings) -> str:
         f"EnvironmentFile={s.environment_file}",
         "Restart=on-failure",
         "RestartSec=5",
+        f"RestartPreventExitStatus={EX_CONFIG}",
         f"WatchdogSec={s.watchdog_s}",
         f"TimeoutStartSec={s.start_timeout_s}",
         f"TimeoutStopSec={stop_timeout_s}",
@@ -116,13 +135,12 @@ def render_unit(s: UnitSettings) -> str:
         "ProtectSystem=strict",
     ]
     if s.writable_paths:
-        # '-': a cache folder that does not exist yet is no reason to fail the start.
+        # '-': a folder that does not exist yet is no reason to fail the start.
         paths = (quote_exec_arg(f"-{p}", dollars=False) for p in s.writable_paths)
         lines.append("ReadWritePaths=" + " ".join(paths))
     lines += [
         "PrivateTmp=yes",
         "ProtectControlGroups=yes",
-        "ProtectKernelModules=yes",
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
         "",
@@ -133,11 +151,20 @@ def render_unit(s: UnitSettings) -> str:
     return "\n".join(lines)
 
 
-def cache_dirs(env: Mapping[str, str], home: Path) -> list[str]:
-    """The folders the server writes: hfserve's cache and the Hugging Face cache."""
-    hfserve = env.get("HFSERVE_CACHE") or str(home / ".cache" / "hfserve")
-    hf_home = env.get("HF_HOME") or str(home / ".cache" / "huggingface")
-    dirs = [hfserve, hf_home]
+def writable_dirs(env: Mapping[str, str], home: Path, responses_db: str | None = None) -> list[str]:
+    """The folders the server writes: hfserve's cache, the Hugging Face cache, the kernel caches of
+    CUDA (``~/.nv/ComputeCache``) and Triton (``~/.triton``), and the stored responses' folder when
+    ``--responses-db`` puts it elsewhere. ``home``: that of the account the service runs as, written
+    out rather than ``%h``, which in a system unit is root's home whatever ``User=`` says."""
+    xdg_cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache"
+    dirs = [str(cache_dir(env, home)), env.get("HF_HOME") or str(xdg_cache / "huggingface")]
     if env.get("HF_HUB_CACHE"):
         dirs.append(env["HF_HUB_CACHE"])
-    return [os.path.abspath(d) for d in dirs]
+    dirs += [str(home / ".nv"), str(home / ".triton")]
+    if responses_db:
+        dirs.append(os.path.dirname(os.path.abspath(responses_db)))
+    out: list[str] = []
+    for d in map(os.path.abspath, dirs):
+        if d not in out:
+            out.append(d)
+    return out

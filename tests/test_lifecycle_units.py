@@ -165,3 +165,25 @@ def test_loop_progress_needs_the_loop_to_move_and_allows_a_load_longer() -> None
     progress.moved()  # the load ended: a step's allowance again, from now
     now[0] += 5.5
     assert not progress.fresh()
+
+
+def test_one_cache_folder_rule_and_one_pid_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_host.demo.build import default_cache_dir
+    from model_host.ipc.system import cache_dir, pid_alive
+    from sanic_serve.lifecycle.shm import run_dir
+
+    home = Path("/home/someone")
+    assert cache_dir({}, home) == home / ".cache" / "hfserve"
+    assert cache_dir({"XDG_CACHE_HOME": "/x"}, home) == Path("/x/hfserve")
+    assert cache_dir({"XDG_CACHE_HOME": "/x", "HFSERVE_CACHE": "/c"}, home) == Path("/c")
+    # Every user of the rule follows the environment the same way.
+    monkeypatch.delenv("HFSERVE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "hfserve"
+    assert run_dir() == tmp_path / "hfserve" / "run"
+
+    assert pid_alive(os.getpid()) and not pid_alive(0) and not pid_alive(-1)
+    child = get_context("spawn").Process(target=time.sleep, args=(0,))
+    child.start()
+    child.join(60)
+    assert not pid_alive(child.pid or 0)  # reaped: gone

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import pwd
 import shlex
 import shutil
 import stat
@@ -47,7 +49,16 @@ def test_dry_run_unit_passes_systemd_analyze_verify(tmp_path: Path, scope: list[
     unit = proc.stdout
     path = tmp_path / "hfserve.service"
     path.write_text(unit)
-    check = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    verify_env = dict(os.environ)
+    if not scope:
+        # A user manager's verify needs a runtime folder, which a session without a login lacks.
+        runtime = tmp_path / "runtime"
+        runtime.mkdir(mode=0o700)
+        verify_env.setdefault("XDG_RUNTIME_DIR", str(runtime))
+    mode = ["--system"] if scope else ["--user"]
+    check = subprocess.run(
+        [analyze, *mode, "verify", str(path)], capture_output=True, text=True, timeout=60, env=verify_env
+    )
     assert check.returncode == 0 and check.stderr.strip() == "", check.stderr
     assert "sk-never-in-the-unit" not in unit
     s = settings(unit)
@@ -58,7 +69,13 @@ def test_dry_run_unit_passes_systemd_analyze_verify(tmp_path: Path, scope: list[
     for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("PrivateTmp", "yes")]:
         assert s[key] == [value]
     assert "PrivateDevices" not in s and "MemoryDenyWriteExecute" not in s  # they break a GPU
-    assert f"-{tmp_path / 'cache'}" in s["ReadWritePaths"][0].split()
+    assert "ProtectKernelModules" not in s
+    assert s["RestartPreventExitStatus"] == ["78"]  # a configuration error is not restarted
+    writable = s["ReadWritePaths"][0].split()
+    assert f"-{tmp_path / 'cache'}" in writable
+    account = os.environ.get("SUDO_USER") or getpass.getuser()  # whom a system unit runs as
+    home = Path(pwd.getpwnam(account).pw_dir) if scope else Path.home()
+    assert {f"-{home / '.nv'}", f"-{home / '.triton'}"} <= set(writable)  # CUDA's and Triton's caches
     # ExecStart: this interpreter's `hfserve start` with the options given after `--`, and it runs.
     argv = shlex.split(s["ExecStart"][0])
     assert argv == [sys.executable, "-P", "-m", "cli.main", "start", *START_ARGS]
@@ -79,6 +96,26 @@ def test_relative_paths_in_the_start_options_become_absolute(tmp_path: Path) -> 
     )
     argv = shlex.split(settings(proc.stdout)["ExecStart"][0])
     assert argv[5:] == ["--model", str(tmp_path / "my-model"), "--port", "9000"]
+
+
+def test_responses_db_folder_and_xdg_cache_home_are_writable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HFSERVE_CACHE", "HF_HOME", "HF_HUB_CACHE")}
+    proc = subprocess.run(
+        [*hfserve_cmd(), "service", "install", "--dry-run", "--", "--responses-db", "db/r.sqlite3"],
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    s = settings(proc.stdout)
+    # The database that does not exist yet is a path all the same, made absolute.
+    assert shlex.split(s["ExecStart"][0])[5:] == ["--responses-db", str(tmp_path / "db" / "r.sqlite3")]
+    writable = s["ReadWritePaths"][0].split()
+    for folder in (tmp_path / "db", tmp_path / "xdg" / "hfserve", tmp_path / "xdg" / "huggingface"):
+        assert f"-{folder}" in writable, writable
+    assert f"XDG_CACHE_HOME={tmp_path / 'xdg'}" in s["Environment"]  # the service looks where install did
 
 
 def test_api_key_on_the_command_line_is_refused() -> None:

@@ -64,10 +64,9 @@ def chat_template() -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("HFSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hfserve"
-    )
-    return Path(root)
+    from model_host.ipc.system import cache_dir
+
+    return cache_dir()
 
 
 def _render(messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool) -> str:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from model_host.ipc.system import pid_alive
+
 _MODELS_CAPACITY_BYTES = 16384
 
 
@@ -127,15 +129,7 @@ class HostStatus:
 
     def host_alive(self, max_heartbeat_age_s: float) -> bool:
         pid = self.get(StatusField.PID)
-        if pid <= 0 or self.heartbeat_age_s() > max_heartbeat_age_s:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        return self.heartbeat_age_s() <= max_heartbeat_age_s and pid_alive(pid)
 
     def snapshot(self) -> StatusSnapshot:
         return StatusSnapshot(

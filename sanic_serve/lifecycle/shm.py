@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from model_host.ipc.system import cache_dir
+
 log = logging.getLogger("hfserve")
 
 SHM_DIR = "/dev/shm/"
@@ -24,9 +26,8 @@ RECORD_INTERVAL_S = 5.0
 
 
 def run_dir() -> Path:
-    """Where records go: ``$HFSERVE_CACHE/run``, by default ``~/.cache/hfserve/run``."""
-    cache = os.environ.get("HFSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfserve")
-    return Path(cache) / "run"
+    """Where records go: ``run`` in the cache folder (``~/.cache/hfserve/run`` by default)."""
+    return cache_dir() / "run"
 
 
 def start_ticks(pid: int) -> int | None:

@@ -11,6 +11,8 @@ import enum
 import os
 from typing import Any
 
+from model_host.ipc.system import pid_alive
+
 
 class Phase(enum.IntEnum):
     SERVING = 0
@@ -58,7 +60,7 @@ class ServerState:
         for i in range(self.workers):
             base = self._slot(i)
             pid, count = int(self._a[base]), int(self._a[base + 2])
-            if count and _alive(pid):
+            if count and pid_alive(pid):
                 total += count
         return total
 
@@ -78,15 +80,3 @@ class ServerState:
 
     def _slot(self, index: int) -> int:
         return _HEADER + _PER_WORKER * index
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
