@@ -223,3 +223,104 @@ def test_the_model_reads_an_mcp_error_as_words() -> None:
         "name": "add",
         "content": "Error: No answer within 8 s.",
     }
+
+
+def test_allowed_tools_matches_mcp_tools_by_their_server() -> None:
+    from sanic_serve.responses.request import parse_responses_request
+    from sanic_serve.responses.turn import allowed
+
+    tools, _ = tools_of({})
+    _, functions = asyncio.run(tools.prepare([], Recorder()))
+    mcp = {"type": "mcp", "server_label": "demo", "server_url": "http://h.example/mcp"}
+
+    def offered(*entries: dict[str, Any]) -> list[str]:
+        choice = {"type": "allowed_tools", "mode": "auto", "tools": list(entries)}
+        fn = {"type": "function", "name": "client_fn"}
+        req = parse_responses_request({"model": "m", "input": "x", "tools": [fn, mcp], "tool_choice": choice})
+        client = [t["function"]["name"] for t in allowed(req, req.function_tools())]
+        return client + [t["function"]["name"] for t in allowed(req, functions, tools.choice_functions)]
+
+    assert offered({"type": "mcp", "server_label": "demo"}) == ["get_weather", "add"]
+    assert offered({"type": "mcp", "server_label": "demo", "name": "add"}) == ["add"]
+    assert offered({"type": "function", "name": "client_fn"}) == ["client_fn"]  # no MCP tool with it
+
+
+class ScriptedRun:
+    """The turn loop with the model replaced: each turn 'calls' the next scripted server calls; the
+    planner records the tool choice of each turn and may find a later turn too long."""
+
+    def __init__(
+        self, monkeypatch: Any, script: list[list[str]], overflow_at: int | None = None, **fields: Any
+    ):
+        from sanic_serve.errors import InvalidRequest
+        from sanic_serve.responses import run as run_module
+        from sanic_serve.responses.events import ResponseBuilder, response_body
+        from sanic_serve.responses.items import prepare_context
+        from sanic_serve.responses.request import parse_responses_request
+
+        body = {"model": "m", "input": "x", "tools": [{"type": "mcp", "server_label": "demo"}], **fields}
+        self.req = parse_responses_request(body)
+        self.tools, self.gateway = tools_of({"require_approval": "never"})
+        self.choices: list[Any] = []
+        script_iter = iter(script)
+
+        async def plan(
+            app_ctx: Any, bundle: Any, req: Any, messages: Any, offered: Any, choice: Any, *rest: Any
+        ) -> Any:
+            self.choices.append(choice)
+            if overflow_at is not None and len(self.choices) == overflow_at:
+                raise InvalidRequest(
+                    "This model's maximum context length is 64 tokens.", code="context_length_exceeded"
+                )
+            return object()
+
+        async def generate(turn: Any, server_calls: list[dict[str, Any]]) -> Any:
+            for n, name in enumerate(next(script_iter, [])):
+                server_calls.append({**call(name, {"a": n, "b": 1}), "id": f"fc_{n}", "call_id": f"c{n}"})
+            return
+            yield
+
+        monkeypatch.setattr(run_module, "plan_turn", plan)
+        self.builder = ResponseBuilder(response_body(self.req, "resp_1", 1, "in_progress"))
+        self.run = run_module._Run(
+            self.req, prepare_context(self.req, None), None, None, self.tools, self.builder
+        )
+        self.run._generate = generate  # type: ignore[method-assign]
+
+    def events(self) -> list[dict[str, Any]]:
+        async def drain() -> list[dict[str, Any]]:
+            b = self.builder
+            out = [
+                b.event("response.created", response=b.snapshot("in_progress")),
+                b.event("response.in_progress", response=b.snapshot("in_progress")),
+            ]
+            out += [e async for e in self.run.turns(None, [])]
+            return [*out, self.run.terminal()]
+
+        return asyncio.run(drain())
+
+
+def test_calls_past_max_tool_calls_leave_a_failed_item_and_reach_no_server(monkeypatch: Any) -> None:
+    from tests.responses_helpers import check_events
+
+    scripted = ScriptedRun(monkeypatch, [["add", "add", "get_weather"], []], max_tool_calls=1)
+    final = check_events(scripted.events())
+    calls = [i for i in final["output"] if i["type"] == "mcp_call"]
+    assert [c["status"] for c in calls] == ["completed", "failed", "failed"]
+    assert scripted.gateway.calls == [("add", {"a": 0, "b": 1})]  # only the one within the limit
+    assert all("max_tool_calls (1)" in c["error"]["message"] for c in calls[1:])
+    assert [c["name"] for c in calls] == ["add", "add", "get_weather"]
+    assert scripted.choices[-1] == "none"  # the next turn reads the refusals and may call no more
+    assert final["status"] == "completed"
+
+
+def test_a_later_turn_out_of_context_ends_incomplete_saying_so(monkeypatch: Any) -> None:
+    from tests.responses_helpers import check_events
+
+    scripted = ScriptedRun(monkeypatch, [["add"], []], overflow_at=2)
+    events = scripted.events()
+    final = check_events(events)
+    assert events[-1]["type"] == "response.incomplete" and final["status"] == "incomplete"
+    assert final["incomplete_details"] == {}  # not max_output_tokens: that budget was not hit
+    assert "no longer fits" in final["error"]["message"] and "context length" in final["error"]["message"]
+    assert [i["type"] for i in final["output"]] == ["mcp_list_tools", "mcp_call"]  # kept

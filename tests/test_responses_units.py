@@ -417,3 +417,149 @@ def test_every_item_type_with_wrong_typed_fields_is_a_400_or_read(kind: str) -> 
             mcp, _ = tools_of({"server_label": "s"})
             asyncio.run(mcp.prepare(ctx.items, Recorder()))
     assert refused > 0
+
+
+# -- namespaces ------------------------------------------------------------------------------------
+
+
+def namespace(name: str, *functions: str) -> dict[str, Any]:
+    tools = [{"type": "function", "name": f, "parameters": {"type": "object"}} for f in functions]
+    return {"type": "namespace", "name": name, "description": f"The {name} system.", "tools": tools}
+
+
+def test_the_same_function_in_two_namespaces_is_two_tools_named_for_the_model() -> None:
+    req = request(input="x", tools=[namespace("crm", "lookup"), namespace("erp", "lookup")])
+    offered = [t["function"]["name"] for t in req.function_tools()]
+    assert offered == ["crm__lookup", "erp__lookup"]
+    assert req.function_tools()[0]["function"]["description"] == "The crm system."
+    assert req.function_origin("erp__lookup") == ("erp", "lookup")
+    assert req.function_origin("other") == (None, "other")
+    with pytest.raises(InvalidRequest) as err:  # a clash of the names the model sees is still a 400
+        request(input="x", tools=[namespace("crm", "lookup"), {"type": "function", "name": "crm__lookup"}])
+    assert err.value.param == "tools[1].name"
+
+
+def test_a_namespaced_call_carries_its_namespace_and_replays_under_the_models_name() -> None:
+    req = request(input="x", tools=[namespace("crm", "lookup")])
+    builder = ResponseBuilder(response_body(req, "resp_1", 1, "in_progress"))
+    events = [
+        builder.event("response.created", response=builder.snapshot("in_progress")),
+        builder.event("response.in_progress", response=builder.snapshot("in_progress")),
+    ]
+    events += TurnWriter(builder).function_call("call_1", "lookup", "{}", "crm")
+    events.append(
+        builder.event("response.completed", response=builder.final("completed", usage_body(1, 0, 1, 0)))
+    )
+    final = check_events(events)  # the spec's FunctionToolCall.namespace
+    call = final["output"][0]
+    assert (call["name"], call["namespace"]) == ("lookup", "crm")
+    replay = [
+        {"role": "user", "content": "x"},
+        call,
+        {"type": "function_call_output", "call_id": "call_1", "output": "1"},
+    ]
+    messages = to_messages(prepare_context(request(input=replay), None).items, None)
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "crm__lookup"
+    assert messages[2]["name"] == "crm__lookup"
+
+
+def test_a_tool_choice_names_a_namespaced_function() -> None:
+    from sanic_serve.responses.request import chosen_function
+
+    tools = [namespace("crm", "lookup"), namespace("erp", "lookup", "post")]
+    for choice, model_name in [
+        ({"type": "function", "name": "lookup", "namespace": "erp"}, "erp__lookup"),
+        ({"type": "function", "name": "crm__lookup"}, "crm__lookup"),
+        ({"type": "function", "name": "post"}, "erp__post"),  # in one namespace only
+    ]:
+        assert chosen_function(request(input="x", tools=tools, tool_choice=choice), choice) == model_name
+    with pytest.raises(InvalidRequest, match="more than one namespace"):
+        request(input="x", tools=tools, tool_choice={"type": "function", "name": "lookup"})
+
+
+# -- allowed_tools -----------------------------------------------------------------------------
+
+
+def test_allowed_tools_lets_through_only_the_functions_it_names() -> None:
+    from sanic_serve.responses.turn import allowed
+
+    choice = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "a"}]}
+    tools = [{"type": "function", "name": n} for n in ("a", "b")]
+    req = request(input="x", tools=tools, tool_choice=choice)
+    assert [t["function"]["name"] for t in allowed(req, req.function_tools())] == ["a"]
+    mcp_functions = [{"type": "function", "function": {"name": "a"}}]  # an MCP tool named like a function
+    assert allowed(req, mcp_functions, lambda entry: ["a"]) == []  # a function entry names no MCP tool
+    with pytest.raises(InvalidRequest) as err:
+        request(input="x", tools=tools, tool_choice={**choice, "tools": [{"type": "function", "name": "z"}]})
+    assert err.value.param == "tool_choice.tools[0]"
+
+
+# -- mcp tools: validated once, by tool_spec ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "param", "code"),
+    [
+        ({"type": "mcp"}, "tools[0].server_label", None),
+        (
+            {"type": "mcp", "server_label": "s", "connector_id": "x"},
+            "tools[0].connector_id",
+            "unsupported_parameter",
+        ),
+        (
+            {"type": "mcp", "server_label": "s", "tunnel_id": "x"},
+            "tools[0].tunnel_id",
+            "unsupported_parameter",
+        ),
+    ],
+)
+def test_mcp_tools_are_checked_by_tool_spec(tool: dict[str, Any], param: str, code: str | None) -> None:
+    from types import SimpleNamespace
+
+    from sanic_serve.responses.run import server_tools_for
+
+    req = request(input="x", tools=[tool])  # the request alone does not check mcp tools
+    with pytest.raises(InvalidRequest) as err:
+        server_tools_for(req, SimpleNamespace())
+    assert (err.value.param, err.value.code) == (param, code)
+
+
+# -- the stream is stored before its terminal event goes out ---------------------------------------
+
+
+def test_a_stream_is_stored_before_its_terminal_event_is_sent() -> None:
+    from types import SimpleNamespace
+
+    from sanic_serve.responses import route
+
+    req = request(input="Hi", stream=True)
+    builder = ResponseBuilder(response_body(req, "resp_1", 1, "in_progress"))
+    saved: list[str] = []
+    sent: list[tuple[bytes, list[str]]] = []
+
+    class Store:
+        def save(self, response: dict[str, Any], items: list[Any], previous_response_id: Any) -> None:
+            saved.append(response["id"])
+
+        async def call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+            return method(*args, **kwargs)
+
+    class Sink:
+        async def send(self, data: bytes) -> None:
+            sent.append((data, list(saved)))
+
+        async def eof(self) -> None:
+            pass
+
+    async def respond(**kwargs: Any) -> Sink:
+        assert kwargs["headers"] == route.SSE_HEADERS
+        return Sink()
+
+    async def events() -> Any:
+        yield builder.event("response.created", response=builder.snapshot("in_progress"))
+        yield builder.event("response.completed", response=builder.final("completed", usage_body(1, 0, 0, 0)))
+
+    fake = SimpleNamespace(app=SimpleNamespace(ctx=SimpleNamespace(responses=Store())), respond=respond)
+    asyncio.run(route._stream(fake, req, prepare_context(req, None), events()))  # type: ignore[arg-type]
+    assert [b"response.completed" in data for data, _ in sent] == [False, True]
+    assert sent[0][1] == [] and sent[1][1] == ["resp_1"]  # saved by the time the end was sent

@@ -202,10 +202,10 @@ async def start_background(
     if not req.stream:
         return json(queued, dumps=orjson.dumps)
     # Streamed: the client follows the run; leaving does not stop it (GET ?stream=true resumes).
-    from sanic_serve.responses.route import sse
+    from sanic_serve.responses.route import SSE_HEADERS, sse
 
     response = await request.respond(
-        content_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        content_type="text/event-stream", headers=SSE_HEADERS
     )
     assert response is not None
     async for event in runner.follow(-1):

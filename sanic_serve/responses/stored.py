@@ -168,10 +168,10 @@ async def _stream(request: Request, store: ResponseStore, response_id: str, afte
             "Only responses created with background: true can be streamed again; GET it without stream.",
             param="stream",
         )
-    from sanic_serve.responses.route import sse
+    from sanic_serve.responses.route import SSE_HEADERS, sse
 
     response = await request.respond(
-        content_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        content_type="text/event-stream", headers=SSE_HEADERS
     )
     assert response is not None
     async for event in _events(store, response_id, after):
