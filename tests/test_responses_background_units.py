@@ -1,20 +1,30 @@
-"""Background runs without a server: a fake event generator drained by the runner into a real store."""
+"""Background runs without a server: a fake event generator drained by the runner into a real store.
+A run cut short (cancelled, stopped with the worker) still ends its stored stream by the rules, and
+the OpenAI SDK reads the replay to a final response; store calls never stall the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
+import orjson
 import pytest
 
 from sanic_serve.responses import background
+from sanic_serve.responses.events import response_body
 from sanic_serve.responses.items import PreparedContext
 from sanic_serve.responses.request import parse_responses_request
 from sanic_serve.responses.store import INTERRUPTED_MESSAGE, ResponseStore
+from tests.responses_helpers import check_events
 
 RID = "resp_test"
+REQ = parse_responses_request({"model": "m", "input": "Hi", "background": True})
 
 
 class FakeRun:
@@ -32,7 +42,8 @@ class FakeRun:
         return event
 
     def body(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": RID, "object": "response", "status": status, "background": True, "output": output}
+        """A whole Response (the spec's schema), as ``response_events`` carries."""
+        return {**response_body(REQ, RID, 1700000000, status), "output": output}
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         try:
@@ -46,7 +57,7 @@ class FakeRun:
                 "content": [],
             }
             yield self._event("response.output_item.added", output_index=0, item=item)
-            part = {"type": "output_text", "text": "", "annotations": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             yield self._event(
                 "response.content_part.added", item_id="msg_1", output_index=0, content_index=0, part=part
             )
@@ -58,8 +69,12 @@ class FakeRun:
                     output_index=0,
                     content_index=0,
                     delta=f"w{i} ",
+                    logprobs=[],
                 )
             text = "".join(f"w{i} " for i in range(self.words))
+            where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+            yield self._event("response.output_text.done", **where, text=text, logprobs=[])
+            yield self._event("response.content_part.done", **where, part={**part, "text": text})
             done = {**item, "status": "completed", "content": [{**part, "text": text}]}
             yield self._event("response.output_item.done", output_index=0, item=done)
             yield self._event("response.completed", response=self.body("completed", [done]))
@@ -76,7 +91,7 @@ def store(tmp_path: Path) -> Any:
 
 async def start(store: ResponseStore, run: FakeRun) -> background._Runner:
     """What ``start_background`` does once the request was found able to run."""
-    req = parse_responses_request({"model": "m", "input": "Hi", "background": True})
+    req = REQ
     context = PreparedContext(
         input_items=[{"type": "message", "id": "msg_in", "role": "user", "content": "Hi"}]
     )
@@ -134,7 +149,15 @@ def test_a_cancel_from_the_store_stops_the_run_with_its_output_so_far(store: Res
         assert got is not None
         text = got["output"][0]["content"][0]["text"]
         assert text.startswith("w0 w1 ") and len(text.split()) < 1000
-        assert store.events_after(RID, -1)[-1]["sequence_number"] == run.seq - 1  # all flushed
+        assert got["output"][0]["status"] == "incomplete", "the open message is not left in_progress"
+        # The stored stream ends by the rules: the open item closed, one terminal event that the
+        # SDK accepts, carrying the cancelled response as stored.
+        events = store.events_after(RID, -1)
+        assert events[run.seq - 1]["type"] == "response.output_text.delta"  # all the run's events
+        final = check_events(events)
+        assert events[-1]["type"] == "response.completed" and final["status"] == "cancelled"
+        assert final == got
+        assert sdk_final_response(store).status == "cancelled"
 
     asyncio.run(main())
 
@@ -162,6 +185,11 @@ def test_a_stopping_worker_fails_its_runs(store: ResponseStore) -> None:
         got = store.get(RID)
         assert got is not None and got["status"] == "failed"
         assert got["error"] == {"code": "server_error", "message": INTERRUPTED_MESSAGE}
+        assert got["output"][0]["status"] == "incomplete"
+        events = store.events_after(RID, -1)
+        final = check_events(events)  # error, then response.failed: a replay ends
+        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+        assert events[-2]["message"] == INTERRUPTED_MESSAGE and final == got
 
     asyncio.run(main())
 
@@ -172,5 +200,75 @@ def test_a_follower_sees_every_event_once(store: ResponseStore) -> None:
         runner = await start(store, run)
         seen = [e["sequence_number"] async for e in runner.follow(2)]
         assert seen == list(range(3, run.seq))
+
+    asyncio.run(main())
+
+
+def sdk_final_response(store: ResponseStore) -> Any:
+    """``client.responses.stream(response_id=...).get_final_response()`` over the stored events,
+    served as ``GET /v1/responses/{id}?stream=true`` serves them."""
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        assert request.url.path.endswith(f"/responses/{RID}")
+        body = b"".join(
+            b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+            for e in store.events_after(RID, -1)
+        )
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    http = httpx.Client(transport=httpx.MockTransport(serve))
+    client = openai.OpenAI(base_url="http://test/v1", api_key="unused", http_client=http)
+    with client.responses.stream(response_id=RID) as stream:
+        return stream.get_final_response()
+
+
+def test_a_run_stays_failed_once_its_lease_was_given_up(store: ResponseStore) -> None:
+    """A run that stalled past its lease was failed by a reader: it stops, and its late writes
+    neither bring the response back nor add events after the stored end."""
+
+    async def main() -> None:
+        run = FakeRun(words=1000, pause_s=0.01)
+        runner = await start(store, run)
+        await asyncio.sleep(0.2)
+        with store._lock:  # as _fail_orphan does once the lease ran out
+            store._db.execute("UPDATE responses SET lease_s = 0 WHERE id = ?", (RID,))
+        assert store.status(RID) == "failed"
+        assert runner.task is not None
+        await asyncio.wait_for(runner.task, 5)
+        assert run.closed, "its generation is aborted"
+        got = store.get(RID)
+        assert got is not None and got["status"] == "failed"
+        events = store.events_after(RID, -1)
+        check_events(events)
+        assert events[-1]["type"] == "response.failed"
+
+    asyncio.run(main())
+
+
+def test_store_calls_do_not_stall_the_event_loop(store: ResponseStore) -> None:
+    """Another worker holding the database (here: the store's lock) for a second delays the
+    run's writes, not the loop: the other streams of the worker go on."""
+
+    async def main() -> None:
+        run = FakeRun(words=60, pause_s=0.01)
+        held = threading.Event()
+
+        def hold() -> None:
+            with store._lock:
+                held.set()
+                time.sleep(1.0)
+
+        runner = await start(store, run)
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait(5)
+        worst_s, last = 0.0, time.monotonic()
+        assert runner.task is not None
+        while not runner.task.done():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            worst_s, last = max(worst_s, now - last), now
+        assert worst_s < 0.5, f"the event loop stalled {worst_s:.2f} s on a store call"
+        got = store.get(RID)
+        assert got is not None and got["status"] == "completed"
 
     asyncio.run(main())

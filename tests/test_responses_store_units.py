@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,12 @@ def user(text: str, item_id: str | None = None) -> dict[str, Any]:
     if item_id:
         item["id"] = item_id
     return item
+
+
+def on_disk(path: Path) -> int:
+    """The store's files together: the database, its write-ahead log and the log's index."""
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    return sum(f.stat().st_size for f in files if f.exists())
 
 
 @pytest.fixture()
@@ -198,14 +206,13 @@ def test_eviction_keeps_the_file_under_the_bound_oldest_first(tmp_path: Path) ->
     for i in range(200):
         s.save(response(f"r{i}", f"{i} {filler}"), [user(f"Q{i} {filler}")], previous_response_id=None)
         assert s.size_bytes() <= bound
+        assert on_disk(path) <= bound, "the database, -wal and -shm files together stay under the bound"
     kept = [i for i in range(200) if s.get(f"r{i}") is not None]
     assert kept and 199 in kept and 0 not in kept
     assert kept == list(range(kept[0], 200)), "evicted oldest first, a contiguous newest run is kept"
     assert len(kept) >= 10, "the bound is used, not emptied"
     s.close()
-    assert path.stat().st_size <= bound
-    wal = path.with_name(path.name + "-wal")
-    assert not wal.exists() or wal.stat().st_size <= bound
+    assert on_disk(path) <= bound
 
 
 def test_running_responses_are_not_evicted(tmp_path: Path) -> None:
@@ -293,4 +300,115 @@ def test_reopening_with_a_lower_bound_shrinks_the_file(tmp_path: Path) -> None:
     assert small.size_bytes() <= 200 * 1024
     assert small.get("r99") is not None and small.get("r0") is None
     small.close()
-    assert path.stat().st_size <= 200 * 1024
+    assert on_disk(path) <= 200 * 1024
+
+
+def test_a_failed_or_cancelled_response_is_not_moved_by_a_late_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that stalled past its lease was failed; the runner's next save must not flip it back
+    (nor add events after its stored end). A cancelled one stays cancelled too."""
+    monkeypatch.setattr(store_module, "LEASE_S", 0.2)
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=MB)
+    s.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None)
+    time.sleep(0.4)
+    assert s.status("r1") == "failed"
+    ended = s.events_after("r1", -1)
+    s.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None, create=False)
+    s.save(response("r1", text="late"), [user("Q")], previous_response_id=None, create=False)
+    s.append_events("r1", [{"type": "response.output_text.delta", "sequence_number": 99}])
+    got = s.get("r1")
+    assert got is not None and got["status"] == "failed" and s.events_after("r1", -1) == ended
+    assert s.cancel_requested("r1"), "its runner, if alive, is told to stop"
+    s.save(response("r2", status="in_progress"), [user("Q")], previous_response_id=None)
+    s.save(response("r2", status="cancelled"), [user("Q")], previous_response_id=None, create=False)
+    s.save(response("r2"), [user("Q")], previous_response_id=None, create=False)
+    assert s.status("r2") == "cancelled"
+    s.close()
+
+
+def test_an_orphaned_run_ends_its_stored_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed for a dead worker: the open item is closed as incomplete with its text so far, and
+    error + response.failed end the stream, so a replay ends."""
+    monkeypatch.setattr(store_module, "LEASE_S", 0.2)
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=MB)
+    s.save(response("r1", status="in_progress"), [user("Q")], previous_response_id=None)
+    item = {"type": "message", "id": "m1", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    where = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    s.append_events(
+        "r1",
+        [
+            {"type": "response.created", "sequence_number": 0, "response": response("r1", status="queued")},
+            {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item},
+            {"type": "response.content_part.added", "sequence_number": 2, **where, "part": part},
+            {"type": "response.output_text.delta", "sequence_number": 3, **where, "delta": "Hel"},
+        ],
+    )
+    time.sleep(0.4)
+    events = s.events_after("r1", 3)
+    assert [e["type"] for e in events] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "error",
+        "response.failed",
+    ]
+    assert [e["sequence_number"] for e in events] == [4, 5, 6, 7, 8]
+    assert events[0]["text"] == "Hel" and events[2]["item"]["status"] == "incomplete"
+    got = s.get("r1")
+    assert got is not None and got["status"] == "failed"
+    assert got == events[-1]["response"]
+    assert got["output"][0]["content"][0]["text"] == "Hel"
+    s.close()
+
+
+def test_chain_fails_dead_links_and_tells_each_turns_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = ResponseStore(tmp_path / "db.sqlite3", max_bytes=MB)
+    s.save(response("r1"), [user("Q1")], previous_response_id=None)
+    s.save(response("r2", status="in_progress"), [user("Q2")], previous_response_id="r1")
+    chain = s.chain("r2")
+    assert chain is not None and [t.status for t in chain] == ["completed", "in_progress"]
+    monkeypatch.setattr(store_module, "LEASE_S", 0.2)
+    s.heartbeat("r2")
+    time.sleep(0.4)
+    chain = s.chain("r2")  # its worker died: the chain finds it failed, not still running
+    assert chain is not None and [t.status for t in chain] == ["completed", "failed"]
+    got = s.get("r2")
+    assert got is not None and got["status"] == "failed"
+    s.close()
+
+
+def test_call_runs_on_the_store_thread_without_blocking_the_loop(store: ResponseStore) -> None:
+    store.save(response("r1"), [user("Q")], previous_response_id=None)
+
+    async def main() -> None:
+        held = threading.Event()
+
+        def hold() -> None:
+            with store._lock:  # a write waiting on another worker, as far as this store knows
+                held.set()
+                time.sleep(0.6)
+
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait(5)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        got = await store.call(store.get, "r1")
+        ticker.cancel()
+        assert got is not None and got["id"] == "r1"
+        assert ticks >= 10, "the loop ran while the call waited"
+        assert await store.call(store.status, "nope") is None
+        with pytest.raises(KeyError):
+            await store.call(store.save, {"no id": 1}, [], previous_response_id=None)
+
+    asyncio.run(main())

@@ -5,8 +5,13 @@ keeps every event in the store (for ``GET ...?stream=true`` from any worker) and
 response as its status moves (``queued`` -> ``in_progress`` -> terminal). A cancel may arrive at
 any worker: it only sets a flag in the store, which the running worker looks at every
 ``CANCEL_POLL_S``; it then closes the event generator (which aborts the generation in the model
-host) and saves the response as ``cancelled``, with the output produced so far. The runner also
+host) and saves the response as ``cancelled``, with the output produced so far. A run cut short
+(cancelled, or stopped by the worker's shutdown) still ends its stored stream properly: open items
+closed as ``incomplete`` and one terminal event (``sanic_serve.responses.partial``). The runner also
 renews its lease in the store, so a response whose worker died is failed rather than left running.
+
+Every store call goes through ``ResponseStore.call`` (the store's own thread): a write waiting on
+another worker's lock must not stall this worker's event loop and every stream on it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sanic.response import HTTPResponse, json
 
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.responses.items import PreparedContext
+from sanic_serve.responses.partial import TERMINAL_EVENTS, PartialOutput
 from sanic_serve.responses.request import ResponsesRequest
 from sanic_serve.responses.run import new_response_id, response_events
 from sanic_serve.responses.store import INTERRUPTED_MESSAGE, LEASE_S, ResponseStore
@@ -31,7 +37,6 @@ log = logging.getLogger("hfserve")
 
 CANCEL_POLL_S = 0.2
 FLUSH_S = 0.1  # events reach the store (and other workers' followers) within this
-TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 FINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 # The background responses this worker runs, by id (their tasks are kept here, not garbage).
@@ -52,9 +57,11 @@ class _Runner:
         self.id = str(self.response["id"])
         self.seen: list[dict[str, Any]] = [first]  # every event so far (followers on this worker)
         self.pending: list[dict[str, Any]] = [first]  # not yet in the store
-        self.output: dict[int, dict[str, Any]] = {}  # output items as far as they got
+        self.partial = PartialOutput()  # the output as far as it got, for a run cut short
+        self.partial.feed(first)
         self.changed = asyncio.Event()
         self.finished = False
+        self.ending = False  # stopped or ended: finishing its store writes, not to be cancelled again
         self.interrupted = False  # stopped by the worker's shutdown, not by a cancel
         self.task: asyncio.Task[None] | None = None
 
@@ -62,83 +69,85 @@ class _Runner:
     async def run(self) -> None:
         watcher = asyncio.ensure_future(self._watch())
         final: dict[str, Any] | None = None
+        status, error = "failed", {"code": "server_error", "message": "The response failed on the server."}
         try:
             async for event in self.events:
                 self._record(event)
                 if event["type"] == "response.in_progress":
-                    self._save({**event["response"], "status": "in_progress"})
+                    await self._save({**event["response"], "status": "in_progress"})
                 elif event["type"] in TERMINAL_EVENTS:
                     final = event["response"]
         except asyncio.CancelledError:
-            final = self._partial("failed" if self.interrupted else "cancelled")
             if self.interrupted:
-                final["error"] = {"code": "server_error", "message": INTERRUPTED_MESSAGE}
+                error["message"] = INTERRUPTED_MESSAGE
+            else:
+                status = "cancelled"
         except Exception as exc:  # response_events reports its own failures; this is a fault of ours
             log.error("background response %s failed", self.id, exc_info=exc)
-            final = self._partial("failed")
-            final["error"] = {"code": "server_error", "message": "The response failed on the server."}
         finally:
+            self.ending = True
             watcher.cancel()
+            await self._finish(final, status, error)
+
+    async def _finish(self, final: dict[str, Any] | None, status: str, error: dict[str, Any]) -> None:
+        """Abort the generation, end the stream properly (a run cut short gets its open items
+        closed as ``incomplete`` and its terminal event) and store it all."""
+        try:
             await self.events.aclose()  # a cancelled run aborts its generation in the host here
-            self._flush()
-            self._save(final or self._partial("failed"))
-            self.finished = True
-            self.changed.set()
-            _running.pop(self.id, None)
+        except Exception as exc:
+            log.error("background response %s: closing its generation failed", self.id, exc_info=exc)
+        if final is None:
+            for event in self.partial.ending(self.response, status, None if status == "cancelled" else error):
+                self._record(event)
+                if event["type"] in TERMINAL_EVENTS:
+                    final = event["response"]
+        await self._flush()  # the events before the status: a replay that sees it final has them all
+        if final is not None:
+            await self._save(final)
+        self.finished = True
+        self.changed.set()
+        _running.pop(self.id, None)
 
     async def _watch(self) -> None:
-        """Flush events, renew the lease, and stop the run when a cancel was asked for."""
+        """Flush events, renew the lease, and stop the run when a cancel was asked for (or its
+        response is gone or was failed meanwhile). Store calls run on the store's thread: a slow
+        write never stalls this worker's other streams."""
         last_poll = last_beat = time.monotonic()
         while True:
             await asyncio.sleep(FLUSH_S)
-            self._flush()
+            await self._flush()
             now = time.monotonic()
             if now - last_beat >= LEASE_S / 6:
                 last_beat = now
-                self.store.heartbeat(self.id)
+                await self.store.call(self.store.heartbeat, self.id)
             if now - last_poll >= CANCEL_POLL_S:
                 last_poll = now
-                if self.store.cancel_requested(self.id):
+                if await self.store.call(self.store.cancel_requested, self.id):
                     log.info("background response %s: cancelled", self.id)
-                    if self.task is not None:
+                    if self.task is not None and not self.ending:
                         self.task.cancel()
                     return
 
     def _record(self, event: dict[str, Any]) -> None:
         self.seen.append(event)
         self.pending.append(event)
-        self._track(event)
+        self.partial.feed(event)
         self.changed.set()
 
-    def _track(self, event: dict[str, Any]) -> None:
-        """The output as far as it got, for a response cancelled part-way."""
-        kind, index = event["type"], event.get("output_index")
-        if kind in ("response.output_item.added", "response.output_item.done") and index is not None:
-            self.output[index] = orjson.loads(orjson.dumps(event["item"]))  # a copy we may extend
-        elif kind == "response.content_part.added" and index in self.output:
-            self.output[index].setdefault("content", []).append(dict(event["part"]))
-        elif kind in ("response.output_text.delta", "response.reasoning_text.delta") and index in self.output:
-            parts = self.output[index].get("content") or []
-            position = event.get("content_index", 0)
-            if position < len(parts):
-                parts[position]["text"] = parts[position].get("text", "") + event.get("delta", "")
-
-    def _partial(self, status: str) -> dict[str, Any]:
-        return {**self.response, "status": status, "output": [self.output[i] for i in sorted(self.output)]}
-
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         if not self.pending:
             return
         events, self.pending = self.pending, []
         try:
-            self.store.append_events(self.id, events)
+            await self.store.call(self.store.append_events, self.id, events)
         except Exception as exc:  # the run goes on; a replay will miss these events
             log.error("background response %s: could not store its events", self.id, exc_info=exc)
 
-    def _save(self, response: dict[str, Any]) -> None:
+    async def _save(self, response: dict[str, Any]) -> None:
         self.response = response
         try:
-            self.store.save(
+            await self.store.call(
+                self.store.save,
                 response,
                 self.context.input_items,
                 previous_response_id=self.req.previous_response_id,
@@ -188,7 +197,9 @@ async def start_background(
     queued = {**first["response"], "status": "queued"}
     first = {**first, "response": queued}
     try:
-        store.save(queued, context.input_items, previous_response_id=req.previous_response_id)
+        await store.call(
+            store.save, queued, context.input_items, previous_response_id=req.previous_response_id
+        )
     except BaseException:
         await events.aclose()  # nothing runs that no one could ever see
         raise
@@ -218,7 +229,8 @@ async def stop_all() -> None:
     """The worker is stopping: end its runs now (saved as failed, their generation aborted) rather
     than leave them for the lease to expire."""
     for runner in list(_running.values()):
-        if runner.task is not None and not runner.task.done():
+        # One already ending (cancelled, finished) is let finish its writes, not cut again.
+        if runner.task is not None and not runner.task.done() and not runner.ending:
             runner.interrupted = True
             runner.task.cancel()
     tasks = [r.task for r in list(_running.values()) if r.task is not None]

@@ -9,38 +9,54 @@ are rows of ``items`` (so ``item_reference`` finds any item by id without a seco
 output), and a background response's stream events are rows of ``events``. Rows of a response go
 with it (foreign keys, ``ON DELETE CASCADE``).
 
-Bound: the database file is kept under ``max_bytes``. Before a write the oldest finished responses
-are evicted until the new one fits, and the freed pages are handed back to the file system
-(``auto_vacuum = INCREMENTAL``); the write-ahead log is checkpointed and truncated to a small share
-of the bound. Responses still running (``queued``, ``in_progress``) are never evicted. With
-``ttl_s``, a response older than that is gone as if deleted.
+Bound: the database file, its write-ahead log and the log's index (``-wal``, ``-shm``) together are
+kept under ``max_bytes``. Before a write the log is folded into the file (and truncated) when it
+would not fit, then the oldest finished responses are evicted until the new one fits, and the freed
+pages are handed back to the file system (``auto_vacuum = INCREMENTAL``). Responses still running
+(``queued``, ``in_progress``) are never evicted. With ``ttl_s``, a response older than that is gone
+as if deleted.
+
+Threads: the methods are blocking calls (a write may wait ``BUSY_TIMEOUT_MS`` for another worker,
+plus a checkpoint); async code runs them with ``await store.call(store.method, ...)`` on the
+store's own thread, so a slow write never stalls the worker's event loop. A lock makes any mix of
+callers safe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 
+from sanic_serve.responses.partial import cut_short
+from sanic_serve.responses.store_db import Bound, connect, write
 from sanic_serve.responses.store_db import StoreError as StoreError  # re-exported: callers catch it here
-from sanic_serve.responses.store_db import connect, write
 
 log = logging.getLogger("hfserve")
 
 RUNNING_STATUSES = ("queued", "in_progress")
+# Given up on (by a cancel, or failed because its runner stopped reporting): a late save of the
+# run does not bring it back, and a runner finding its response so stops.
+ABANDONED_STATUSES = ("failed", "cancelled")
 # A running background response whose worker has not reported for this long (the worker died, the
 # server was stopped) is failed: no one will ever finish it. Runners report every few seconds.
 LEASE_S = 30.0
 INTERRUPTED_MESSAGE = "The response was interrupted: the server stopped or restarted while it ran."
 _INPUT, _OUTPUT = 0, 1
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -52,6 +68,8 @@ class StoredTurn:
     input_items: list[dict[str, Any]] = field(default_factory=list)
     output_items: list[dict[str, Any]] = field(default_factory=list)
     instructions: Any = None
+    # As stored: ``queued`` / ``in_progress`` for a background run still going (its lease alive;
+    # one whose runner stopped reporting is ``failed`` by the time the chain is read).
     status: str = "completed"
 
 
@@ -73,7 +91,7 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class ResponseStore:
     """Stored responses, their input items and a background response's events (see the module
-    docstring). Methods are short blocking calls; one instance may be used from several threads."""
+    docstring). Methods are blocking calls, safe from several threads; from async code, ``call``."""
 
     def __init__(self, path: Path, max_bytes: int, ttl_s: float | None = None) -> None:
         self.path = Path(path)
@@ -81,13 +99,23 @@ class ResponseStore:
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._db, self.page_size = connect(self.path, self.max_bytes)
+        # One thread: the calls of one worker queue here in order, as they would on the lock.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="responses-store")
+        self._bound = Bound(self._db, self.path, self.page_size, self.max_bytes)
         with self._lock:
-            self._make_room(0)  # started with a lower bound than before: shrink to it now
+            self._bound.make_room(0)  # started with a lower bound than before: shrink to it now
+
+    async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``method(*args, **kwargs)`` (a method of this store, or code that calls them) on the
+        store's own thread, awaited without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(method, *args, **kwargs))
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         return write(self._db)
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True)  # calls already queued finish first
         with self._lock:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -107,7 +135,8 @@ class ResponseStore:
         """Insert the response (by ``response["id"]``) with this request's own input items, or
         update it, keeping its place in the eviction order and a pending cancel. ``create=False``
         only updates: a background run reporting progress does not bring back a response that was
-        deleted or evicted meanwhile."""
+        deleted or evicted meanwhile. A response already ``failed`` or ``cancelled`` is not
+        updated: a run that stalled past its lease and was failed stays failed."""
         response_id = str(response["id"])
         body = _dumps({k: v for k, v in response.items() if k != "output"})
         inputs = [(i, item.get("id"), _dumps(item)) for i, item in enumerate(_with_ids(input_items))]
@@ -117,10 +146,13 @@ class ResponseStore:
         status = str(response.get("status") or "completed")
         lease = now + LEASE_S if status in RUNNING_STATUSES else None
         with self._lock:
-            self._make_room(size)
+            self._bound.make_room(size)
             with self._write() as db:
-                row = db.execute("SELECT seq FROM responses WHERE id = ?", (response_id,)).fetchone()
+                row = db.execute("SELECT seq, status FROM responses WHERE id = ?", (response_id,)).fetchone()
                 if row is None and not create:
+                    return
+                if row is not None and row[1] in ABANDONED_STATUSES:
+                    log.info("response %s is already %s; its late update is dropped", response_id, row[1])
                     return
                 if row is None:
                     expires = now + self.ttl_s if self.ttl_s is not None else None
@@ -142,28 +174,29 @@ class ResponseStore:
                     "INSERT INTO items (response_seq, kind, position, item_id, body) VALUES (?, ?, ?, ?, ?)",
                     [(seq, _INPUT, *row_) for row_ in inputs] + [(seq, _OUTPUT, *row_) for row_ in outputs],
                 )
-            self._make_room(0)  # the estimate can fall short: evict more (this one too, if alone too big)
-            self._shrink()
+            self._bound.make_room(0)  # the estimate can fall short: evict more (this one too, if too big)
+            self._bound.shrink()
 
     def append_events(self, response_id: str, events: list[dict[str, Any]]) -> None:
         """Keep a background response's stream events (by their ``sequence_number``), for
-        ``GET /v1/responses/{id}?stream=true``. Events of an unknown response are dropped."""
+        ``GET /v1/responses/{id}?stream=true``. Events of an unknown response are dropped, and so
+        are those of a response already failed or cancelled (its stored stream has ended)."""
         if not events:
             return
         rows = [(int(e["sequence_number"]), _dumps(e)) for e in events]
         size = sum(len(b) for _, b in rows)
         with self._lock:
-            self._make_room(size)
+            self._bound.make_room(size)
             with self._write() as db:
-                row = db.execute("SELECT seq FROM responses WHERE id = ?", (response_id,)).fetchone()
-                if row is None:
+                row = db.execute("SELECT seq, status FROM responses WHERE id = ?", (response_id,)).fetchone()
+                if row is None or row[1] in ABANDONED_STATUSES:
                     return
                 db.executemany(
                     "INSERT OR REPLACE INTO events (response_seq, sequence_number, body) VALUES (?, ?, ?)",
                     [(row[0], n, b) for n, b in rows],
                 )
                 db.execute("UPDATE responses SET body_bytes = body_bytes + ? WHERE seq = ?", (size, row[0]))
-            self._shrink()
+            self._bound.shrink()
 
     def heartbeat(self, response_id: str) -> None:
         """A running response's worker is still at it (see ``LEASE_S``)."""
@@ -180,7 +213,7 @@ class ResponseStore:
             with self._write() as db:
                 found = self._live_seq(response_id) is not None
                 db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
-            self._shrink()
+            self._bound.shrink()
         return found
 
     def request_cancel(self, response_id: str) -> bool:
@@ -194,12 +227,13 @@ class ResponseStore:
 
     def cancel_requested(self, response_id: str) -> bool:
         """True once a cancel was asked for, and also when the response is gone (deleted or
-        evicted): its runner has nothing left to report to and should stop."""
+        evicted) or was failed meanwhile (its lease ran out): its runner has nothing left to
+        report to and should stop."""
         with self._lock:
             row = self._db.execute(
-                "SELECT cancel, expires_s FROM responses WHERE id = ?", (response_id,)
+                "SELECT cancel, expires_s, status FROM responses WHERE id = ?", (response_id,)
             ).fetchone()
-        return row is None or bool(row[0]) or self._expired(row[1])
+        return row is None or bool(row[0]) or self._expired(row[1]) or row[2] in ABANDONED_STATUSES
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, response_id: str) -> dict[str, Any] | None:
@@ -230,7 +264,9 @@ class ResponseStore:
 
     def chain(self, response_id: str) -> list[StoredTurn] | None:
         """The stored conversation that ends with ``response_id``, oldest first, followed through
-        each response's ``previous_response_id``; None when it or any link is gone."""
+        each response's ``previous_response_id``; None when it or any link is gone. Each turn has
+        its status: a link still running says so (a running response cannot be chained from), and
+        one whose runner died is failed first, as reading it alone would."""
         turns: list[StoredTurn] = []
         seen: set[str] = set()
         current: str | None = response_id
@@ -239,6 +275,7 @@ class ResponseStore:
                 if current in seen:  # cannot be made through the API; a damaged file must not hang us
                     return None
                 seen.add(current)
+                self._fail_orphan(current)
                 row = self._db.execute(
                     "SELECT seq, previous_id, status, expires_s, body FROM responses WHERE id = ?", (current,)
                 ).fetchone()
@@ -274,8 +311,10 @@ class ResponseStore:
         return None
 
     def events_after(self, response_id: str, after: int) -> list[dict[str, Any]]:
-        """Stored events with a ``sequence_number`` above ``after``, in order."""
+        """Stored events with a ``sequence_number`` above ``after``, in order (an orphaned run's
+        ending included: it is failed first)."""
         with self._lock:
+            self._fail_orphan(response_id)
             seq = self._live_seq(response_id)
             if seq is None:
                 return []
@@ -287,9 +326,10 @@ class ResponseStore:
         return [orjson.loads(b) for (b,) in rows]
 
     def size_bytes(self) -> int:
-        """Bytes the database's pages take (what the bound holds), free pages not counted."""
+        """Bytes the store takes on disk (what the bound holds): the database, ``-wal`` and
+        ``-shm`` files, the database counted at least at its live pages."""
         with self._lock:
-            return self._used_bytes()
+            return self._bound.footprint()
 
     # -- internals (called with the lock held) ---------------------------------------------------
     def _expired(self, expires_s: float | None) -> bool:
@@ -304,20 +344,38 @@ class ResponseStore:
         return int(row[0]), row[2]
 
     def _fail_orphan(self, response_id: str) -> None:
-        """A running response whose runner stopped reporting becomes ``failed`` (once)."""
-        row = self._db.execute(
-            "SELECT seq, body FROM responses WHERE id = ? AND lease_s IS NOT NULL AND lease_s < ?",
-            (response_id, time.time()),
-        ).fetchone()
-        if row is None:
-            return
-        body = orjson.loads(row[1])
-        body.update(status="failed", error={"code": "server_error", "message": INTERRUPTED_MESSAGE})
+        """A running response whose runner stopped reporting becomes ``failed`` (once): its stored
+        stream gets its open items closed as ``incomplete`` and ``error`` + ``response.failed``
+        (a replay ends), and its output is what the events got to."""
+        error = {"code": "server_error", "message": INTERRUPTED_MESSAGE}
         with self._write() as db:
+            row = db.execute(
+                "SELECT seq, body FROM responses WHERE id = ? AND lease_s IS NOT NULL AND lease_s < ?",
+                (response_id, time.time()),
+            ).fetchone()
+            if row is None:
+                return
+            seq, body = row[0], orjson.loads(row[1])
+            events = [
+                orjson.loads(b)
+                for (b,) in db.execute(
+                    "SELECT body FROM events WHERE response_seq = ? ORDER BY sequence_number", (seq,)
+                ).fetchall()
+            ]
+            ending, final = cut_short(body, events, self._items(seq, _OUTPUT), error)
+            rows = [(i, item.get("id"), _dumps(item)) for i, item in enumerate(final.pop("output"))]
             db.execute(
-                "UPDATE responses SET status = 'failed', lease_s = NULL, body = ?"
-                " WHERE seq = ? AND lease_s < ?",
-                (_dumps(body), row[0], time.time()),
+                "UPDATE responses SET status = ?, lease_s = NULL, body = ? WHERE seq = ?",
+                (str(final.get("status")), _dumps(final), seq),
+            )
+            db.execute("DELETE FROM items WHERE response_seq = ? AND kind = ?", (seq, _OUTPUT))
+            db.executemany(
+                "INSERT INTO items (response_seq, kind, position, item_id, body) VALUES (?, ?, ?, ?, ?)",
+                [(seq, _OUTPUT, *r) for r in rows],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO events (response_seq, sequence_number, body) VALUES (?, ?, ?)",
+                [(seq, int(e["sequence_number"]), _dumps(e)) for e in ending],
             )
         log.warning("background response %s was interrupted (its worker stopped); marked failed", response_id)
 
@@ -330,57 +388,3 @@ class ResponseStore:
             "SELECT body FROM items WHERE response_seq = ? AND kind = ? ORDER BY position", (seq, kind)
         ).fetchall()
         return [orjson.loads(b) for (b,) in rows]
-
-    def _used_bytes(self) -> int:
-        pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
-        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
-        return (pages - free) * self.page_size
-
-    def _make_room(self, incoming_bytes: int) -> None:
-        """Evict expired responses, then the oldest finished ones, until ``incoming_bytes`` more
-        (plus the slack of page fill and indexes) fit under the bound."""
-        # Rows share pages and carry index entries: count what is written at one and a half times
-        # its size, and never aim above the bound less one page per table and index.
-        need = int(incoming_bytes * 1.5) + 4 * self.page_size
-        with self._write() as db:
-            db.execute("DELETE FROM responses WHERE expires_s IS NOT NULL AND expires_s <= ?", (time.time(),))
-        for _ in range(64):  # each round frees at least one response; bounded so it cannot spin
-            excess = self._used_bytes() + need - self.max_bytes
-            if excess <= 0:
-                return
-            if not self._evict_oldest(excess):
-                return
-
-    def _evict_oldest(self, excess_bytes: int) -> bool:
-        """Delete the oldest responses not running (a running one holds a lease its worker keeps
-        renewing) whose sizes add up to ``excess_bytes`` (at least one); False when nothing is left
-        to evict."""
-        with self._write() as db:
-            rows = db.execute(
-                "SELECT seq, body_bytes FROM responses WHERE lease_s IS NULL OR lease_s < ? ORDER BY seq",
-                (time.time(),),
-            ).fetchall()
-            if not rows:
-                return False
-            victims, freed = [], 0
-            for seq, size in rows:
-                victims.append((seq,))
-                freed += int(size)
-                if freed >= excess_bytes:
-                    break
-            db.executemany("DELETE FROM responses WHERE seq = ?", victims)
-        log.info(
-            "responses store: evicted %d oldest response(s) to stay under %d bytes",
-            len(victims),
-            self.max_bytes,
-        )
-        self._shrink()
-        return True
-
-    def _shrink(self) -> None:
-        """Give the free pages back to the file system and fold the log into the file."""
-        if int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
-            return
-        # Frees one page per step: run it to the end (execute() would step it once).
-        self._db.executescript("PRAGMA incremental_vacuum;")
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")

@@ -3,10 +3,16 @@ shares it (WAL mode, a busy timeout, pages handed back to the file system as row
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("hfserve")
 
 SCHEMA_VERSION = 1
 # A writer that finds the file locked waits this long before giving up (transactions last
@@ -101,3 +107,112 @@ def write(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def files_bytes(path: Path) -> int:
+    """What the store takes on disk: the database file, its write-ahead log and the log's index
+    (``-wal`` and ``-shm``), all three counted against the bound."""
+    total = 0
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        try:
+            total += os.stat(path.with_name(name)).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def footprint_bytes(db: sqlite3.Connection, path: Path, page_size: int) -> int:
+    """The store's size on disk as the bound sees it: the three files, where the database file
+    counts at least its live pages (rows written since the last checkpoint are in the log, pages
+    freed since then are still in the file)."""
+    pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    on_disk = files_bytes(path)
+    try:
+        main_file = os.stat(path).st_size
+    except FileNotFoundError:
+        main_file = 0
+    return on_disk + max(0, (pages - free) * page_size - main_file)
+
+
+def wal_bytes(path: Path) -> int:
+    try:
+        return os.stat(path.with_name(path.name + "-wal")).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def fold_wal(db: sqlite3.Connection) -> None:
+    """Copy the log into the database file and truncate the log to nothing. It waits (the busy
+    timeout) for readers of older pages, which only ever hold them for one short statement."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.OperationalError:  # busy: another connection checkpoints; the next write retries
+        pass
+
+
+@dataclass
+class Bound:
+    """Keeps one connection's store under ``max_bytes`` on disk (called with the store's lock)."""
+
+    db: sqlite3.Connection
+    path: Path
+    page_size: int
+    max_bytes: int
+
+    def footprint(self) -> int:
+        return footprint_bytes(self.db, self.path, self.page_size)
+
+    def make_room(self, incoming_bytes: int) -> None:
+        """Evict expired responses, then the oldest finished ones, until ``incoming_bytes`` more
+        (plus the slack of page fill and indexes) fit under the bound, the log counted."""
+        # Rows share pages and carry index entries: count what is written at one and a half times
+        # its size, and never aim above the bound less one page per table and index. The write
+        # lands in the log first, beside the file: the pair must fit, so the log is folded into
+        # the file (and truncated) whenever it stands in the way, before anything is evicted.
+        need = int(incoming_bytes * 1.5) + 4 * self.page_size
+        with write(self.db) as db:
+            db.execute("DELETE FROM responses WHERE expires_s IS NOT NULL AND expires_s <= ?", (time.time(),))
+        for _ in range(64):  # each round frees at least one response; bounded so it cannot spin
+            excess = self.footprint() + need - self.max_bytes
+            if excess > 0 and wal_bytes(self.path) > 0:
+                fold_wal(self.db)
+                excess = self.footprint() + need - self.max_bytes
+            if excess <= 0:
+                return
+            if not self.evict_oldest(excess):
+                return
+
+    def evict_oldest(self, excess_bytes: int) -> bool:
+        """Delete the oldest responses not running (a running one holds a lease its worker keeps
+        renewing) whose sizes add up to ``excess_bytes`` (at least one); False when nothing is left
+        to evict."""
+        with write(self.db) as db:
+            rows = db.execute(
+                "SELECT seq, body_bytes FROM responses WHERE lease_s IS NULL OR lease_s < ? ORDER BY seq",
+                (time.time(),),
+            ).fetchall()
+            if not rows:
+                return False
+            victims, freed = [], 0
+            for seq, size in rows:
+                victims.append((seq,))
+                freed += int(size)
+                if freed >= excess_bytes:
+                    break
+            db.executemany("DELETE FROM responses WHERE seq = ?", victims)
+        log.info(
+            "responses store: evicted %d oldest response(s) to stay under %d bytes",
+            len(victims),
+            self.max_bytes,
+        )
+        self.shrink()
+        return True
+
+    def shrink(self) -> None:
+        """Give the free pages back to the file system and fold the log into the file."""
+        if int(self.db.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
+            return
+        # Frees one page per step: run it to the end (execute() would step it once).
+        self.db.executescript("PRAGMA incremental_vacuum;")
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")

@@ -3,7 +3,8 @@ and ``GET /v1/responses/{id}?stream=true&starting_after=N`` (a background respon
 from the store, then followed live until the run ends).
 
 Every worker answers for every stored response: they share the store. A background response runs
-in the worker that took it; the others see its progress through the store.
+in the worker that took it; the others see its progress through the store. Store calls run on the
+store's own thread (``ResponseStore.call``): a read waiting on a checkpoint never stalls the loop.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse | Non
         after = _int_arg(request, "starting_after", -1, -1, 2**62)
         await _stream(request, store, response_id, after)
         return None
-    found = store.get(response_id)
+    found = await store.call(store.get, response_id)
     if found is None:
         raise _not_found(response_id)
     return json(found, dumps=orjson.dumps)
@@ -96,7 +97,7 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse | Non
 async def delete_response(request: Request, response_id: str) -> HTTPResponse:
     store, response_id = _store(request), unquote(response_id)
     # A background run still going stops on its own once its response is gone.
-    if not store.delete(response_id):
+    if not await store.call(store.delete, response_id):
         raise _not_found(response_id)
     return json({"id": response_id, "object": "response", "deleted": True})
 
@@ -108,7 +109,7 @@ async def list_input_items(request: Request, response_id: str) -> HTTPResponse:
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest(f"`order` must be 'asc' or 'desc', not {order!r}.", param="order")
-    items = store.input_items(response_id)
+    items = await store.call(store.input_items, response_id)
     if items is None:
         raise _not_found(response_id)
     if order == "desc":
@@ -137,7 +138,7 @@ async def list_input_items(request: Request, response_id: str) -> HTTPResponse:
 @bp.post("/v1/responses/<response_id:str>/cancel")
 async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
     store, response_id = _store(request), unquote(response_id)
-    found = store.get(response_id)
+    found = await store.call(store.get, response_id)
     if found is None:
         raise _not_found(response_id)
     if not found.get("background"):
@@ -149,18 +150,18 @@ async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
         return json(found, dumps=orjson.dumps)
     if status not in RUNNING_STATUSES:
         raise InvalidRequest(f"Cannot cancel a response that is already {status}.", param="response_id")
-    store.request_cancel(response_id)
+    await store.call(store.request_cancel, response_id)
     deadline = time.monotonic() + CANCEL_WAIT_S
-    while store.status(response_id) in RUNNING_STATUSES and time.monotonic() < deadline:
+    while await store.call(store.status, response_id) in RUNNING_STATUSES and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    found = store.get(response_id)
+    found = await store.call(store.get, response_id)
     if found is None:  # deleted meanwhile
         raise _not_found(response_id)
     return json(found, dumps=orjson.dumps)
 
 
 async def _stream(request: Request, store: ResponseStore, response_id: str, after: int) -> None:
-    found = store.get(response_id)
+    found = await store.call(store.get, response_id)
     if found is None:
         raise _not_found(response_id)
     if not found.get("background"):
@@ -189,8 +190,8 @@ async def _events(store: ResponseStore, response_id: str, after: int) -> AsyncIt
     while True:
         # The status is read before the events: a run that ended before this read has all its
         # events stored already, so none can be missed by stopping after this round.
-        status = store.status(response_id)
-        for event in store.events_after(response_id, after):
+        status = await store.call(store.status, response_id)
+        for event in await store.call(store.events_after, response_id, after):
             after = event["sequence_number"]
             yield event
         if status is None or status not in RUNNING_STATUSES:
