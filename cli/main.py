@@ -6,11 +6,11 @@ import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import NoReturn
 
 import httpx
 import typer
 
+from cli.errors import EX_CONFIG, fail
 from cli.service import service_app
 from model_host.ipc.settings import HostSettings
 from sanic_serve.config import ServerConfig
@@ -163,7 +163,7 @@ def start(
     from cli.start import check_responses_db, resolve_model_arg, serve
 
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        _fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+        fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR", EX_CONFIG)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
         check_port(host, port)
@@ -172,13 +172,13 @@ def start(
         model_id, model_path, pinned = resolve_model_arg(model)
         db_path = check_responses_db(responses_db, responses_max_mb)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc), EX_CONFIG)
     from sanic_serve.mcp.settings import MCPConfigError, settings_from_options
 
     try:
         mcp = settings_from_options(mcp_config, mcp_allow_private, mcp_allow_hosts, mcp_timeout_s)
     except MCPConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc), EX_CONFIG)
     config = ServerConfig(
         host=host,
         port=port,
@@ -248,7 +248,7 @@ def bench(
         try:  # checked before the run, not after minutes of load
             import matplotlib  # noqa: F401
         except ImportError:
-            _fail("--plot needs matplotlib: pip install 'hfserve[bench]'")
+            fail("--plot needs matplotlib: pip install 'hfserve[bench]'")
     console = Console()
     cfg = BenchConfig(
         base_url,
@@ -318,15 +318,10 @@ def chat(
     raise typer.Exit(run_interactive(session, save_dir, mcp_config, not yes, max_tool_rounds))
 
 
-def _fail(message: str) -> NoReturn:
-    """One line on stderr and exit 1: what the user must change, no traceback."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 def run() -> None:
     """The console script: usage errors (a bad option, a value out of range) are one line and exit 1
-    too, instead of a boxed usage text and exit 2."""
+    too, instead of a boxed usage text and exit 2; those of ``hfserve start`` exit 78 (EX_CONFIG),
+    as its other settings errors do (see ``cli.errors``)."""
     # typer bundles its own click: its exception types are reached through the public ones.
     usage_error: type[Exception] = typer.BadParameter.__mro__[1]
     try:
@@ -335,7 +330,7 @@ def run() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see hfserve {ctx.info_name} --help)" if ctx is not None and ctx.parent else ""
         typer.echo(f"error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
-        sys.exit(1)
+        sys.exit(EX_CONFIG if ctx is not None and ctx.info_name == "start" else 1)
     except typer.Abort:
         sys.exit(130)
     except typer.Exit as exc:

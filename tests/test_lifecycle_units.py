@@ -187,3 +187,35 @@ def test_one_cache_folder_rule_and_one_pid_check(tmp_path: Path, monkeypatch: py
     child.start()
     child.join(60)
     assert not pid_alive(child.pid or 0)  # reaped: gone
+
+
+def test_a_host_restart_counts_as_healthy_only_within_bounds() -> None:
+    from sanic_serve.lifecycle.supervisor import (
+        HEALTHY_RESTART_S,
+        HEALTHY_RESTARTS,
+        HOST_PROCESS_NAME,
+        Supervisor,
+    )
+
+    sup = Supervisor(None, threading.Event())
+    t = 1000.0
+    assert not sup.host_failing(t) and not sup.recovering(t)  # up: healthy by its heartbeat alone
+
+    def host_dies(now: float) -> None:
+        sup.backoff.delay_s(HOST_PROCESS_NAME, now)
+        sup.backoff.restarted(HOST_PROCESS_NAME, now)
+        sup.host_down_since = sup.host_down_since or now
+
+    for i in range(HEALTHY_RESTARTS):
+        host_dies(t + i)
+        assert sup.recovering(t + i + 0.5), i
+    host_dies(t + HEALTHY_RESTARTS)  # one restart too many in a row
+    assert sup.host_failing(t + HEALTHY_RESTARTS + 0.5)
+    assert not sup.recovering(t + HEALTHY_RESTARTS + 0.5)
+    sup.host_down_since = None  # the last one came up and stayed up a minute: forgiven
+    assert not sup.host_failing(t + HEALTHY_RESTARTS + 61)
+
+    slow = Supervisor(None, threading.Event())
+    slow.host_down_since = t  # died once; the new host never beats
+    assert slow.recovering(t + HEALTHY_RESTART_S - 1)
+    assert slow.host_failing(t + HEALTHY_RESTART_S + 1) and not slow.recovering(t + HEALTHY_RESTART_S + 1)

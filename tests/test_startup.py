@@ -1,5 +1,6 @@
-"""Starting the server: misconfigurations are one line on stderr and exit 1 (no traceback, no process
-left behind); a good start says where it listens, and prints each log line once."""
+"""Starting the server: misconfigurations are one line on stderr and exit 78, EX_CONFIG (no
+traceback, no process left behind); a good start says where it listens, and prints each log line
+once."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _left_in_session(sid: int, grace_s: float = 3.0) -> list[str]:
 def _assert_one_line_error(result: tuple[int, str, list[str]], *needles: str) -> None:
     code, err, left = result
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1, err
+    assert code == 78, err  # EX_CONFIG: a service manager does not restart it
     assert "Traceback" not in err and "╭" not in err, err
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, err
@@ -115,7 +116,7 @@ def test_a_model_the_host_cannot_load_stops_the_server(
     tmp_path: Path, cache_dir: Path, demo_model: Path
 ) -> None:
     """Past every check the main process can make (here: an architecture transformers does not
-    know), the host reports it once and the server exits 1: no restart loop."""
+    know), the host reports it once and the server exits 78: no restart loop."""
     folder = tmp_path / "model"
     shutil.copytree(demo_model, folder)
     config = json.loads((folder / "config.json").read_text())

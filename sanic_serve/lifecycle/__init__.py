@@ -65,6 +65,8 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
         return state.all_listening() and _host_ready(app)
 
     def status_line() -> str:
+        if supervisor.host_failing():
+            return f"model host keeps failing ({supervisor.host_restarts} restart(s)); watchdog pings stopped"
         if supervisor.restarting:
             return f"model host down; restarting it ({supervisor.host_restarts} restart(s) so far)"
         if not _host_ready(app):
@@ -73,7 +75,11 @@ def start_main(app: Sanic, config: ServerConfig) -> None:
         return f"serving {n} model{'s' if n != 1 else ''}"
 
     def healthy() -> bool:
-        return supervisor.restarting or app.ctx.channels.status().host_alive(HOST_DEAD_AFTER_S)
+        # A restart is healthy only within bounds: a host that keeps dying, or whose restart hangs,
+        # stops the pings, and systemd restarts the whole service.
+        if supervisor.host_failing():
+            return False
+        return supervisor.recovering() or app.ctx.channels.status().host_alive(HOST_DEAD_AFTER_S)
 
     notifier = Notifier()
     service = ServiceNotifier(notifier, ready, healthy, status_line, on_ready=lambda: _announce(config))

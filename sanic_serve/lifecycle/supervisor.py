@@ -4,6 +4,10 @@ Sanic's worker manager does not restart a dead process by itself; it does act on
 from its monitor pipe. Restarts of one process back off exponentially (0.5 s, 1 s, 2 s, ... up to
 30 s) while it keeps dying, and the count starts again once it has stayed up a minute, so a host
 that crashes at every load does not spin the machine, and a rare crash costs half a second.
+
+A host being restarted counts as healthy for systemd's watchdog, but only so far: past
+``HEALTHY_RESTARTS`` restarts in a row, or ``HEALTHY_RESTART_S`` without a heartbeat from the new
+one, the watchdog pings stop and systemd restarts the whole service (and the journal shows it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ log = logging.getLogger("hfserve")
 
 HOST_PROCESS_NAME = "ModelHost"
 SUPERVISE_INTERVAL_S = 0.5
+HEALTHY_RESTARTS = 5  # host restarts in a row (none a minute apart) still counted as recovering
+HEALTHY_RESTART_S = 120.0  # from the host's death to the new one's first heartbeat
 
 
 @dataclass
@@ -48,6 +54,12 @@ class Backoff:
         self._last_restart[name] = now
 
     def attempt(self, name: str) -> int:
+        return self._failures.get(name, 0)
+
+    def recent_failures(self, name: str, now: float) -> int:
+        """Deaths in a row, none after a minute up: 0 once the last restart has stayed up that long."""
+        if now - self._last_restart.get(name, -1e9) > self.stable_after_s:
+            return 0
         return self._failures.get(name, 0)
 
 
@@ -80,10 +92,25 @@ class Supervisor:
         self._due: dict[tuple[str, int | None], float] = {}  # (name, dead pid) -> when to restart it
         self.host_down_since: float | None = None
         self.host_restarts = 0
+        self._host_name = HOST_PROCESS_NAME
 
     @property
     def restarting(self) -> bool:
         return self.host_down_since is not None
+
+    def recovering(self, now: float | None = None) -> bool:
+        """A host restart is under way and still within bounds: the watchdog may count it as
+        healthy."""
+        now = time.monotonic() if now is None else now
+        return self.restarting and not self.host_failing(now)
+
+    def host_failing(self, now: float | None = None) -> bool:
+        """The host keeps dying, or its restart has taken too long: restarting it is not working."""
+        now = time.monotonic() if now is None else now
+        if self.backoff.recent_failures(self._host_name, now) > HEALTHY_RESTARTS:
+            return True
+        down_since = self.host_down_since
+        return down_since is not None and now - down_since > HEALTHY_RESTART_S
 
     def run(self) -> None:
         manager = self.app.manager
@@ -113,6 +140,7 @@ class Supervisor:
                 delay_s = self.backoff.delay_s(name, now)
                 self._due[key] = now + delay_s
                 if HOST_PROCESS_NAME in name:
+                    self._host_name = name
                     self.host_down_since = self.host_down_since or now
                 log.error(
                     "process %s died (%s); restarting it in %.1f s (attempt %d)",
@@ -140,7 +168,8 @@ class Supervisor:
 
     def _stop_for_config_error(self) -> None:
         """The host said it cannot start with these settings (and said why in its log): stop the
-        whole server with exit status 1 rather than restart it in a loop."""
+        whole server with exit status 78 (EX_CONFIG, which systemd is told not to restart on) rather
+        than restart it in a loop."""
         log.debug("the model host cannot start with these settings; stopping")
-        self.app.ctx.exit_code = 1
+        self.app.ctx.exit_code = HOST_CONFIG_ERROR_EXIT
         os.kill(os.getpid(), signal.SIGTERM)
