@@ -25,7 +25,7 @@ from sanic_serve.mcp.settings import MCPSettings
 from sanic_serve.mcp.tool_spec import MCPToolSpec, parse_mcp_tool
 from sanic_serve.responses.items import new_item_id
 from sanic_serve.responses.request import ResponsesRequest
-from sanic_serve.responses.run import Emitter
+from sanic_serve.responses.server_tools import Emitter
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ THE INTERFACE the POST route, background runs and server-side tools share::
   store, when there is one).
 - ``response_id`` / ``created_at``: ``new_response_id()`` and ``int(time.time())`` unless the caller
   already handed them out (a background response is returned as ``queued`` before it runs).
-- ``server_tools``: the tools the server runs itself (MCP); None picks ``server_tools_for(req, app_ctx)``.
+- ``server_tools``: the tools the server runs itself (MCP; the seam: ``responses.server_tools``);
+  None picks ``server_tools_for(req, app_ctx)``.
 
 It yields spec-valid ``ResponseStreamEvent`` dicts, ``sequence_number`` 0, 1, 2, ...: first
 ``response.created`` and ``response.in_progress``, last exactly one terminal event
@@ -31,6 +32,17 @@ Turns: the model generates; its calls of request ``function`` tools become ``fun
 (client-side: the response ends after that turn); calls of server tools go to
 ``ServerTools.run_calls``, whose items (``mcp_call`` with its output, ``mcp_approval_request``) become
 context of the next turn, generated in the same response, up to ``max_tool_calls``.
+
+Limits, and how a response says it hit one (nothing the model asked for is dropped unseen):
+- ``max_tool_calls``: OpenAI's docs say further calls are "ignored"; here each call past it is an
+  ``mcp_call`` with ``status: "failed"`` and an error saying it was not run (nothing reaches the
+  server), and the next turn, which reads those errors, may call nothing more (``tool_choice``
+  ``none``), so the model answers with what it has. The response completes.
+- ``max_output_tokens`` spent: ``incomplete``, ``incomplete_details.reason: "max_output_tokens"``;
+  server calls of a turn cut off so are failed ``mcp_call`` items too.
+- A later turn (after tool calls) whose prompt no longer fits the context: ``incomplete`` with the
+  output so far, ``incomplete_details: {}`` (the spec's two reasons name neither) and ``error``
+  (``code: "invalid_prompt"``) saying so. The first turn's prompt not fitting is a 400 as in chat.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation_config import config_temperature
@@ -48,93 +60,10 @@ from sanic_serve.models import ModelBundle
 from sanic_serve.responses.events import ResponseBuilder, TurnWriter, response_body, usage_body
 from sanic_serve.responses.items import PreparedContext, new_item_id, to_messages
 from sanic_serve.responses.request import ResponsesRequest
+from sanic_serve.responses.server_tools import Emitter, ServerTools, server_tools_for
 from sanic_serve.responses.turn import Turn, admit, allowed, plan_turn
 
 log = logging.getLogger(__name__)
-
-
-class Emitter(Protocol):
-    """How server tools stream their own items and events while they work. Events go out live, in
-    order with everything else, with their ``sequence_number`` filled in."""
-
-    def add(self, item: dict[str, Any]) -> int:
-        """Emit ``response.output_item.added`` for a new output item (e.g. an ``mcp_call`` with
-        ``status: "in_progress"``); returns its ``output_index``."""
-        ...
-
-    def event(self, event: dict[str, Any]) -> None:
-        """Emit any other event (``response.mcp_call.in_progress``, ...): a dict with ``type`` and
-        its fields, without ``sequence_number``."""
-        ...
-
-    def done(self, output_index: int, item: dict[str, Any]) -> None:
-        """Emit ``response.output_item.done``: ``item`` is the item's final form in the output."""
-        ...
-
-
-class ServerTools(Protocol):
-    """Tools the server runs itself. Items they return that were not already emitted through the
-    ``Emitter`` (matched by ``id``) are emitted by the loop as ``output_item.added`` / ``.done``."""
-
-    async def prepare(
-        self, context_items: list[dict[str, Any]], emit: Emitter
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Before the first turn, given the whole context (the chain and this request's input):
-        output items to emit first (``mcp_list_tools``, an approved call's ``mcp_call``), and extra
-        function definitions, in chat ``tools`` shape, to offer the model."""
-        ...
-
-    async def run_calls(
-        self, calls: list[dict[str, Any]], emit: Emitter
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """The model's calls of this turn that ``owns``: ``function_call``-shaped dicts (``id``,
-        ``call_id``, ``name``, ``arguments``). Returns the output items (``mcp_call``,
-        ``mcp_approval_request``) and whether to generate another turn in this response."""
-        ...
-
-    async def refuse(self, calls: list[dict[str, Any]], why: str, emit: Emitter) -> list[dict[str, Any]]:
-        """Calls of this turn that ``owns`` and that are not run (past ``max_tool_calls``): their
-        output items, each saying ``why`` (nothing is sent to a server)."""
-        ...
-
-    def owns(self, function_name: str) -> bool: ...
-
-    def choice_functions(self, tool_choice: dict[str, Any]) -> list[str]:
-        """The function names a ``{"type": "mcp", "server_label", "name"?}`` tool choice allows."""
-        ...
-
-
-class NoServerTools:
-    """No tool runs on the server: ``mcp`` tools are skipped (logged at parse time)."""
-
-    async def prepare(
-        self, context_items: list[dict[str, Any]], emit: Emitter
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return [], []
-
-    async def run_calls(
-        self, calls: list[dict[str, Any]], emit: Emitter
-    ) -> tuple[list[dict[str, Any]], bool]:
-        return [], False
-
-    async def refuse(self, calls: list[dict[str, Any]], why: str, emit: Emitter) -> list[dict[str, Any]]:
-        return []
-
-    def owns(self, function_name: str) -> bool:
-        return False
-
-    def choice_functions(self, tool_choice: dict[str, Any]) -> list[str]:
-        return []
-
-
-def server_tools_for(req: ResponsesRequest, app_ctx: Any) -> ServerTools:
-    """The server tools of this request: its ``mcp`` tools (``sanic_serve.responses.mcp_tools``),
-    validated here, so a malformed one is a 400 before the first event."""
-    if not req.mcp_tools():
-        return NoServerTools()
-    from sanic_serve.responses.mcp_tools import mcp_server_tools  # imports the MCP SDK: only when used
-
-    return mcp_server_tools(req, app_ctx)
 
 
 def new_response_id() -> str:
