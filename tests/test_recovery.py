@@ -15,9 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import orjson
+import psutil
 
 from tests.embedding_texts import FOLDER as MINILM
 from tests.server import ServerProcess
+from tests.test_lifecycle import shm_entries
 
 MODEL = "hfserve-demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -111,6 +113,7 @@ async def _kill_host_under_streams(srv: ServerProcess) -> tuple[float, list[dict
 
 
 def test_host_sigkill_under_16_streams_recovers_by_itself(cache_dir: Path, demo_model: Path) -> None:
+    shm_before = shm_entries()
     with ServerProcess.start(cache_dir, workers=4) as srv:
         before = greedy_hello(srv)
         old_host = srv.host_status()["pid"]
@@ -135,7 +138,12 @@ def test_host_sigkill_under_16_streams_recovers_by_itself(cache_dir: Path, demo_
         assert greedy_hello(srv) == before == "Hello! How can I help you today?"
         assert srv.host_status()["epoch"] == 2
         assert "died (killed by SIGKILL" in srv.log_text()
+        # And the recovered server still stops cleanly: every process gone, no shared memory left.
+        pids = [p.pid for p in srv.processes()]
         assert srv.stop() == 0
+    time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert shm_entries() - shm_before == set()
 
 
 def test_restart_backoff_doubles_while_a_process_keeps_dying() -> None:
