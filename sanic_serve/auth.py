@@ -70,11 +70,26 @@ def check(request: Request, checker: KeyChecker) -> None:
         raise InvalidAPIKey("Incorrect API key provided.")
 
 
+def carries_valid_key(request: Request, checker: KeyChecker) -> bool:
+    try:
+        check(request, checker)
+    except InvalidAPIKey:
+        return False
+    return True
+
+
+def key_checker(app: Sanic) -> KeyChecker | None:
+    """The app's checker, for public routes that say more to a client with a key (None: no keys)."""
+    checker: KeyChecker | None = getattr(app.ctx, "key_checker", None)
+    return checker
+
+
 def install(app: Sanic, keys: tuple[str, ...], metrics_auth: bool) -> None:
     """Guard every route of ``app`` with ``keys`` (nothing to do without keys)."""
     if not keys:
         return
     checker = KeyChecker(keys)
+    app.ctx.key_checker = checker
     open_paths = public_paths(metrics_auth)
 
     # Early among request middleware, so no other middleware does work for a stranger; a CORS

@@ -72,6 +72,9 @@ class ServerProcess:
         self.port = port
         self.log_path = log_path
         self.base_url = f"http://127.0.0.1:{port}"
+        # Sent on /health when set: with API keys configured, only a request with a key sees the
+        # host's status (``host_status``, ``wait_for``).
+        self.api_key: str | None = None
 
     @classmethod
     @contextmanager
@@ -106,7 +109,8 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def health(self) -> httpx.Response:
-        return httpx.get(f"{self.base_url}/health", timeout=5.0)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.get(f"{self.base_url}/health", timeout=5.0, headers=headers)
 
     def host_status(self) -> dict[str, Any]:
         return dict(self.health().json()["host"])

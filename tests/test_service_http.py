@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from cli.api_keys import load_api_keys
+from cli.errors import EX_CONFIG
 from cli.preflight import ConfigError
 from sanic_serve.auth import KeyChecker
 from tests.embedding_texts import FOLDER as MINILM
@@ -32,22 +33,49 @@ ORIGIN = "http://ui.example"
 HELLO = [{"role": "user", "content": "Hello!"}]
 CHAT = {"model": "hfserve-demo", "messages": HELLO}
 
+# The app built twice, with the defaults and with every option set (a route may exist only with an
+# option, or only without one): the walk covers both tables. A ServerConfig field this config leaves
+# at its default fails here, so an option added later is walked too once it is set below.
 ROUTE_TABLE = """
-import json
+import dataclasses, json, sys
+from model_host.ipc.settings import HostSettings
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
-app = create_app(ServerConfig(api_keys=("unused",)))
+from sanic_serve.mcp.settings import MCPSettings
+every = ServerConfig(
+    host="127.0.0.2", port=8001, workers=2, default_model_id="m", default_model_path="m", pinned=True,
+    log_level="DEBUG", max_request_bytes=1024, request_timeout_s=5.0, drain_timeout_s=5.0,
+    ring_capacity_bytes=2 << 20, tool_parser="hermes", engine=HostSettings(device="cpu", idle_unload_s=9.0),
+    responses_db="responses.sqlite3", responses_max_mb=1.0, responses_ttl_s=60.0,
+    mcp=MCPSettings(
+        servers={"s": {"url": "http://127.0.0.1:9/mcp"}}, allow_private=True, allow_hosts=("h",),
+        timeout_s=1.0,
+    ),
+    api_keys=("unused",), metrics_auth=True, cors_origins=("http://ui.example",), metrics_vllm_names=True,
+)
+default = ServerConfig()
+fields = dataclasses.fields(ServerConfig)
+left = [f.name for f in fields if getattr(every, f.name) == getattr(default, f.name)]
+if left:
+    sys.exit(f"set these in the route walk's config too: {left}")
+app = create_app(every if sys.argv[1] == "every" else default)
 print(json.dumps(sorted({(m, "/" + r.path.lstrip("/")) for r in app.router.routes for m in r.methods})))
 """
 
 
 @functools.cache
 def route_table() -> list[tuple[str, str]]:
-    """(method, path pattern) of every route of the app, read from its router in a process of
-    its own (the app registers itself by name, once per process)."""
-    out = subprocess.run([sys.executable, "-c", ROUTE_TABLE], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [(m, p) for m, p in json.loads(out.stdout)]
+    """(method, path pattern) of every route of the app, with the defaults and with every option,
+    read from its router in a process of its own (the app registers itself by name, once per
+    process)."""
+    routes: set[tuple[str, str]] = set()
+    for config in ("default", "every"):
+        out = subprocess.run(
+            [sys.executable, "-c", ROUTE_TABLE, config], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        routes |= {(m, p) for m, p in json.loads(out.stdout)}
+    return sorted(routes)
 
 
 def concrete(pattern: str) -> str:
@@ -65,12 +93,14 @@ def keyed(
     args = ("--api-key-file", str(key_file), "--api-key", KEY_B, "--metrics-auth", "--metrics-vllm-names")
     args += ("--cors-origin", ORIGIN, "--log-level", "DEBUG")
     with ServerProcess.start(cache_dir, workers=2, args=args) as srv:
+        srv.api_key = KEY_A
         yield srv
 
 
 @pytest.fixture(scope="module")
 def keyed_open_metrics(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
     with ServerProcess.start(cache_dir, workers=1, args=("--api-key", KEY_B)) as srv:
+        srv.api_key = KEY_B
         yield srv
 
 
@@ -136,10 +166,24 @@ def test_401_is_openais_error_and_both_keys_work(keyed: ServerProcess) -> None:
         openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=NEAR_MISS, max_retries=0).models.list()
 
 
+def test_health_tells_a_stranger_only_the_status(keyed: ServerProcess, demo_model: Path) -> None:
+    for headers in ({}, bearer(NEAR_MISS), {"Authorization": "Basic x"}):
+        resp = call(keyed, "GET", "/health", headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"status": "ok"}  # no model folders, pids or totals
+        assert str(demo_model) not in resp.text
+    full = call(keyed, "GET", "/health", bearer(KEY_B)).json()
+    assert full["status"] == "ok" and "host" in full and "worker" in full
+    assert full["host"]["pid"] > 0 and full["host"]["models"]
+
+
 def test_metrics_guarded_and_named_like_vllm(keyed: ServerProcess, keyed_open_metrics: ServerProcess) -> None:
     assert_401(call(keyed, "GET", "/metrics"), "/metrics with --metrics-auth")
     text = call(keyed, "GET", "/metrics", bearer(KEY_A)).text
     assert "vllm:num_requests_running" in text and "vllm:time_to_first_token_seconds_bucket" in text
+    # vLLM's dashboards filter every panel on model_name: the host's numbers carry it too.
+    for name in ("num_requests_running", "num_requests_waiting", "prompt_tokens_total"):
+        assert f'vllm:{name}{{model_name="hfserve-demo"}}' in text, name
     assert "hfserve:num_requests_running" not in text
     assert "hfserve:http_requests_total" in text  # no vLLM equivalent: always hfserve's own
     assert "hfserve:num_requests_running" in call(keyed_open_metrics, "GET", "/metrics").text
@@ -313,7 +357,7 @@ def test_keys_from_options_variable_and_file(tmp_path: Path, monkeypatch: pytest
         load_api_keys([], tmp_path / "missing")
 
 
-def test_a_bad_key_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_a_bad_key_option_is_one_line_and_exit_78(tmp_path: Path) -> None:
     out = subprocess.run(
         [*hfserve_cmd(), "start", "--api-key", "two words"],
         env=server_env(tmp_path),
@@ -321,6 +365,6 @@ def test_a_bad_key_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert out.returncode == 1
+    assert out.returncode == EX_CONFIG  # a restart would only repeat it
     assert out.stderr.startswith("error: an API key from --api-key is not usable")
     assert "two words" not in out.stderr

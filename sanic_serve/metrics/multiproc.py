@@ -18,20 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from model_host.ipc.system import pid_alive
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PREFIX = "hfserve-metrics-"
 _FOLDER = re.compile(rf"{_PREFIX}(\d+)-")
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def remove_stale_dirs(base: Path | None = None) -> list[Path]:
