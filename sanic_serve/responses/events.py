@@ -13,10 +13,8 @@ import time
 from typing import Any
 
 from sanic_serve.responses.items import new_item_id
+from sanic_serve.responses.partial import TERMINAL_EVENTS as TERMINAL_EVENTS  # defined once, there
 from sanic_serve.responses.request import ResponsesRequest
-
-# The events that end a response's stream (``error`` comes before ``response.failed``).
-TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def echoed_tools(req: ResponsesRequest) -> list[dict[str, Any]]:
