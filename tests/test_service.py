@@ -318,3 +318,36 @@ def test_ctrl_c_to_the_whole_group_drains_too(cache_dir: Path, demo_model: Path)
     assert not any('"error"' in e for e in events), [e for e in events if "error" in e]
     finishes = [orjson.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
     assert finishes[-1] == "length"
+
+
+def test_sigterm_waits_for_a_background_response(cache_dir: Path, demo_model: Path, tmp_path: Path) -> None:
+    """A background /v1/responses run is the only work in flight (its HTTP request answered long
+    ago): the drain waits for it, and it is stored complete, not cut off."""
+    from sanic_serve.responses.store import ResponseStore
+
+    db = tmp_path / "responses.sqlite3"
+    args = ("--responses-db", str(db), "--drain-timeout-s", "180")
+    with ServerProcess.start(cache_dir, workers=1, args=args) as srv:
+        body = {
+            "model": MODEL,
+            "input": "Write a long story",
+            "max_output_tokens": 400,
+            "ignore_eos": True,
+            "background": True,
+        }
+        queued = httpx.post(f"{srv.base_url}/v1/responses", json=body, timeout=60)
+        assert queued.status_code == 200, queued.text
+        response_id = queued.json()["id"]
+        srv.wait_for(lambda s: s["running"] >= 1, 60)  # generating, with no request open
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(180) == 0  # a busy machine may take a while for 400 tokens
+        assert "draining 1 request(s)" in srv.log_text()
+    store = ResponseStore(db, max_bytes=64 * 1024 * 1024)
+    try:
+        stored = store.get(response_id)
+    finally:
+        store.close()
+    assert stored is not None
+    assert stored["status"] == "incomplete", stored["status"]  # max_output_tokens reached: ran to its end
+    assert stored["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert stored["usage"]["output_tokens"] == 400
