@@ -14,7 +14,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from model_host.errors import ModelLoadError
-from model_host.ipc.messages import AddRequest, Embed, ErrorKind, Generate, Payload, request_ref
+from model_host.ipc.messages import (
+    WHISPER_FRAMES,
+    AddRequest,
+    Embed,
+    ErrorKind,
+    Generate,
+    Payload,
+    Transcribe,
+    request_ref,
+)
 from model_host.ipc.settings import HostSettings
 from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, error_output
 
@@ -122,4 +131,9 @@ def _refusal(payload: Payload) -> str | None:
             return "there are no inputs"
         if not all(payload.inputs):
             return "an input is empty"
+    if isinstance(payload, Transcribe):
+        if payload.n_windows < 1 or payload.n_mels < 1:
+            return "there is no audio"
+        if len(payload.features) != payload.n_windows * payload.n_mels * WHISPER_FRAMES * 4:
+            return "the features do not have the shape (n_windows, n_mels, 3000) of float32"
     return None

@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from model_host.ipc.channels import WorkerSide
 from model_host.ipc.codec import decode_frame, encode
@@ -31,6 +32,7 @@ from model_host.ipc.messages import (
     Payload,
     SamplingParams,
     TokenFrame,
+    Transcribe,
     UnloadModels,
     WorkerReset,
 )
@@ -137,6 +139,26 @@ class HostClient:
     def embed(self, model_path: str, inputs: list[list[int]]) -> RequestStream:
         """One vector per input, in frames that carry their input's ``index``."""
         return self.submit_task(model_path, Embed(tuple(tuple(ids) for ids in inputs)))
+
+    def transcribe(
+        self,
+        model_path: str,
+        features: bytes,
+        n_windows: int,
+        n_mels: int,
+        *,
+        language: str | None,
+        task: Literal["transcribe", "translate"],
+        prompt_ids: list[int],
+        timestamps: bool,
+        sampling: SamplingParams,
+    ) -> RequestStream:
+        """Speech to text over log-mel ``features`` (see ``Transcribe`` for their layout and for
+        what the frames carry)."""
+        payload = Transcribe(
+            features, n_windows, n_mels, language, task, tuple(prompt_ids), timestamps, sampling
+        )
+        return self.submit_task(model_path, payload)
 
     def submit_task(self, model_path: str, payload: Payload) -> RequestStream:
         return self._open(lambda rid, epoch: AddRequest(rid, self.worker_index, epoch, model_path, payload))

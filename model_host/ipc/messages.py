@@ -10,7 +10,7 @@ down a per-worker pipe; host → worker :class:`TokenFrame` s go into the worker
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -28,6 +28,7 @@ class Task(enum.IntEnum):
 
     GENERATE = 1  # causal LM: tokens in, tokens out
     EMBED = 2  # sentence embedder: token ids in, one vector per input out
+    TRANSCRIBE = 3  # speech-to-text (Whisper family): log-mel features in, decoder tokens out
 
 
 class FinishReason(enum.IntEnum):
@@ -96,7 +97,53 @@ class Embed(msgspec.Struct, frozen=True, tag=int(Task.EMBED), tag_field="task"):
     inputs: tuple[tuple[int, ...], ...]
 
 
-Payload = Generate | Embed
+WHISPER_FRAMES = 3000  # feature frames per 30 s window (10 ms hop)
+WHISPER_WINDOW_S = 30.0
+
+
+class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_field="task"):
+    """Speech to text with a Whisper-family model (the ``seq2seq`` runner).
+
+    Input: ``features`` are the log-mel spectrogram the worker computed (Whisper's feature
+    extractor: 16 kHz mono, 25 ms windows, 10 ms hop, padded to whole 30 s windows), as float32
+    bytes in C order of shape ``(n_windows, n_mels, 3000)`` (3000 frames = 30 s). ``n_mels`` is the
+    model's ``num_mel_bins`` (80 for whisper-base; a mismatch is an ``INVALID_REQUEST``). Window
+    ``i`` covers seconds ``[30 i, 30 (i + 1))`` of the audio; the last is zero-padded audio.
+
+    ``language``: an ISO-639-1 code (``"en"``, ``"de"``) the host forces as the language token;
+    None: the host detects it from the first window. ``task``: ``"translate"`` makes the model
+    answer in English. ``prompt_ids``: Whisper's previous-text prompt, already tokenized by the
+    worker *without* special tokens (the host adds ``<|startofprev|>`` and keeps only the last
+    ``max_target_positions // 2 - 1`` ids). ``timestamps``: decode with timestamp tokens (needed for
+    segments and srt/vtt); else the host forces ``<|notimestamps|>``. ``sampling``: temperature
+    (0 = greedy) and ``max_new_tokens`` (the limit per 30 s window); other fields are ignored.
+
+    Output: ``TokenFrame`` s whose ``token_ids`` are the decoder's output tokens in order, which the
+    worker decodes. The very first token of the first frame is the language token chosen
+    (``<|en|>``, given or detected); the start-of-transcript, task and no-timestamps tokens are
+    not sent, nor is end-of-text. With ``timestamps``, timestamp tokens (ids from
+    ``<|0.00|>`` upward, 0.02 s apart) are sent as they come, and they are **continuous across
+    windows**: the host offsets window ``i``'s timestamps by 30 s × i before sending them, so a
+    token may stand for a time past ``<|30.00|>`` (id = ``<|0.00|>`` id + round(seconds / 0.02)); the
+    worker must turn any id at or above ``<|0.00|>`` into a time itself, not through the
+    tokenizer. Windows are decoded one after another and the tokens of window ``i + 1`` follow those
+    of window ``i`` in the same stream. The request finishes with ``STOP`` after the last window,
+    or ``LENGTH`` when a window hit ``max_new_tokens`` (decoding then goes on with the next window
+    and ``LENGTH`` is reported at the end).
+    """
+
+    features: bytes
+    n_windows: int
+    n_mels: int
+    language: str | None
+    # Encoded as "mode": the payload's tag already takes the name "task" on the wire.
+    task: Literal["transcribe", "translate"] = msgspec.field(name="mode")
+    prompt_ids: tuple[int, ...]
+    timestamps: bool
+    sampling: SamplingParams
+
+
+Payload = Generate | Embed | Transcribe
 
 
 class AddRequest(msgspec.Struct, frozen=True, tag=int(MessageKind.ADD), tag_field="kind"):
@@ -108,7 +155,9 @@ class AddRequest(msgspec.Struct, frozen=True, tag=int(MessageKind.ADD), tag_fiel
 
     @property
     def task(self) -> Task:
-        return Task.GENERATE if isinstance(self.payload, Generate) else Task.EMBED
+        if isinstance(self.payload, Generate):
+            return Task.GENERATE
+        return Task.EMBED if isinstance(self.payload, Embed) else Task.TRANSCRIBE
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag=int(MessageKind.ABORT), tag_field="kind"):
