@@ -1,8 +1,9 @@
 """How the command line fails: one ``error: ...`` line on stderr, no traceback, and an exit status.
 
-``hfserve start`` exits ``EX_CONFIG`` (78, sysexits.h) for anything a restart would only repeat: an
-option it cannot use, a model it cannot find or load, a port in use. The service unit tells systemd
-not to restart on that status (``RestartPreventExitStatus``). Every other failure is 1."""
+Every failure exits 1, settings errors of ``hfserve start`` included (an option it cannot use, a model
+it cannot find or load, a port in use). Under a service manager those must differ from a crash: the
+systemd unit sets ``HFSERVE_CONFIG_ERROR_EXIT=78`` (``EX_CONFIG``, sysexits.h) and tells systemd not to
+restart on that status (``RestartPreventExitStatus``); see ``config_error_exit``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import NoReturn
 
 import typer
 
-from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT
+from model_host.ipc.settings import config_error_exit
 
-EX_CONFIG = HOST_CONFIG_ERROR_EXIT  # the host's own "cannot start with these settings", the same 78
+__all__ = ["config_error_exit", "fail"]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

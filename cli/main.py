@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import typer
 
-from cli.errors import EX_CONFIG, fail
+from cli.errors import config_error_exit, fail
 from cli.service import service_app
 from model_host.ipc.settings import HostSettings
 from sanic_serve.config import ServerConfig
@@ -163,7 +163,7 @@ def start(
     from cli.start import check_responses_db, resolve_model_arg, serve
 
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR", EX_CONFIG)
+        fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR", config_error_exit())
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
         check_port(host, port)
@@ -172,13 +172,13 @@ def start(
         model_id, model_path, pinned = resolve_model_arg(model)
         db_path = check_responses_db(responses_db, responses_max_mb)
     except ConfigError as exc:
-        fail(str(exc), EX_CONFIG)
+        fail(str(exc), config_error_exit())
     from sanic_serve.mcp.settings import MCPConfigError, settings_from_options
 
     try:
         mcp = settings_from_options(mcp_config, mcp_allow_private, mcp_allow_hosts, mcp_timeout_s)
     except MCPConfigError as exc:
-        fail(str(exc), EX_CONFIG)
+        fail(str(exc), config_error_exit())
     config = ServerConfig(
         host=host,
         port=port,
@@ -320,8 +320,8 @@ def chat(
 
 def run() -> None:
     """The console script: usage errors (a bad option, a value out of range) are one line and exit 1
-    too, instead of a boxed usage text and exit 2; those of ``hfserve start`` exit 78 (EX_CONFIG),
-    as its other settings errors do (see ``cli.errors``)."""
+    too, instead of a boxed usage text and exit 2; those of ``hfserve start`` exit as its other
+    settings errors do (see ``cli.errors``)."""
     # typer bundles its own click: its exception types are reached through the public ones.
     usage_error: type[Exception] = typer.BadParameter.__mro__[1]
     try:
@@ -330,7 +330,7 @@ def run() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see hfserve {ctx.info_name} --help)" if ctx is not None and ctx.parent else ""
         typer.echo(f"error: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
-        sys.exit(EX_CONFIG if ctx is not None and ctx.info_name == "start" else 1)
+        sys.exit(config_error_exit() if ctx is not None and ctx.info_name == "start" else 1)
     except typer.Abort:
         sys.exit(130)
     except typer.Exit as exc:

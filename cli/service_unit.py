@@ -13,9 +13,10 @@ Choices, and why:
   gets the service restarted (``Restart=on-failure``).
 * Secrets (``HFSERVE_API_KEY``, ``HF_TOKEN``) live in the ``EnvironmentFile``, never in the unit,
   which is world-readable.
-* ``RestartPreventExitStatus=78``: ``hfserve start`` exits 78 (EX_CONFIG) for settings it cannot
-  start with (a bad option value, a missing model, a port in use, a model the host cannot load);
-  restarting would fail the same way every ``RestartSec``.
+* ``RestartPreventExitStatus=78`` with ``HFSERVE_CONFIG_ERROR_EXIT=78``: under the unit, ``hfserve
+  start`` exits 78 (EX_CONFIG) for settings it cannot start with (a bad option value, a missing
+  model, a port in use, a model the host cannot load; 1 when a person runs it): restarting would
+  fail the same way every ``RestartSec``.
 * Hardening that leaves a GPU usable: no ``PrivateDevices`` (it hides ``/dev/nvidia*``), no
   ``MemoryDenyWriteExecute`` (CUDA and Triton compile code at run time), and ``ReadWritePaths`` for
   the kernel caches CUDA and Triton write (``~/.nv``, ``~/.triton``) besides the model caches and
@@ -31,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT as EX_CONFIG
+from model_host.ipc.settings import CONFIG_ERROR_EXIT_ENV
 from model_host.ipc.system import cache_dir
 
 # Variables worth carrying from the shell that installs the unit into the service (systemd starts
@@ -48,6 +49,7 @@ PASSED_ENV = (
 # Variables that must never be written into a unit.
 SECRET_ENV = ("HFSERVE_API_KEY", "HF_TOKEN", "OPENAI_API_KEY")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+EX_CONFIG = 78  # sysexits.h: what the unit asks ``hfserve start`` to exit with for a settings error
 STOP_MARGIN_S = 30  # past the drain: the host and workers stopping, the last bytes going out
 
 
@@ -118,6 +120,7 @@ def render_unit(s: UnitSettings) -> str:
     if s.system and s.run_as:
         lines.append(f"User={s.run_as}")
     lines.append("Environment=PYTHONUNBUFFERED=1")
+    lines.append(f"Environment={CONFIG_ERROR_EXIT_ENV}={EX_CONFIG}")
     for key, value in sorted(s.environment.items()):
         lines.append(f"Environment={quote_exec_arg(f'{key}={value}', dollars=False)}")
     lines += [

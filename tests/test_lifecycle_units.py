@@ -219,3 +219,12 @@ def test_a_host_restart_counts_as_healthy_only_within_bounds() -> None:
     slow.host_down_since = t  # died once; the new host never beats
     assert slow.recovering(t + HEALTHY_RESTART_S - 1)
     assert slow.host_failing(t + HEALTHY_RESTART_S + 1) and not slow.recovering(t + HEALTHY_RESTART_S + 1)
+
+
+def test_config_error_exit_is_1_unless_the_service_unit_asks_for_another() -> None:
+    from model_host.ipc.settings import config_error_exit
+
+    assert config_error_exit({}) == 1
+    assert config_error_exit({"HFSERVE_CONFIG_ERROR_EXIT": "78"}) == 78
+    for junk in ("", "0", "256", "-3", "x78"):
+        assert config_error_exit({"HFSERVE_CONFIG_ERROR_EXIT": junk}) == 1, junk

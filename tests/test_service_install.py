@@ -70,7 +70,8 @@ def test_dry_run_unit_passes_systemd_analyze_verify(tmp_path: Path, scope: list[
         assert s[key] == [value]
     assert "PrivateDevices" not in s and "MemoryDenyWriteExecute" not in s  # they break a GPU
     assert "ProtectKernelModules" not in s
-    assert s["RestartPreventExitStatus"] == ["78"]  # a configuration error is not restarted
+    # A configuration error exits 78 under the unit, and is not restarted.
+    assert s["RestartPreventExitStatus"] == ["78"] and "HFSERVE_CONFIG_ERROR_EXIT=78" in s["Environment"]
     writable = s["ReadWritePaths"][0].split()
     assert f"-{tmp_path / 'cache'}" in writable
     account = os.environ.get("SUDO_USER") or getpass.getuser()  # whom a system unit runs as

@@ -4,11 +4,26 @@ its scheduler run by it. Torch-free and picklable: the main process hands it to 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # The host's exit status for a setting it cannot start with (a model that does not load, a device
-# this torch cannot use): the server reports it and exits 1 instead of restarting the host forever.
+# this torch cannot use): the server stops (see ``config_error_exit``) instead of restarting the
+# host forever.
 HOST_CONFIG_ERROR_EXIT = 78  # EX_CONFIG in sysexits.h
+
+# ``hfserve start``'s exit status for settings it cannot use is 1, like any failure of a command a
+# person typed. A service manager needs to tell "a restart would only repeat this" from a crash: the
+# systemd unit sets this variable to 78 (EX_CONFIG) and says RestartPreventExitStatus=78.
+CONFIG_ERROR_EXIT_ENV = "HFSERVE_CONFIG_ERROR_EXIT"
+
+
+def config_error_exit(env: Mapping[str, str] | None = None) -> int:
+    """The exit status for a settings error: ``$HFSERVE_CONFIG_ERROR_EXIT`` when it is a status
+    (1-255), else 1."""
+    value = (os.environ if env is None else env).get(CONFIG_ERROR_EXIT_ENV, "")
+    return int(value) if value.isdigit() and 1 <= int(value) <= 255 else 1
 
 
 @dataclass(frozen=True)

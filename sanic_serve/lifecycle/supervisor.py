@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_host.ipc.client import HOST_DEAD_AFTER_S
-from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT
+from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, config_error_exit
 
 log = logging.getLogger("hfserve")
 
@@ -168,8 +168,8 @@ class Supervisor:
 
     def _stop_for_config_error(self) -> None:
         """The host said it cannot start with these settings (and said why in its log): stop the
-        whole server with exit status 78 (EX_CONFIG, which systemd is told not to restart on) rather
-        than restart it in a loop."""
+        whole server with the settings-error status (1, or 78 under the systemd unit, which tells
+        systemd not to restart on it) rather than restart it in a loop."""
         log.debug("the model host cannot start with these settings; stopping")
-        self.app.ctx.exit_code = HOST_CONFIG_ERROR_EXIT
+        self.app.ctx.exit_code = config_error_exit()
         os.kill(os.getpid(), signal.SIGTERM)
