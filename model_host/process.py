@@ -114,6 +114,7 @@ class ModelHost:
         self.settings = settings
         self.epoch = 0
         self._published_models: tuple[str, ...] = ()
+        self._published_totals: dict[StatusField, int] = {}
         self.stopping = threading.Event()
         self._next_idle_check = 0.0
 
@@ -225,9 +226,16 @@ class ModelHost:
         s = self.status
         # Totals before gauges: a reader that sees ``running`` drop to 0 then also sees the
         # aborts that made it drop (the fields are written one by one, never as a unit).
-        s.set(StatusField.ABORTED_TOTAL, self.engine.aborted_total)
-        s.set(StatusField.PROMPT_TOKENS_TOTAL, self.engine.prompt_tokens_total)
-        s.set(StatusField.CACHED_TOKENS_TOTAL, self.engine.cached_tokens_total)
+        # Totals are added as what changed since the last publish: the status block outlives a
+        # host, and a restarted host counting from 0 must not take the server's totals back.
+        for field, value in (
+            (StatusField.ABORTED_TOTAL, self.engine.aborted_total),
+            (StatusField.PROMPT_TOKENS_TOTAL, self.engine.prompt_tokens_total),
+            (StatusField.CACHED_TOKENS_TOTAL, self.engine.cached_tokens_total),
+        ):
+            if value != self._published_totals.get(field, 0):
+                s.add(field, value - self._published_totals.get(field, 0))
+                self._published_totals[field] = value
         s.set(StatusField.RUNNING, self.engine.num_running)
         s.set(StatusField.WAITING, self.engine.num_waiting)
         loaded = self.registry.loaded()

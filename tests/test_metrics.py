@@ -261,6 +261,9 @@ def test_host_restarts_counted_once_after_a_kill(four: ServerProcess) -> None:
     assert value(after, "hfserve:host_requests_total", **finished) >= value(
         before, "hfserve:host_requests_total", **finished
     )
+    # Those the host sets from its own counts too (added as they change, never overwritten).
+    prompt = value(before, "hfserve:prompt_tokens_total", model_name=MODEL)
+    assert prompt > 0 and value(after, "hfserve:prompt_tokens_total", model_name=MODEL) >= prompt
 
 
 # Last in this module: it stops the module's server.
