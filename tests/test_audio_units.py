@@ -1,0 +1,297 @@
+"""Audio on the HTTP side, without a server: decoding uploads (``sanic_serve.audio.decode``),
+Whisper's features (``features``) and the response formats (``formats``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from sanic_serve.audio.decode import SAMPLE_RATE_HZ, AudioError, AudioTooLong, decode_audio
+from sanic_serve.audio.features import FeatureConfig, log_mel_windows
+from sanic_serve.audio.formats import (
+    TextStream,
+    WhisperVocab,
+    delta_event,
+    done_event,
+    json_body,
+    render_srt,
+    render_vtt,
+    split_segments,
+    token_usage,
+    transcript_text,
+    verbose_json,
+)
+from tests.openapi import validate
+from tests.subtitles import encode_av, encode_soundfile, parse_srt, parse_vtt
+
+RATE_HZ = 22_050  # not 16 kHz, so every format goes through the resampler
+
+
+def _signal(seconds: float, rate_hz: int = RATE_HZ) -> np.ndarray:
+    """A rising chirp under a slow tremolo: no period, so a misaligned decode cannot look right."""
+    t = np.arange(int(seconds * rate_hz)) / rate_hz
+    tone = np.sin(2 * np.pi * (150 * t + 120 * t**2))
+    return (0.4 * tone * (0.6 + 0.4 * np.sin(2 * np.pi * 0.7 * t))).astype(np.float32)
+
+
+SIGNAL = _signal(3.0)
+ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "wav": lambda x: encode_soundfile(x, RATE_HZ, "WAV", "PCM_16"),
+    "flac": lambda x: encode_soundfile(x, RATE_HZ, "FLAC"),
+    "mp3": lambda x: encode_av(x, RATE_HZ, "mp3", "libmp3lame", RATE_HZ),
+    "ogg": lambda x: encode_av(x, RATE_HZ, "ogg", "libopus", 48_000),
+    "m4a": lambda x: encode_av(x, RATE_HZ, "ipod", "aac", RATE_HZ),
+    "webm": lambda x: encode_av(x, RATE_HZ, "webm", "libopus", 48_000),
+}
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return decode_audio(encode_soundfile(SIGNAL, RATE_HZ, "WAV", "FLOAT"), max_duration_s=60)
+
+
+def test_reference_is_the_signal_at_16_khz(reference: np.ndarray) -> None:
+    assert reference.dtype == np.float32 and reference.ndim == 1
+    assert len(reference) == pytest.approx(3.0 * SAMPLE_RATE_HZ, abs=2)
+    # The resampler's own check: the signal computed directly at 16 kHz, away from the edges.
+    direct = _signal(3.0, SAMPLE_RATE_HZ)
+    np.testing.assert_allclose(reference[800:-800], direct[800:-800], atol=2e-3)
+
+
+def _aligned(decoded: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
+    """The codec's delay in samples (priming, padding) and the correlation once aligned."""
+    middle = reference[8000:40000]
+    scores = np.correlate(decoded[: 48000 + 4000], middle, mode="valid")
+    lag = int(np.argmax(scores)) - 8000
+    seg = decoded[8000 + lag : 40000 + lag]
+    return lag, float(np.corrcoef(seg, middle)[0, 1])
+
+
+@pytest.mark.parametrize("fmt", list(ENCODERS))
+def test_every_format_decodes_to_the_same_samples(fmt: str, reference: np.ndarray) -> None:
+    decoded = decode_audio(ENCODERS[fmt](SIGNAL), max_duration_s=60)
+    assert decoded.dtype == np.float32
+    lag, corr = _aligned(decoded, reference)
+    if fmt in ("wav", "flac"):  # lossless: sample for sample, within 16-bit rounding
+        assert lag == 0 and len(decoded) == len(reference)
+        np.testing.assert_allclose(decoded, reference, atol=2e-3)
+    else:  # lossy codecs add priming/padding of at most a few tens of ms
+        assert abs(lag) < 0.1 * SAMPLE_RATE_HZ
+        assert abs(len(decoded) - len(reference)) < 0.1 * SAMPLE_RATE_HZ
+        assert corr > 0.97, f"{fmt}: correlation {corr:.3f} with the reference"
+
+
+def test_stereo_is_mixed_down() -> None:
+    left, right = _signal(1.0), np.zeros(RATE_HZ, np.float32)
+    decoded = decode_audio(
+        encode_soundfile(np.stack([left, right], axis=1), RATE_HZ, "WAV", "FLOAT"), max_duration_s=9
+    )
+    mono = decode_audio(encode_soundfile(left / 2, RATE_HZ, "WAV", "FLOAT"), max_duration_s=9)
+    np.testing.assert_allclose(decoded, mono, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "ogg", "m4a", "webm"])
+def test_a_file_cut_in_half_is_refused(fmt: str) -> None:
+    data = ENCODERS[fmt](SIGNAL)
+    with pytest.raises(AudioError) as err:
+        decode_audio(data[: len(data) // 2], max_duration_s=60)
+    assert err.value.param == "file"
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"RIFF", b"not audio at all, just some text " * 20, b"\x00" * 4096, bytes(range(256)) * 40]
+)
+def test_empty_and_non_audio_are_refused(data: bytes) -> None:
+    with pytest.raises(AudioError) as err:
+        decode_audio(data, max_duration_s=60)
+    assert err.value.param == "file" and err.value.message
+    assert "Errno" not in err.value.message and "libsndfile" not in err.value.message.lower()
+
+
+def test_a_header_declaring_too_long_an_audio_is_refused_before_reading() -> None:
+    data = encode_soundfile(_signal(5.0), RATE_HZ, "FLAC")
+    with pytest.raises(AudioTooLong):
+        decode_audio(data, max_duration_s=4.0)
+    assert len(decode_audio(data, max_duration_s=6.0)) == pytest.approx(5 * SAMPLE_RATE_HZ, abs=2)
+
+
+@pytest.mark.parametrize("fmt", ["ogg", "mp3", "webm"])
+def test_a_compressed_bomb_is_refused_before_its_samples_exist(fmt: str) -> None:
+    """3 minutes of silence compress to a few kB; decoded, they would be 11.5 MB of float32 samples.
+    With a 3 s cap, decoding stops after a chunk or so: its peak memory stays far below that."""
+    rate_hz = 8000 if fmt == "mp3" else 16_000
+    silence = np.zeros(180 * rate_hz, np.float32)
+    data = (
+        encode_av(silence, rate_hz, "mp3", "libmp3lame", rate_hz)
+        if fmt == "mp3"
+        else encode_av(silence, rate_hz, "ogg" if fmt == "ogg" else "webm", "libopus", 48_000)
+    )
+    full_bytes = 180 * SAMPLE_RATE_HZ * 4
+    assert len(data) < full_bytes / 20  # it is a bomb: far smaller than what it decodes to
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioTooLong) as err:
+            decode_audio(data, max_duration_s=3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.param == "file" and err.value.code == "audio_too_long"
+    assert peak < full_bytes / 10, f"peak {peak} bytes while refusing"
+
+
+def test_decoding_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import sanic_serve.audio.decode, sanic_serve.audio.features, sanic_serve.audio.formats\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---- features ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_features_equal_transformers_whisper_feature_extractor(n_mels: int) -> None:
+    from transformers import WhisperFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    noise = 0.02 * rng.standard_normal(12 * SAMPLE_RATE_HZ)
+    audio = (_signal(12.0, SAMPLE_RATE_HZ) + noise).astype(np.float32)
+    expected = WhisperFeatureExtractor(feature_size=n_mels)(
+        audio, sampling_rate=SAMPLE_RATE_HZ, return_tensors="np"
+    ).input_features
+    ours = log_mel_windows(audio, FeatureConfig(n_mels=n_mels))
+    assert ours.shape == expected.shape == (1, n_mels, 3000) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_long_audio_is_cut_into_30_s_windows_each_featurised_alone() -> None:
+    from transformers import WhisperFeatureExtractor
+
+    audio = _signal(65.0, SAMPLE_RATE_HZ)
+    ours = log_mel_windows(audio, FeatureConfig())
+    assert ours.shape == (3, 80, 3000)
+    extractor = WhisperFeatureExtractor()
+    for i in range(3):
+        window = audio[i * 480_000 : (i + 1) * 480_000]
+        expected = extractor(window, sampling_rate=SAMPLE_RATE_HZ, return_tensors="np").input_features[0]
+        np.testing.assert_allclose(ours[i], expected, atol=1e-4)
+
+
+def test_feature_config_reads_the_model_folder(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text('{"feature_size": 128, "chunk_length": 30}')
+    assert FeatureConfig.from_folder(tmp_path).n_mels == 128
+    assert FeatureConfig.from_folder(tmp_path / "missing").n_mels == 80
+
+
+# ---- formats -----------------------------------------------------------------------------------
+
+VOCAB = WhisperVocab(eot_id=50257, timestamp_begin_id=50364)
+# A byte-level stand-in for Whisper's tokenizer: id i < 256 is byte i; a few word ids above.
+WORDS = {1000: " Hello", 1001: " world.", 1002: " How", 1003: " are", 1004: " you?", 1005: " Caf"}
+
+
+def _decode(ids: Sequence[int]) -> str:
+    raw = b"".join(bytes([i]) if i < 256 else WORDS[i].encode() for i in ids)
+    return raw.decode("utf-8", errors="replace")
+
+
+def ts(seconds: float) -> int:
+    return VOCAB.timestamp_begin_id + round(seconds / 0.02)
+
+
+LANG_EN, SOT_PREV = 50259, 50361
+TOKENS = [LANG_EN, ts(0.0), 1000, 1001, ts(1.5), ts(1.5), 1002, 1003, 1004, ts(2.4), ts(31.0), 1000, ts(33.0)]
+
+
+def test_segments_follow_the_timestamp_pairs_across_windows() -> None:
+    segments = split_segments(TOKENS, VOCAB, _decode, duration_s=40.0)
+    assert [(s.start_s, s.end_s, s.text) for s in segments] == [
+        (0.0, 1.5, " Hello world."),
+        (1.5, 2.4, " How are you?"),
+        (31.0, 33.0, " Hello"),
+    ]
+    assert [s.seek for s in segments] == [0, 0, 3000]
+    assert segments[0].tokens == (1000, 1001)  # text ids only: no times, no language token
+
+
+def test_segments_are_clamped_to_the_audio_and_an_open_one_ends_with_it() -> None:
+    tokens = [ts(0.5), 1000, ts(9.0), ts(9.0), 1001, ts(3.0), 1002]  # past the end, then backwards
+    segments = split_segments(tokens, VOCAB, _decode, duration_s=4.0)
+    assert [(s.start_s, s.end_s) for s in segments] == [(0.5, 4.0), (4.0, 4.0), (4.0, 4.0)]
+    untimed = split_segments([1000, 1001], VOCAB, _decode, duration_s=2.5)
+    assert [(s.start_s, s.end_s, s.text) for s in untimed] == [(0.0, 2.5, " Hello world.")]
+
+
+def test_srt_and_vtt_parse_strictly_and_cover_the_segments() -> None:
+    segments = split_segments(TOKENS, VOCAB, _decode, duration_s=3725.0)
+    srt, vtt = parse_srt(render_srt(segments)), parse_vtt(render_vtt(segments))
+    for cues in (srt, vtt):
+        assert [(c.start_s, c.end_s, c.text) for c in cues] == [
+            (s.start_s, s.end_s, s.text.strip()) for s in segments
+        ]
+    late = split_segments([ts(0), 1000, ts(1)], VOCAB, _decode, duration_s=4000)
+    shifted = [type(s)(s.id, s.start_s + 3723.456, s.end_s + 3723.456, s.text, s.tokens) for s in late]
+    assert "01:02:03,456 --> 01:02:04,456" in render_srt(shifted)
+    assert "01:02:03.456 --> 01:02:04.456" in render_vtt(shifted)
+    assert render_vtt([]) == "WEBVTT\n\n" and parse_vtt(render_vtt([])) == []
+
+
+def test_cue_text_cannot_break_a_cue() -> None:
+    tokens = [ts(0), *b" a\n\nb --> c", ts(1)]
+    body = render_srt(split_segments(tokens, VOCAB, _decode, duration_s=2))
+    assert parse_srt(body)[0].text == "a b -> c"
+
+
+def test_json_and_verbose_json_validate_against_the_spec() -> None:
+    text = transcript_text(TOKENS, VOCAB, _decode)
+    assert text == "Hello world. How are you? Hello"
+    segments = split_segments(TOKENS, VOCAB, _decode, duration_s=40.0)
+    body = verbose_json(
+        task="transcribe", language="de", duration_s=40.0, text=text, segments=segments, temperature=0.0
+    )
+    validate("CreateTranscriptionResponseVerboseJson", body)
+    assert body["language"] == "german" and isinstance(body["duration"], float)
+    assert body["segments"][2]["start"] == 31.0 and body["usage"] == {"type": "duration", "seconds": 40.0}
+    translated = verbose_json(
+        task="translate", language="de", duration_s=40.0, text=text, segments=segments, temperature=0.0
+    )
+    validate("CreateTranslationResponseVerboseJson", translated)
+    assert translated["language"] == "english"
+    validate("CreateTranscriptionResponseJson", json_body(text, 40.0))
+    validate("CreateTranslationResponseJson", json_body(text, 40.0))
+    with pytest.raises(
+        jsonschema.ValidationError
+    ):  # the check can fail: a duration as a string is what vLLM sends
+        validate("CreateTranscriptionResponseVerboseJson", {**body, "duration": "40.0"})
+
+
+def test_stream_deltas_concatenate_to_the_text_and_hold_split_characters() -> None:
+    cafe = [1005, *"é".encode()]  # " Café", the é split over two byte tokens
+    tokens = [LANG_EN, ts(0), *cafe, 1001, ts(1), ts(1), 1002, 32, 32, 1003, 32, ts(2)]
+    stream = TextStream(VOCAB, _decode)
+    deltas = [stream.push([t]) for t in tokens]
+    deltas.append(stream.finish())
+    assert all("\ufffd" not in d for d in deltas)
+    assert (
+        "".join(deltas)
+        == stream.done_text()
+        == transcript_text(tokens, VOCAB, _decode)
+        == "Café world. How   are"
+    )
+    events = [delta_event(d) for d in deltas if d]
+    events.append(done_event(stream.done_text(), token_usage(1, 3, len(tokens))))
+    for event in events[:-1]:
+        validate("TranscriptTextDeltaEvent", event)
+    validate("TranscriptTextDoneEvent", events[-1])
+    assert events[-1]["usage"]["total_tokens"] == 1500 + 3 + len(tokens)
