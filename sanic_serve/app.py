@@ -35,7 +35,7 @@ from sanic_serve.models import ModelResolver
 from sanic_serve.responses import background as background_responses
 from sanic_serve.responses import route as responses
 from sanic_serve.responses import stored as stored_responses
-from sanic_serve.routes import health, loading, models
+from sanic_serve.routes import health, loading, models, tokenize
 
 log = logging.getLogger("hfserve")
 
@@ -110,6 +110,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     for bp in (chat.bp, completions.bp, embeddings.bp, responses.bp, models.bp, health.bp, loading.bp):
         app.blueprint(bp)
     app.blueprint(stored_responses.bp)
+    app.blueprint(tokenize.bp)  # /tokenize, /detokenize (vLLM's), on the worker alone
     ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
 
     @app.main_process_start

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sanic_serve.chat.request import ChatCompletionRequest
+from sanic_serve.chat.tool_choice import ToolUse, tool_use
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.models import ModelBundle
 
@@ -78,3 +81,32 @@ def reasoning_controls(bundle: ModelBundle, effort: str) -> dict[str, Any]:
         f"The model `{bundle.id}` has no reasoning control in its chat template.",
         param="reasoning_effort",
     )
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """What a chat request's model reads: its token ids and text, and how tools are used."""
+
+    ids: list[int]
+    text: str
+    use: ToolUse
+
+
+def render_request(bundle: ModelBundle, req: ChatCompletionRequest) -> ChatPrompt:
+    """The one rendering of a chat request: the chat route generates from these ids, and
+    ``/tokenize`` answers them, so the two cannot drift apart."""
+    choice_none = req.tool_choice == "none" and bool(req.tools)
+    # offered_tools() leaves the tools out under tool_choice "none"; tool_use decides here.
+    every = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    use = tool_use(bundle, every if choice_none else req.offered_tools(), choice_none)
+    template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
+    template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
+    ids, text = render_chat(
+        bundle,
+        [m.for_template() for m in req.messages],
+        use.rendered,
+        template_kwargs,
+        continue_final=req.continue_final_message,
+        generation_prompt=req.add_generation_prompt,
+    )
+    return ChatPrompt(ids, text, use)

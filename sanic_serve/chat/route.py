@@ -11,9 +11,8 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
-from sanic_serve.chat.prompt import reasoning_controls, render_chat
+from sanic_serve.chat.prompt import render_request
 from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
-from sanic_serve.chat.tool_choice import tool_use
 from sanic_serve.chat.types import refuse_media
 from sanic_serve.choices import Choice, abort, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
@@ -29,24 +28,9 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
-    choice_none = req.tool_choice == "none" and bool(req.tools)
-    # offered_tools() leaves the tools out under tool_choice "none"; tool_use decides here.
-    every = [t.model_dump(exclude_none=True) for t in req.tools or []]
-    offered = every if choice_none else req.offered_tools()
-    use = tool_use(bundle, offered, choice_none)
+    prompt = await off_the_loop(request, render_request, bundle, req)
+    prompt_ids, prompt_text, use = prompt.ids, prompt.text, prompt.use
     tools = use.rendered
-    template_kwargs = reasoning_controls(bundle, req.reasoning_effort) if req.reasoning_effort else {}
-    template_kwargs.update(req.chat_template_kwargs or {})  # explicit variables win
-    prompt_ids, prompt_text = await off_the_loop(
-        request,
-        render_chat,
-        bundle,
-        [m.for_template() for m in req.messages],
-        tools,
-        template_kwargs,
-        continue_final=req.continue_final_message,
-        generation_prompt=req.add_generation_prompt,
-    )
     budget = completion_budget(bundle, len(prompt_ids), req.max_new_tokens)
     grammar = None
     forced = req.forced_tool()
