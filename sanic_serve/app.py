@@ -31,6 +31,7 @@ from sanic_serve.config import ServerConfig
 from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.lifecycle import HOST_PROCESS_NAME, install_lifecycle, start_main, stop_main
+from sanic_serve.messages import route as messages
 from sanic_serve.models import ModelResolver
 from sanic_serve.responses import background as background_responses
 from sanic_serve.responses import route as responses
@@ -111,6 +112,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
         app.blueprint(bp)
     app.blueprint(stored_responses.bp)
     app.blueprint(tokenize.bp)  # /tokenize, /detokenize (vLLM's), on the worker alone
+    app.blueprint(messages.bp)  # Anthropic's /v1/messages, with its own error shape
     ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
 
     @app.main_process_start

@@ -18,6 +18,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from sanic_serve.errors import APIError, error_response
+from sanic_serve.messages.errors import anthropic_error_response, is_messages_path
 
 # Open without a key: a load balancer's or systemd's health probe has none. /metrics is added
 # unless --metrics-auth (Prometheus scrapes are usually unauthenticated on a local network).
@@ -57,8 +58,14 @@ class KeyChecker:
 
 
 def check(request: Request, checker: KeyChecker) -> None:
-    """Raise ``InvalidAPIKey`` unless the request carries one of the keys."""
+    """Raise ``InvalidAPIKey`` unless the request carries one of the keys: as a bearer token, or
+    in ``x-api-key`` as Anthropic's clients send it."""
     header = request.headers.get("Authorization")
+    api_key = request.headers.get("x-api-key")
+    if api_key and checker.accepts(api_key.strip()):
+        return
+    if api_key and not header:
+        raise InvalidAPIKey("Incorrect API key provided.")
     if not header:
         raise InvalidAPIKey(
             "You didn't provide an API key. Send it in the Authorization header as 'Bearer KEY'."
@@ -100,7 +107,8 @@ def install(app: Sanic, keys: tuple[str, ...], metrics_auth: bool) -> None:
         try:
             check(request, checker)
         except InvalidAPIKey as exc:
-            return error_response(exc)
+            # Anthropic's routes answer in Anthropic's error shape, to its clients.
+            return anthropic_error_response(exc) if is_messages_path(request.path) else error_response(exc)
         return None
 
     app.register_middleware(_require_key, "request", priority=900)

@@ -93,6 +93,11 @@ class Generation:
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the generation, if one did (Anthropic reports which)."""
+        return self._stop.matched
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yields text deltas, the last one with a finish reason. Raises ``APIError`` on a host
         error. Whatever way the caller stops iterating, an unfinished request is aborted."""

@@ -1,0 +1,317 @@
+"""Anthropic's Messages request: validation with Anthropic's field names, then the same request
+as OpenAI chat (``ChatCompletionRequest``), which the chat machinery renders, constrains and runs.
+
+What maps where: ``system`` -> a system message; a user turn's ``tool_result`` blocks -> ``tool``
+messages (ahead of its text, as Anthropic orders them); an assistant's ``tool_use`` blocks ->
+``tool_calls``; a final assistant turn -> a prefill the reply continues (``continue_final_message``);
+``tool_choice`` ``any`` -> ``required``, ``tool`` -> a named call, ``disable_parallel_tool_use`` ->
+``parallel_tool_calls: false``; ``thinking`` -> ``reasoning_effort``. ``thinking`` and
+``redacted_thinking`` blocks replayed in the history are accepted and, as chat does with
+``reasoning_content``, not rendered again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
+from sanic_serve.chat.types import check_json_limits
+from sanic_serve.errors import InvalidRequest
+from sanic_serve.protocol import MAX_STOP_SEQUENCES
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="allow")  # cache_control, citations: accepted, no effect here
+
+
+class TextBlock(_Block):
+    type: Literal["text"]
+    text: str
+
+
+class ImageBlock(_Block):
+    type: Literal["image"]
+    source: dict[str, Any]
+
+
+class DocumentBlock(_Block):
+    type: Literal["document"]
+    source: dict[str, Any]
+
+
+class ToolUseBlock(_Block):
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+
+
+ResultPart = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
+
+
+class ToolResultBlock(_Block):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[ResultPart] | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(_Block):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Block):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+Block = Annotated[
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class InputMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["custom"] | None = None
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+    @field_validator("input_schema")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_limits(v)
+        return v
+
+
+class ToolChoice(BaseModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class ThinkingConfig(BaseModel):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(default=None, ge=1024)
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # metadata, service_tier, container, ...: no effect here
+
+    model: str = Field(min_length=1)
+    messages: list[InputMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
+class CountTokensRequest(MessagesRequest):
+    max_tokens: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
+    stream: bool = False
+
+
+# Pydantic names the union member it tried (``content.list[...]``, ``system.str``); Anthropic names
+# the field alone.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def _refuse_server_tools(body: dict[str, Any]) -> None:
+    """Anthropic's server-side tools (web search, code execution, ...) would run on Anthropic's
+    side; nothing here runs them, and ignoring one would answer a different question."""
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in (None, "custom"):
+            raise InvalidRequest(
+                f"tools.{i}: the tool type `{kind}` is not supported by this server; only custom tools "
+                "(name, description, input_schema) are.",
+                param=f"tools[{i}]",
+            )
+
+
+def parse_messages_request(body: Any, counting: bool = False) -> MessagesRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    _refuse_server_tools(body)
+    model = CountTokensRequest if counting else MessagesRequest
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        # A union reports each member's failure; the deepest one says what was really wrong
+        # (a bad block in a list of blocks, not "content should be a string").
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        where = _where(tuple(first["loc"]))
+        raise InvalidRequest(f"{where}: {first['msg']}" if where else first["msg"], param=where) from exc
+    if any(s == "" for s in req.stop_sequences or []):
+        raise InvalidRequest("stop_sequences: stop sequences must not be empty.", param="stop_sequences")
+    if req.tool_choice is not None:
+        _check_tool_choice(req)
+    thinking = req.thinking
+    if thinking is not None and thinking.type == "enabled":
+        if thinking.budget_tokens is None:
+            raise InvalidRequest("thinking.budget_tokens: Field required", param="thinking.budget_tokens")
+        if req.max_tokens is not None and thinking.budget_tokens >= req.max_tokens:
+            raise InvalidRequest(
+                "`max_tokens` must be greater than `thinking.budget_tokens`.", param="thinking.budget_tokens"
+            )
+    return req
+
+
+def _check_tool_choice(req: MessagesRequest) -> None:
+    choice = req.tool_choice
+    assert choice is not None
+    if choice.type == "tool" and not choice.name:
+        raise InvalidRequest("tool_choice.name: Field required", param="tool_choice.name")
+    if choice.type in ("any", "tool") and not req.tools:
+        raise InvalidRequest(f"tool_choice.type `{choice.type}` needs `tools`.", param="tool_choice")
+    if choice.type == "tool" and choice.name not in {t.name for t in req.tools or []}:
+        raise InvalidRequest(
+            f"tool_choice.name: `{choice.name}` is not among the tools offered.", param="tool_choice.name"
+        )
+
+
+def _text(blocks: list[TextBlock] | str) -> str:
+    return blocks if isinstance(blocks, str) else "".join(b.text for b in blocks)
+
+
+def _refuse_media(block: BaseModel, where: str, model: str) -> None:
+    if isinstance(block, ImageBlock | DocumentBlock):
+        what = "images" if isinstance(block, ImageBlock) else "documents"
+        raise InvalidRequest(
+            f"{where}: the model `{model}` takes no {what}; content blocks must be text.", param=where
+        )
+
+
+def _result_text(block: ToolResultBlock, where: str, model: str) -> str:
+    if block.content is None or isinstance(block.content, str):
+        return block.content or ""
+    for j, part in enumerate(block.content):
+        _refuse_media(part, f"{where}.content.{j}", model)
+    return "".join(p.text for p in block.content if isinstance(p, TextBlock))
+
+
+def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation in OpenAI chat's shape; a 400 for what Anthropic would refuse."""
+    out: list[dict[str, Any]] = []
+    if req.system:
+        out.append({"role": "system", "content": _text(req.system)})
+    previous_calls: set[str] = set()  # the tool_use ids of the assistant turn just before
+    for i, message in enumerate(req.messages):
+        content = message.content
+        blocks = [TextBlock(type="text", text=content)] if isinstance(content, str) else list(content)
+        text = ""
+        calls: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        for j, block in enumerate(blocks):
+            where = f"messages.{i}.content.{j}"
+            _refuse_media(block, where, req.model)
+            if isinstance(block, TextBlock):
+                text += block.text
+            elif isinstance(block, ToolUseBlock):
+                if message.role != "assistant":
+                    raise InvalidRequest(f"{where}: tool_use blocks belong to assistant turns.", param=where)
+                arguments = json.dumps(block.input, ensure_ascii=False)
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": arguments},
+                    }
+                )
+            elif isinstance(block, ToolResultBlock):
+                if message.role != "user":
+                    raise InvalidRequest(f"{where}: tool_result blocks belong to user turns.", param=where)
+                if block.tool_use_id not in previous_calls:
+                    raise InvalidRequest(
+                        f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.tool_use_id}. Each `tool_result` block must have a corresponding "
+                        "`tool_use` block in the previous message.",
+                        param=where,
+                    )
+                content = _result_text(block, where, req.model)
+                results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
+        out += results
+        if message.role == "assistant":
+            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+        elif text or not results:
+            out.append({"role": "user", "content": text})
+        previous_calls = {c["id"] for c in calls}
+    return out
+
+
+def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
+    """The same request as OpenAI chat, for ``sanic_serve.chat.route.prepare``."""
+    body: dict[str, Any] = {"model": req.model, "messages": chat_messages(req)}
+    if req.max_tokens is not None:
+        body["max_tokens"] = req.max_tokens
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(req, name) is not None:
+            body[name] = getattr(req, name)
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences
+    if req.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
+            }
+            for t in req.tools
+        ]
+        body["tool_choice"] = _chat_tool_choice(req.tool_choice)
+        if req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use:
+            body["parallel_tool_calls"] = False
+    if req.thinking is not None and req.thinking.type == "enabled":
+        body["reasoning_effort"] = "high"
+    if req.messages[-1].role == "assistant":  # a prefill: the reply continues it
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
+    try:
+        return parse_chat_request(body)
+    except InvalidRequest as exc:  # the chat names of the fields, in Anthropic's
+        raise InvalidRequest(exc.message.replace("'stop'", "'stop_sequences'"), param=exc.param) from exc
+
+
+def _chat_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any]:
+    if choice is None or choice.type == "auto":
+        return "auto"
+    if choice.type == "any":
+        return "required"
+    if choice.type == "tool":
+        return {"type": "function", "function": {"name": choice.name}}
+    return "none"

@@ -1,0 +1,423 @@
+"""Anthropic's Messages API end to end: the real ``anthropic`` SDK and raw HTTP against the shared
+demo server, checked against chat completions for the same greedy conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
+from tests.server import ServerProcess
+
+MODEL = "hfserve-demo"
+# The SDK no longer has sampling parameters (Anthropic's newer models fix them); greedy rides as an extra.
+GREEDY = {"temperature": 0}
+TIMEOUT_S = 120.0
+WEATHER = {
+    "name": "get_weather",
+    "description": WEATHER_TOOL["function"]["description"],
+    "input_schema": WEATHER_TOOL["function"]["parameters"],
+}
+ADD = {
+    "name": "add",
+    "description": ADD_TOOL["function"]["description"],
+    "input_schema": ADD_TOOL["function"]["parameters"],
+}
+ASK_PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def sdk(server: ServerProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+def chat_text(server: ServerProcess, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)  # type: ignore[arg-type]
+    return resp.choices[0].message.content or ""
+
+
+def post(server: ServerProcess, body: Any, path: str = "/v1/messages") -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, timeout=TIMEOUT_S)
+
+
+def sse_events(server: ServerProcess, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A raw stream's events as (event name, payload); the name must match the payload's type."""
+    events = []
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/messages", json={**body, "stream": True}, timeout=TIMEOUT_S
+    ) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                payload = json.loads(line[len("data: ") :])
+                assert payload["type"] == name
+                events.append((name, payload))
+    return events
+
+
+def check_order(events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Anthropic's stream grammar: message_start, (ping | block start, deltas, stop)*, message_delta,
+    message_stop; blocks numbered 0, 1, ... in order. Returns the blocks the deltas build."""
+    names = [n for n, _ in events if n != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    blocks: list[dict[str, Any]] = []
+    open_index: int | None = None
+    partial: dict[int, str] = {}
+    for name, payload in events[1:-2]:
+        if name == "ping":
+            continue
+        if name == "content_block_start":
+            assert open_index is None and payload["index"] == len(blocks)
+            open_index = payload["index"]
+            blocks.append(dict(payload["content_block"]))
+        elif name == "content_block_delta":
+            assert payload["index"] == open_index
+            delta = payload["delta"]
+            if delta["type"] == "text_delta":
+                blocks[-1]["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                blocks[-1]["thinking"] += delta["thinking"]
+            else:
+                assert delta["type"] == "input_json_delta"
+                partial[payload["index"]] = partial.get(payload["index"], "") + delta["partial_json"]
+        else:
+            assert name == "content_block_stop" and payload["index"] == open_index, (name, payload)
+            open_index = None
+    assert open_index is None
+    for index, joined in partial.items():
+        blocks[index]["input"] = json.loads(joined)  # the pieces parse once joined
+    return blocks
+
+
+def test_create_equals_chat_completions(server: ServerProcess) -> None:
+    msg = sdk(server).messages.create(
+        model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": "Hello!"}]
+    )
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == MODEL
+    assert msg.id.startswith("msg_")
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].text == "Hello! How can I help you today?"  # type: ignore[union-attr]
+    assert msg.content[0].text == chat_text(server, [{"role": "user", "content": "Hello!"}])  # type: ignore[union-attr]
+    assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
+    assert msg.usage.output_tokens == 10  # the sentence's 9 tokens and the end of turn, as chat counts
+    assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) > 5
+
+
+def test_system_and_history_equal_chat(server: ServerProcess) -> None:
+    system = "You are a helpful assistant."
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi there! What can I do for you?"}]},
+        {"role": "user", "content": "Tell me a joke"},
+    ]
+    msg = sdk(server).messages.create(
+        model=MODEL,
+        max_tokens=64,
+        extra_body=GREEDY,
+        system=[{"type": "text", "text": system}],
+        messages=history,
+    )
+    chat = [{"role": "system", "content": system}] + [
+        {
+            "role": m["role"],
+            "content": m["content"] if isinstance(m["content"], str) else m["content"][0]["text"],
+        }
+        for m in history
+    ]
+    assert msg.content[0].text == chat_text(server, chat)  # type: ignore[union-attr]
+    assert msg.content[0].text  # type: ignore[union-attr]  # (the demo model knows no multi-turn chat)
+
+
+def test_stream_final_message_equals_create(server: ServerProcess) -> None:
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "messages": ASK_PARIS}
+    for extra in ({}, {"tools": [WEATHER, ADD], "tool_choice": {"type": "tool", "name": "get_weather"}}):
+        whole = sdk(server).messages.create(**body, **extra, extra_body=GREEDY)
+        with sdk(server).messages.stream(**body, **extra, extra_body=GREEDY) as stream:
+            final = stream.get_final_message()
+        a, b = whole.model_dump(), final.model_dump()
+        for m in (a, b):
+            m.pop("id")
+            m["usage"]["input_tokens"] += m["usage"]["cache_read_input_tokens"]  # the prefix cache may differ
+            m["usage"]["cache_read_input_tokens"] = 0
+            for block in m["content"]:
+                block.pop("id", None)  # tool_use ids are fresh per response
+        assert a == b
+
+
+def test_stream_event_order_text_and_tool(server: ServerProcess) -> None:
+    body = {
+        "model": MODEL,
+        "max_tokens": 64,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Count to five"}],
+    }
+    events = sse_events(server, body)
+    blocks = check_order(events)
+    assert blocks == [{"type": "text", "text": "One, two, three, four, five."}]
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["output_tokens"] == 0
+    assert events[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert events[-2][1]["usage"]["output_tokens"] > 0
+
+    forced = {
+        **body,
+        "messages": ASK_PARIS,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+    }
+    events = sse_events(server, forced)
+    blocks = check_order(events)
+    assert [b["type"] for b in blocks] == ["tool_use"]
+    assert blocks[0]["name"] == "get_weather" and blocks[0]["id"].startswith("toolu_")
+    jsonschema.validate(blocks[0]["input"], WEATHER["input_schema"])
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_forced_tool_call_and_tool_result_turn(server: ServerProcess) -> None:
+    client = sdk(server)
+    for name, question in (
+        ("get_weather", ASK_PARIS),
+        ("add", [{"role": "user", "content": "What is 2 plus 3?"}]),
+    ):
+        msg = client.messages.create(
+            model=MODEL,
+            max_tokens=64,
+            extra_body=GREEDY,
+            messages=question,  # type: ignore[arg-type]
+            tools=[WEATHER, ADD],  # type: ignore[list-item]
+            tool_choice={"type": "tool", "name": name},
+        )
+        uses = [b for b in msg.content if b.type == "tool_use"]
+        assert len(uses) == 1 and uses[0].name == name, msg.content
+        schema = (WEATHER if name == "get_weather" else ADD)["input_schema"]
+        jsonschema.validate(uses[0].input, schema)
+        assert msg.stop_reason == "tool_use"
+    weather = client.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        extra_body=GREEDY,
+        messages=ASK_PARIS,
+        tools=[WEATHER],  # type: ignore[arg-type,list-item]
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    call = next(b for b in weather.content if b.type == "tool_use")
+    assert call.input == {"city": "Paris"}
+    turn = [
+        *ASK_PARIS,
+        {"role": "assistant", "content": [b.model_dump() for b in weather.content]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "content": json.dumps({"weather": "sunny, 22 C"}),
+                }
+            ],
+        },
+    ]
+    reply = client.messages.create(
+        model=MODEL, max_tokens=64, extra_body=GREEDY, messages=turn, tools=[WEATHER]
+    )  # type: ignore[arg-type,list-item]
+    assert reply.stop_reason == "end_turn"
+    assert reply.content[0].text == "The weather in Paris is sunny, 22 C."  # type: ignore[union-attr]
+
+
+def test_count_tokens_equals_billed_input(server: ServerProcess) -> None:
+    client = sdk(server)
+    for extra in ({}, {"system": "You are a helpful assistant.", "tools": [WEATHER, ADD]}):
+        counted = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, **extra)  # type: ignore[arg-type]
+        msg = client.messages.create(
+            model=MODEL, max_tokens=8, extra_body=GREEDY, messages=ASK_PARIS, **extra
+        )  # type: ignore[arg-type]
+        assert counted.input_tokens == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
+    bare = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS)
+    with_tools = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, tools=[WEATHER])  # type: ignore[list-item]
+    assert with_tools.input_tokens > bare.input_tokens  # the tools are part of the prompt
+
+
+def test_stop_sequences_and_max_tokens(server: ServerProcess) -> None:
+    client = sdk(server)
+    hello = [{"role": "user", "content": "Hello!"}]
+    msg = client.messages.create(
+        model=MODEL, max_tokens=64, extra_body=GREEDY, messages=hello, stop_sequences=["help"]
+    )  # type: ignore[arg-type]
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "help"
+    assert msg.content[0].text == "Hello! How can I "  # type: ignore[union-attr]
+    short = client.messages.create(model=MODEL, max_tokens=2, extra_body=GREEDY, messages=hello)  # type: ignore[arg-type]
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 2
+
+
+BAD: list[tuple[str, Any, str]] = [
+    ("missing max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}, "max_tokens"),
+    (
+        "tool_result without its tool_use",
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}],
+                }
+            ],
+        },
+        "toolu_x",
+    ),
+    (
+        "unknown block type",
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}],
+        },
+        "messages.0.content.0",
+    ),
+    (
+        "an image to a text model",
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+                        }
+                    ],
+                }
+            ],
+        },
+        "takes no images",
+    ),
+    (
+        "max_tokens of the wrong type",
+        {"model": MODEL, "max_tokens": "ten", "messages": [{"role": "user", "content": "Hi"}]},
+        "max_tokens",
+    ),
+    (
+        "a role Anthropic lacks",
+        {"model": MODEL, "max_tokens": 8, "messages": [{"role": "system", "content": "Hi"}]},
+        "role",
+    ),
+    (
+        "a server tool",
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": ASK_PARIS,
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        },
+        "web_search_20250305",
+    ),
+    (
+        "tool_choice naming no offered tool",
+        {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": ASK_PARIS,
+            "tools": [WEATHER],
+            "tool_choice": {"type": "tool", "name": "nope"},
+        },
+        "nope",
+    ),
+    ("not an object", [1, 2], "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "says"), BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_are_anthropic_400s(server: ServerProcess, what: str, body: Any, says: str) -> None:
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        if what == "missing max_tokens" and path.endswith("count_tokens"):
+            continue  # count_tokens takes no max_tokens
+        r = post(server, body, path)
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()
+        assert err["type"] == "error" and set(err) == {"type", "error"}
+        assert err["error"]["type"] == "invalid_request_error"
+        assert says in err["error"]["message"], err
+
+
+def test_other_errors_keep_their_shapes(server: ServerProcess) -> None:
+    r = post(server, {"model": "no-such-model", "max_tokens": 8, "messages": ASK_PARIS})
+    assert (
+        r.status_code == 404
+        and r.json()["error"]["type"] == "not_found_error"
+        and r.json()["type"] == "error"
+    )
+    with pytest.raises(anthropic.NotFoundError):
+        sdk(server).messages.create(model="no-such-model", max_tokens=8, messages=ASK_PARIS)  # type: ignore[arg-type]
+    r = httpx.post(f"{server.base_url}/v1/messages", content=b"{not json", timeout=TIMEOUT_S)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # The OpenAI routes keep OpenAI's shape.
+    r = post(server, {"model": MODEL}, "/v1/chat/completions")
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # And the server still serves.
+    ok = post(
+        server,
+        {"model": MODEL, "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert ok.status_code == 200 and ok.json()["content"][0]["text"] == "Hi there! What can I do for you?"
+
+
+def test_mixed_batch_equals_lone_outputs(server: ServerProcess) -> None:
+    prompts = [
+        "Hello!",
+        "Tell me a joke",
+        "Count to five",
+        "What is hfserve?",
+        "Goodbye",
+        "Who are you?",
+        "What color is the sky?",
+        "Say something nice",
+    ]
+    lone_chat = {p: chat_text(server, [{"role": "user", "content": p}], max_tokens=64) for p in prompts}
+    lone_msgs = {
+        p: sdk(server)
+        .messages.create(
+            model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": p}]
+        )
+        .content[0]
+        .text  # type: ignore[union-attr]
+        for p in prompts
+    }
+    assert lone_msgs == lone_chat
+
+    async def run() -> tuple[list[str], list[str]]:
+        a = anthropic.AsyncAnthropic(
+            base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT_S
+        )
+        o = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+        async def one_msg(p: str) -> str:
+            m = await a.messages.create(
+                model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": p}]
+            )
+            return m.content[0].text  # type: ignore[union-attr]
+
+        async def one_chat(p: str) -> str:
+            r = await o.chat.completions.create(
+                model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": p}]
+            )
+            return r.choices[0].message.content or ""
+
+        return await asyncio.gather(  # type: ignore[return-value]
+            asyncio.gather(*(one_msg(p) for p in prompts)), asyncio.gather(*(one_chat(p) for p in prompts))
+        )
+
+    msgs, chats = asyncio.run(run())
+    assert msgs == [lone_msgs[p] for p in prompts]
+    assert chats == [lone_chat[p] for p in prompts]
