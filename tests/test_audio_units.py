@@ -7,7 +7,9 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -28,6 +30,8 @@ from sanic_serve.audio.formats import (
     transcript_text,
     verbose_json,
 )
+from sanic_serve.audio.request import Task, UploadTooLarge, parse_audio_form
+from sanic_serve.errors import InvalidRequest
 from tests.openapi import validate
 from tests.subtitles import encode_av, encode_soundfile, parse_srt, parse_vtt
 
@@ -295,3 +299,100 @@ def test_stream_deltas_concatenate_to_the_text_and_hold_split_characters() -> No
         validate("TranscriptTextDeltaEvent", event)
     validate("TranscriptTextDoneEvent", events[-1])
     assert events[-1]["usage"]["total_tokens"] == 1500 + 3 + len(tokens)
+
+
+# ---- the form ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Upload:
+    body: bytes
+    name: str = "speech.wav"
+    type: str = "audio/wav"
+
+
+def _form(**fields: str | list[str]) -> dict[str, list[str]]:
+    return {k.replace("__", "[]"): v if isinstance(v, list) else [v] for k, v in fields.items()}
+
+
+FILES = {"file": [_Upload(b"RIFF....WAVE")]}
+
+
+def test_the_form_in_the_sdk_field_names() -> None:
+    form = _form(
+        model="whisper-base",
+        language="DE",
+        prompt="Hallo",
+        response_format="verbose_json",
+        temperature="0.2",
+        timestamp_granularities__=["segment"],
+    )
+    req = parse_audio_form("transcribe", form, FILES)
+    assert (req.model, req.language, req.prompt, req.response_format) == (
+        "whisper-base",
+        "de",
+        "Hallo",
+        "verbose_json",
+    )
+    assert req.temperature == 0.2 and req.timestamps and not req.word_timestamps and not req.stream
+    assert req.audio == b"RIFF....WAVE" and req.filename == "speech.wav"
+    plain = parse_audio_form("transcribe", _form(model="m", stream="true", include__=["logprobs"]), FILES)
+    assert plain.response_format == "json" and plain.stream and plain.include_logprobs
+    assert plain.language is None and plain.temperature == 0.0 and not plain.timestamps
+
+
+@pytest.mark.parametrize(
+    ("task", "fields", "files", "param"),
+    [
+        ("transcribe", {"model": "m"}, {}, "file"),
+        ("transcribe", {"model": "m", "file": "not a file"}, {}, "file"),
+        ("transcribe", {"model": "m"}, {"file": [_Upload(b"a"), _Upload(b"b")]}, "file"),
+        ("transcribe", {}, FILES, "model"),
+        ("transcribe", {"model": "m", "language": "xx"}, FILES, "language"),
+        ("transcribe", {"model": "m", "language": "english"}, FILES, "language"),
+        ("transcribe", {"model": "m", "response_format": "diarized_json"}, FILES, "response_format"),
+        ("transcribe", {"model": "m", "temperature": "1.5"}, FILES, "temperature"),
+        ("transcribe", {"model": "m", "temperature": "nan"}, FILES, "temperature"),
+        ("transcribe", {"model": "m", "stream": "maybe"}, FILES, "stream"),
+        ("transcribe", {"model": "m", "stream": "true", "response_format": "srt"}, FILES, "stream"),
+        (
+            "transcribe",
+            {"model": "m", "timestamp_granularities__": ["segment"]},
+            FILES,
+            "timestamp_granularities[]",
+        ),
+        (
+            "transcribe",
+            {"model": "m", "response_format": "verbose_json", "timestamp_granularities__": ["word"]},
+            FILES,
+            "timestamp_granularities[]",
+        ),
+        (
+            "transcribe",
+            {"model": "m", "include__": ["logprobs"], "response_format": "text"},
+            FILES,
+            "include[]",
+        ),
+        ("transcribe", {"model": "m", "include__": ["everything"]}, FILES, "include[]"),
+        ("transcribe", {"model": "m", "speed": "2"}, FILES, "speed"),
+        ("translate", {"model": "m", "language": "de"}, FILES, "language"),
+        ("translate", {"model": "m", "stream": "true"}, FILES, "stream"),
+    ],
+)
+def test_bad_forms_are_400s_naming_their_field(
+    task: Task, fields: dict[str, Any], files: dict[str, list[_Upload]], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_audio_form(task, _form(**fields), files)
+    assert err.value.status == 400 and err.value.param == param
+    validate("ErrorResponse", err.value.body())
+
+
+def test_an_upload_over_the_limit_is_a_413_naming_file() -> None:
+    files = {"file": [_Upload(b"\0" * (1024 * 1024 + 1))]}
+    with pytest.raises(UploadTooLarge) as err:
+        parse_audio_form("transcribe", _form(model="m"), files, max_audio_mb=1)
+    assert err.value.status == 413 and err.value.param == "file" and err.value.code == "file_too_large"
+    assert (
+        parse_audio_form("transcribe", _form(model="m"), files, max_audio_mb=2).audio == files["file"][0].body
+    )

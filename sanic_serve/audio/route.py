@@ -1,0 +1,316 @@
+"""``POST /v1/audio/transcriptions`` and ``POST /v1/audio/translations``.
+
+The worker does everything but the model: it parses the form, decodes the upload and computes
+Whisper's log-mel features (both in a thread: seconds of CPU for a long file must not stall this
+worker's other requests), submits them to the host's ``seq2seq`` runner (``HostClient.transcribe``)
+and turns the decoder's tokens into the asked format. Not registered in the app until the host's
+runner serves Whisper end to end (then ``sanic_serve.app`` registers ``bp``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json, text
+
+from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams
+from model_host.ipc.messages import TokenFrame, request_ref
+from model_host.ipc.model_kind import ModelKind
+from sanic_serve.audio.decode import AudioError, decode_audio
+from sanic_serve.audio.features import FeatureConfig, log_mel_windows
+from sanic_serve.audio.formats import (
+    Segment,
+    TextStream,
+    WhisperVocab,
+    delta_event,
+    done_event,
+    json_body,
+    logprob_entry,
+    render_srt,
+    render_vtt,
+    split_segments,
+    token_usage,
+    transcript_text,
+    verbose_json,
+)
+from sanic_serve.audio.request import (
+    DEFAULT_MAX_AUDIO_MB,
+    DEFAULT_MAX_AUDIO_S,
+    AudioRequest,
+    Task,
+    parse_audio_form,
+)
+from sanic_serve.errors import APIError, InvalidRequest, ServerError, from_host_error
+from sanic_serve.models import ModelBundle
+from sanic_serve.requests import admit
+from sanic_serve.sse import event
+
+log = logging.getLogger(__name__)
+bp = Blueprint("audio")
+
+# The runners issue names the kind ``seq2seq``; until the host's side declares it, no model is of
+# it and every model is refused as "not a speech model" (a 400 naming ``model``).
+SPEECH_KIND: ModelKind | None = getattr(ModelKind, "SEQ2SEQ", None)
+# Whisper's own default (openai-whisper's ``sample_len``): half the decoder's 448 positions.
+MAX_NEW_TOKENS_PER_WINDOW = 224
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@bp.post("/v1/audio/transcriptions", ctx_large_body=True)
+async def create_transcription(request: Request) -> HTTPResponse | None:
+    return await _handle(request, "transcribe")
+
+
+@bp.post("/v1/audio/translations", ctx_large_body=True)
+async def create_translation(request: Request) -> HTTPResponse | None:
+    return await _handle(request, "translate")
+
+
+def _limit(request: Request, name: str, default: float) -> float:
+    return float(getattr(request.app.ctx.config, name, default))
+
+
+def _parse(request: Request, task: Task) -> AudioRequest:
+    if not (request.content_type or "").startswith("multipart/form-data"):
+        raise InvalidRequest("Send the audio as multipart/form-data, with the file in the field `file`.")
+    return parse_audio_form(
+        task,
+        request.form or {},
+        request.files or {},
+        max_audio_mb=_limit(request, "max_audio_mb", DEFAULT_MAX_AUDIO_MB),
+    )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    features: bytes
+    n_windows: int
+    n_mels: int
+    duration_s: float
+
+
+def _prepare(audio: bytes, model_path: str, max_audio_s: float) -> _Prepared:
+    """Decode and featurise (runs in a thread)."""
+    samples = decode_audio(audio, max_duration_s=max_audio_s)
+    config = _feature_config(model_path)
+    features = log_mel_windows(samples, config)
+    return _Prepared(
+        features.tobytes(), features.shape[0], config.n_mels, len(samples) / config.sampling_rate_hz
+    )
+
+
+@functools.cache
+def _feature_config(model_path: str) -> FeatureConfig:
+    return FeatureConfig.from_folder(model_path)
+
+
+def _vocab(bundle: ModelBundle) -> WhisperVocab:
+    eot = bundle.tokenizer.token_to_id("<|endoftext|>")
+    begin = bundle.tokenizer.token_to_id("<|0.00|>")
+    if eot is None or begin is None:
+        raise InvalidRequest(
+            f"The model `{bundle.id}` has no Whisper tokenizer (timestamp tokens).", param="model"
+        )
+    return WhisperVocab(eot_id=eot, timestamp_begin_id=begin)
+
+
+async def _handle(request: Request, task: Task) -> HTTPResponse | None:
+    req = _parse(request, task)
+    if SPEECH_KIND is None:
+        raise InvalidRequest(
+            f"The model `{req.model}` is not a speech-to-text model.",
+            param="model",
+            code="model_not_supported",
+        )
+    bundle = await admit(request, req.model, SPEECH_KIND)
+    vocab = _vocab(bundle)
+    if req.language is not None and bundle.tokenizer.token_to_id(f"<|{req.language}|>") is None:
+        raise InvalidRequest(
+            f"The model `{bundle.id}` does not know the language `{req.language}`.", param="language"
+        )
+    loop = asyncio.get_running_loop()
+    try:
+        prepared = await loop.run_in_executor(
+            None, _prepare, req.audio, bundle.path, _limit(request, "max_audio_s", DEFAULT_MAX_AUDIO_S)
+        )
+    except AudioError as exc:
+        raise InvalidRequest(exc.message, param=exc.param, code=exc.code) from None
+    # Whisper's prompt is previous text, spaced as if it came before the audio's first word.
+    prompt_ids = bundle.encode(" " + req.prompt.strip()) if req.prompt else []
+    client: HostClient = request.app.ctx.client
+    sampling = SamplingParams(
+        max_new_tokens=MAX_NEW_TOKENS_PER_WINDOW,
+        temperature=req.temperature,
+        # verbose_json's avg_logprob is measured, not made up: it asks for the sampled tokens' logprobs.
+        logprobs=0 if req.include_logprobs or req.response_format == "verbose_json" else -1,
+    )
+    stream = client.transcribe(
+        bundle.path,
+        prepared.features,
+        prepared.n_windows,
+        prepared.n_mels,
+        language=req.language,
+        task=task,
+        prompt_ids=prompt_ids,
+        timestamps=req.timestamps,
+        sampling=sampling,
+    )
+    out = _Output(bundle, vocab, req)
+    try:
+        if req.stream:
+            await _stream(request, client, stream, out, prepared, len(prompt_ids))
+            return None
+        async for frame in _frames(client, stream, bundle):
+            out.take(frame)
+        return _render(out, prepared)
+    finally:
+        client.abort(stream)  # however it ended (client gone included), the host stops decoding
+
+
+async def _frames(
+    client: HostClient, stream: RequestStream, bundle: ModelBundle
+) -> AsyncIterator[TokenFrame]:
+    while not (stream.finished and stream.empty):
+        for frame in await stream.frames():
+            if frame.error is not None:
+                raise from_host_error(
+                    frame.error, request_ref(client.worker_index, stream.request_id), bundle.id
+                )
+            yield frame
+            if frame.finish_reason is not FinishReason.NONE:
+                return
+
+
+class _Output:
+    """The tokens of one transcription as they arrive: the language token first, then the text and
+    timestamp tokens (with their logprobs when asked)."""
+
+    def __init__(self, bundle: ModelBundle, vocab: WhisperVocab, req: AudioRequest) -> None:
+        self.bundle, self.vocab, self.req = bundle, vocab, req
+        self.language = req.language or ""
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.started = False
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.bundle.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def take(self, frame: TokenFrame) -> tuple[list[int], list[float]]:
+        """Record a frame's tokens; returns them (the language token taken off) with their logprobs."""
+        ids = list(frame.token_ids)
+        lps = [lp.logprob for lp in frame.logprobs] if frame.logprobs is not None else [0.0] * len(ids)
+        if not self.started and ids:
+            self.started = True
+            first = ids[0]
+            token = self.bundle.tokenizer.id_to_token(first) or ""
+            if not self.vocab.is_text(first) and not self.vocab.is_timestamp(first):
+                if token.startswith("<|") and token.endswith("|>"):
+                    self.language = token[2:-2]
+                ids, lps = ids[1:], lps[1:]
+        self.tokens += ids
+        self.logprobs += lps
+        return ids, lps
+
+    def logprob_entries(self, ids: Sequence[int], lps: Sequence[float]) -> list[dict[str, Any]]:
+        """OpenAI's logprob objects for the text tokens among ``ids``."""
+        return [
+            logprob_entry(self.decode([t]), lp)
+            for t, lp in zip(ids, lps, strict=True)
+            if self.vocab.is_text(t)
+        ]
+
+    def all_logprob_entries(self) -> list[dict[str, Any]]:
+        return self.logprob_entries(self.tokens, self.logprobs)
+
+
+def _render(out: _Output, prepared: _Prepared) -> HTTPResponse:
+    req, vocab = out.req, out.vocab
+    full = transcript_text(out.tokens, vocab, out.decode)
+    fmt = req.response_format
+    if fmt == "json":
+        return json(
+            json_body(full, prepared.duration_s, out.all_logprob_entries() if req.include_logprobs else None),
+            dumps=orjson.dumps,
+        )
+    if fmt == "text":
+        return text(full + "\n")
+    segments = split_segments(out.tokens, vocab, out.decode, prepared.duration_s)
+    if fmt == "srt":
+        return text(render_srt(segments))
+    if fmt == "vtt":
+        return text(render_vtt(segments))
+    body = verbose_json(
+        task=req.task,
+        language=out.language,
+        duration_s=prepared.duration_s,
+        text=full,
+        segments=segments,
+        temperature=req.temperature,
+        segment_logprobs=_segment_means(out, segments),
+    )
+    return json(body, dumps=orjson.dumps)
+
+
+def _segment_means(out: _Output, segments: Sequence[Segment]) -> list[float | None]:
+    position = 0
+    means: list[float | None] = []
+    for seg in segments:  # segments take the text tokens in order; find each one's logprobs
+        values: list[float] = []
+        for token in seg.tokens:
+            while position < len(out.tokens) and out.tokens[position] != token:
+                position += 1
+            if position < len(out.tokens):
+                values.append(out.logprobs[position])
+                position += 1
+        means.append(sum(values) / len(values) if values else None)
+    return means
+
+
+async def _stream(
+    request: Request,
+    client: HostClient,
+    stream: RequestStream,
+    out: _Output,
+    prepared: _Prepared,
+    prompt_tokens: int,
+) -> None:
+    """``transcript.text.delta`` events, then exactly one ``transcript.text.done`` with usage. The
+    headers wait for the first frame, so a failure before any token keeps its HTTP status."""
+    frames = _frames(client, stream, out.bundle)
+    first = await anext(frames, None)
+    response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+    assert response is not None
+    deltas = TextStream(out.vocab, out.decode)
+    want_logprobs = out.req.include_logprobs
+    try:
+        frame = first
+        while frame is not None:
+            ids, lps = out.take(frame)
+            delta = deltas.push(ids)
+            # Logprobs go with the event of the frame whose tokens they measure (a delta of held-back
+            # text may come a frame later than its tokens).
+            entries = out.logprob_entries(ids, lps) if want_logprobs else None
+            if delta or entries:
+                await response.send(event(delta_event(delta, entries)))
+            frame = await anext(frames, None)
+        tail = deltas.finish()
+        if tail:
+            await response.send(event(delta_event(tail)))
+        usage = token_usage(prepared.n_windows, prompt_tokens, len(out.tokens) + 1)
+        done = done_event(deltas.done_text(), usage, out.all_logprob_entries() if want_logprobs else None)
+        await response.send(event(done))
+    except APIError as exc:
+        # Headers are gone: the error goes in-band, as an error event the SDKs raise.
+        await response.send(event(exc.body()))
+    except Exception:
+        log.exception("transcription stream failed")
+        ref = request_ref(client.worker_index, stream.request_id)
+        await response.send(event(ServerError(f"Transcription failed (request id {ref}).").body()))
+    await response.eof()
