@@ -121,7 +121,11 @@ def call(srv: ServerProcess, method: str, path: str, headers: dict[str, str] | N
 def assert_401(resp: httpx.Response, what: str) -> None:
     assert resp.status_code == 401, (what, resp.status_code, resp.text[:300])
     assert resp.headers["WWW-Authenticate"] == "Bearer", what
-    assert resp.json()["error"]["code"] == "invalid_api_key", what
+    body = resp.json()
+    if body.get("type") == "error":  # Anthropic's routes (/v1/messages...) answer in its shape
+        assert body["error"]["type"] == "authentication_error", what
+    else:
+        assert body["error"]["code"] == "invalid_api_key", what
 
 
 @pytest.mark.parametrize("setup", ["metrics_auth", "default"])
@@ -163,6 +167,30 @@ def test_401_is_openais_error_and_both_keys_work(keyed: ServerProcess) -> None:
     assert call(keyed, "GET", "/v1/models", {"Authorization": f"bearer {KEY_A}"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=NEAR_MISS, max_retries=0).models.list()
+
+
+def test_x_api_key_and_anthropic_401s(keyed: ServerProcess) -> None:
+    """Anthropic's clients send ``x-api-key``: the same keys, on every route; a wrong one is an
+    Anthropic-shaped 401 on the Messages routes."""
+    import anthropic
+
+    body = {"model": "hfserve-demo", "max_tokens": 16, "messages": HELLO}
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        for headers in ({}, {"x-api-key": NEAR_MISS}, {"x-api-key": NEAR_MISS, **bearer(NEAR_MISS)}):
+            resp = httpx.post(keyed.base_url + path, json=body, headers=headers, timeout=60.0)
+            assert resp.status_code == 401, (path, headers.keys(), resp.text)
+            assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "authentication_error"
+            assert NEAR_MISS not in resp.text
+    assert call(keyed, "GET", "/v1/models", {"x-api-key": KEY_B}).status_code == 200
+    assert_401(call(keyed, "GET", "/v1/models", {"x-api-key": NEAR_MISS}), "wrong x-api-key")
+    for key in (KEY_A, KEY_B):
+        client = anthropic.Anthropic(base_url=keyed.base_url, api_key=key, max_retries=0)
+        reply = client.messages.create(model="hfserve-demo", max_tokens=16, messages=HELLO)  # type: ignore[arg-type]
+        assert reply.content and reply.usage.output_tokens > 0
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=keyed.base_url, api_key=NEAR_MISS, max_retries=0).messages.create(
+            model="hfserve-demo", max_tokens=16, messages=HELLO  # type: ignore[arg-type]
+        )
 
 
 def test_health_tells_a_stranger_only_the_status(keyed: ServerProcess, demo_model: Path) -> None:
