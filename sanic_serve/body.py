@@ -6,7 +6,7 @@ hold the connection and its handler for that long. :class:`TimedRequest` reads e
 ``--request-timeout-s`` instead and answers a slow or stalled client with a 408; Sanic's own
 ``REQUEST_TIMEOUT`` covers the headers before it. Routes that take prompts say so
 (``ctx_large_body=True``) and take up to ``max_request_bytes`` (16 MiB); the others take small
-JSON commands (1 MiB).
+JSON commands (1 MiB); audio uploads (``ctx_audio_body=True``) take ``--max-audio-mb``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 from sanic import Request
 from sanic.http import Http
 
+from sanic_serve.audio.request import DEFAULT_MAX_AUDIO_MB
 from sanic_serve.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,18 @@ class RequestTimedOut(APIError):
         )
 
 
+# Room for a multipart form's other fields and boundaries beside an upload of the largest size.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
 def route_body_limit(request: Request, large_limit_bytes: int) -> int:
     route = request.route
+    if route is not None and getattr(route.ctx, "audio_body", False):
+        # Uploads have their own limit (--max-audio-mb, OpenAI's 25 MB by default); the form's parser
+        # answers a file over it with a 413 naming `file`, Sanic a body far over it with its own 413.
+        config = getattr(request.app.ctx, "config", None)
+        max_audio_mb = float(getattr(config, "max_audio_mb", DEFAULT_MAX_AUDIO_MB))
+        return int(max_audio_mb * 1024 * 1024) + FORM_OVERHEAD_BYTES
     large = route is not None and getattr(route.ctx, "large_body", False)
     return large_limit_bytes if large else SMALL_BODY_LIMIT_BYTES
 

@@ -63,12 +63,12 @@ MAX_NEW_TOKENS_PER_WINDOW = 224
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@bp.post("/v1/audio/transcriptions", ctx_large_body=True)
+@bp.post("/v1/audio/transcriptions", ctx_audio_body=True)
 async def create_transcription(request: Request) -> HTTPResponse | None:
     return await _handle(request, "transcribe")
 
 
-@bp.post("/v1/audio/translations", ctx_large_body=True)
+@bp.post("/v1/audio/translations", ctx_audio_body=True)
 async def create_translation(request: Request) -> HTTPResponse | None:
     return await _handle(request, "translate")
 
