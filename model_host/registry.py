@@ -20,6 +20,8 @@ from model_host.prefix_cache import PrefixCache
 from model_host.runners.base import Runner
 from model_host.runners.causal import CausalRunner
 from model_host.runners.embedding import EmbeddingRunner
+from model_host.runners.seq2seq import Seq2SeqRunner
+from model_host.whisper_model import WhisperModel
 
 __all__ = ["DeviceError", "ModelLoadError", "ModelRegistry", "resolve_device", "resolve_dtype"]
 
@@ -105,6 +107,8 @@ class ModelRegistry:
             except EmbeddingLoadError as exc:
                 raise ModelLoadError(f"cannot load embedding model from {path}: {exc}") from exc
             runner = EmbeddingRunner(path, model)
+        elif kind is ModelKind.SEQ2SEQ:
+            runner = Seq2SeqRunner(path, WhisperModel.load(path, self.device, self.dtype))
         else:
             runner = CausalRunner(
                 CausalLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache

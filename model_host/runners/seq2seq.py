@@ -1,0 +1,256 @@
+"""The seq2seq runner: speech to text with a Whisper-family model, many transcriptions batched.
+
+A request (``Transcribe``) brings its audio as log-mel features cut in 30 s windows. Each window is
+encoded once; its decoder prompt is prefilled for that row alone (a few tokens), and the row then
+joins the running ``DecoderBatch``, where ``step`` advances every row by one token in one decoder
+pass, so many transcriptions share forward passes and a chat stream on another model waits at most
+one decoder step (plus at most one encoder pass) for its next token.
+
+Windows of one request are decoded one after another: when a window's text ends (``<|endoftext|>``,
+its ``max_new_tokens`` or the decoder's context), the row leaves the batch and its next window is
+encoded and prefilled at a later step (one per step, so transitions never pile onto one step).
+Timestamps of window ``i`` are sent shifted by 30 s × i, so a transcript's times are continuous.
+
+Encoder passes are the expensive part (a 30 s window is 1,500 encoder positions): ``admit``
+encodes the first windows of new requests together, as many as the step's prefill budget pays for
+at 1,500 tokens a window, and always at least one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from model_host.ipc.messages import (
+    WHISPER_FRAMES,
+    WHISPER_WINDOW_S,
+    ErrorKind,
+    FinishReason,
+    SamplingParams,
+    Task,
+    TokenFrame,
+    Transcribe,
+    request_ref,
+)
+from model_host.ipc.model_kind import ModelKind
+from model_host.runners.base import RequestKey, Runner, StepOutput, WaitingQueue, error_output
+from model_host.whisper_model import DecoderBatch, WhisperModel
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPTION_FAILED = "transcription failed"  # the exception's text goes to the log, not to clients
+WINDOW_COST_TOKENS = 1500  # a window's encoder positions, counted against the prefill budget
+_TIMESTAMP_S = 0.02
+_TRANSITIONS_PER_STEP = 1  # next windows encoded per step: one encoder pass at most
+
+
+@dataclass(eq=False)
+class _Row:
+    key: RequestKey
+    windows: np.ndarray  # (n_windows, n_mels, 3000) float32
+    payload: Transcribe
+    language: int | None = None  # the language token, once given or detected
+    window: int = 0
+    prefix_len: int = 0  # decoder prompt length of the current window
+    history: list[int] = field(default_factory=list)  # generated in the current window
+    hit_length: bool = False
+    sent_language: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.payload.sampling
+
+    @property
+    def last_window(self) -> bool:
+        return self.window + 1 >= self.payload.n_windows
+
+
+class Seq2SeqRunner(Runner):
+    kind: ClassVar[ModelKind] = ModelKind.SEQ2SEQ
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.TRANSCRIBE})
+
+    def __init__(self, path: str, model: WhisperModel) -> None:
+        super().__init__(path)
+        self.model = model
+        self._batch = DecoderBatch(model.device)
+        self._rows: list[_Row] = []  # in batch order
+        self._next: deque[_Row] = deque()  # rows between windows, waiting for their next encoding
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows) + len(self._next)
+
+    def keys(self) -> list[RequestKey]:
+        return [row.key for row in self._rows] + [row.key for row in self._next]
+
+    def abort(self, key: RequestKey) -> bool:
+        for row in self._next:
+            if row.key == key:
+                self._next.remove(row)
+                return True
+        keep = [i for i, row in enumerate(self._rows) if row.key != key]
+        if len(keep) == len(self._rows):
+            return False
+        self._keep(keep)
+        return True
+
+    def drop_all(self) -> list[RequestKey]:
+        keys = self.keys()
+        self._next.clear()
+        self._keep([])
+        return keys
+
+    def close(self) -> None:
+        self.drop_all()
+        del self.model
+
+    # -- admission -------------------------------------------------------------------------------
+    def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        rows: list[_Row] = []
+        while len(rows) < room and (head := queue.head()) is not None and head.model_path == self.path:
+            if rows and (len(rows) + 1) * WINDOW_COST_TOKENS > budget_tokens:
+                break
+            payload = head.request.payload
+            assert isinstance(payload, Transcribe)
+            queue.pop()
+            reason = self._refusal(payload)
+            if reason is not None:
+                outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, reason))
+                continue
+            queue.account(0, 0)
+            rows.append(self._row(head.key, payload))
+        return outputs + self._start(rows)
+
+    def _refusal(self, payload: Transcribe) -> str | None:
+        if payload.n_mels != self.model.n_mels:
+            return f"this model takes {self.model.n_mels} mel bins, not {payload.n_mels}"
+        if payload.language is not None and payload.language not in self.model.rules.languages:
+            return f"unknown language {payload.language!r}"
+        if payload.task not in self.model.rules.tasks:
+            return f"this model cannot {payload.task}"
+        return None
+
+    def _row(self, key: RequestKey, payload: Transcribe) -> _Row:
+        shape = (payload.n_windows, payload.n_mels, WHISPER_FRAMES)
+        windows = np.frombuffer(payload.features, dtype=np.float32).reshape(shape)
+        row = _Row(key, windows, payload)
+        if payload.language is not None:
+            row.language = self.model.rules.languages[payload.language]
+        if payload.sampling.seed is not None and payload.sampling.temperature > 0:
+            row.generator = torch.Generator(device=self.model.device).manual_seed(payload.sampling.seed)
+        return row
+
+    def _start(self, rows: list[_Row]) -> list[StepOutput]:
+        """Encode the current window of ``rows`` together, prefill each row's prompt, sample its
+        first token and let it join the batch."""
+        if not rows:
+            return []
+        try:
+            stacked = torch.from_numpy(np.stack([row.windows[row.window] for row in rows]))
+            encoded = self.model.encode(stacked)
+            undetected = [i for i, row in enumerate(rows) if row.language is None]
+            if undetected:
+                found = self.model.detect_language(encoded[undetected])
+                for i, language in zip(undetected, found, strict=True):
+                    rows[i].language = language
+            outputs: list[StepOutput] = []
+            for i, row in enumerate(rows):
+                assert row.language is not None
+                payload = row.payload
+                prompt_ids = payload.prompt_ids if row.window == 0 else ()
+                prefix = self.model.rules.prefix(row.language, payload.task, prompt_ids, payload.timestamps)
+                logits, cache = self.model.prefill(encoded[i : i + 1], prefix)
+                row.prefix_len, row.history = len(prefix), []
+                token = self._pick(logits, [row])[0]
+                self._batch.add(cache, len(prefix), token)
+                self._rows.append(row)
+                outputs += self._advance([len(self._rows) - 1], [token])
+        except Exception:  # a failing pass ends the requests in it, not the host
+            log.exception("transcription failed for %s", ", ".join(request_ref(*r.key) for r in rows))
+            failed = {row.key for row in rows}
+            self._keep([i for i, row in enumerate(self._rows) if row.key not in failed])
+            return [error_output(key, ErrorKind.GENERATION_FAILED, TRANSCRIPTION_FAILED) for key in failed]
+        return outputs
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        if self._rows:
+            try:
+                logits = self.model.step(self._batch)
+                tokens = self._pick(logits, self._rows)
+            except Exception:
+                log.exception(
+                    "transcription failed for %s", ", ".join(request_ref(*r.key) for r in self._rows)
+                )
+                keys = [row.key for row in self._rows]
+                self._keep([])
+                return [error_output(key, ErrorKind.GENERATION_FAILED, TRANSCRIPTION_FAILED) for key in keys]
+            outputs += self._advance(list(range(len(self._rows))), tokens)
+        moving = [self._next.popleft() for _ in range(min(_TRANSITIONS_PER_STEP, len(self._next)))]
+        return outputs + self._start(moving)
+
+    @torch.inference_mode()  # the logits are inference tensors: masking them in place needs the mode
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """The next token of each row: greedy at temperature 0, else sampled."""
+        self.model.rules.apply(
+            logits, [row.history for row in rows], [row.payload.timestamps for row in rows]
+        )
+        tokens = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            if row.params.temperature > 0:
+                probs = torch.softmax(logits[i] / row.params.temperature, dim=-1)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        return [int(t) for t in tokens]
+
+    def _advance(self, indices: list[int], tokens: list[int]) -> list[StepOutput]:
+        """Record each row's new token, send it, and take rows whose window ended out of the
+        batch: to the next window, or finished."""
+        rules = self.model.rules
+        outputs: list[StepOutput] = []
+        leaving: set[int] = set()
+        for i, token in zip(indices, tokens, strict=True):
+            row = self._rows[i]
+            ended = token == rules.eot
+            if not ended:
+                row.history.append(token)
+            full = len(row.history) >= row.params.max_new_tokens
+            full = full or row.prefix_len + len(row.history) >= rules.max_target_positions
+            row.hit_length = row.hit_length or (full and not ended)
+            sent = [] if ended else [self._shifted(row, token)]
+            if not row.sent_language:
+                assert row.language is not None
+                sent.insert(0, row.language)
+                row.sent_language = True
+            reason = FinishReason.NONE
+            if ended or full:
+                leaving.add(i)
+                if row.last_window:
+                    reason = FinishReason.LENGTH if row.hit_length else FinishReason.STOP
+                else:
+                    row.window += 1
+                    self._next.append(row)
+            if sent or reason is not FinishReason.NONE:
+                outputs.append(StepOutput(row.key[0], TokenFrame(row.key[1], tuple(sent), reason)))
+        if leaving:
+            self._keep([i for i in range(len(self._rows)) if i not in leaving])
+        self._batch.set_last([row.history[-1] if row.history else rules.eot for row in self._rows])
+        return outputs
+
+    def _shifted(self, row: _Row, token: int) -> int:
+        """A timestamp token moved to the window's place in the whole audio (see ``Transcribe``)."""
+        begin = self.model.rules.timestamp_begin
+        if token < begin or row.window == 0:
+            return token
+        return token + round(row.window * WHISPER_WINDOW_S / _TIMESTAMP_S)
+
+    def _keep(self, indices: list[int]) -> None:
+        self._rows = [self._rows[i] for i in indices]
+        self._batch.keep(indices)
