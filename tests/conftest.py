@@ -26,6 +26,14 @@ def demo_model(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def whisper_base_model(cache_dir: Path) -> Path:
+    """OpenAI's whisper-base as a Hugging Face folder, built once per cache (about 300 MB)."""
+    from model_host.whisper_build import whisper_base
+
+    return whisper_base(cache_dir)
+
+
+@pytest.fixture(scope="session")
 def server(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
     """One 4-worker server on the demo model shared by the read-only end-to-end tests."""
     with ServerProcess.start(cache_dir, workers=4) as srv:
