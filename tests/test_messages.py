@@ -33,13 +33,13 @@ ADD = {
 ASK_PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def sdk(server: ServerProcess) -> anthropic.Anthropic:
+def sdk(server: ServerProcess) -> Any:  # the SDK's typed params take no plain dicts
     return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
 
 
 def chat_text(server: ServerProcess, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-    resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)  # type: ignore[arg-type]
+    client: Any = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
     return resp.choices[0].message.content or ""
 
 
@@ -49,13 +49,13 @@ def post(server: ServerProcess, body: Any, path: str = "/v1/messages") -> httpx.
 
 def sse_events(server: ServerProcess, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A raw stream's events as (event name, payload); the name must match the payload's type."""
-    events = []
+    events: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream(
         "POST", f"{server.base_url}/v1/messages", json={**body, "stream": True}, timeout=TIMEOUT_S
     ) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        name = None
+        name = ""
         for line in r.iter_lines():
             if line.startswith("event: "):
                 name = line[len("event: ") :]
@@ -107,8 +107,8 @@ def test_create_equals_chat_completions(server: ServerProcess) -> None:
     assert msg.type == "message" and msg.role == "assistant" and msg.model == MODEL
     assert msg.id.startswith("msg_")
     assert [b.type for b in msg.content] == ["text"]
-    assert msg.content[0].text == "Hello! How can I help you today?"  # type: ignore[union-attr]
-    assert msg.content[0].text == chat_text(server, [{"role": "user", "content": "Hello!"}])  # type: ignore[union-attr]
+    assert msg.content[0].text == "Hello! How can I help you today?"
+    assert msg.content[0].text == chat_text(server, [{"role": "user", "content": "Hello!"}])
     assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
     assert msg.usage.output_tokens == 10  # the sentence's 9 tokens and the end of turn, as chat counts
     assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) > 5
@@ -116,7 +116,7 @@ def test_create_equals_chat_completions(server: ServerProcess) -> None:
 
 def test_system_and_history_equal_chat(server: ServerProcess) -> None:
     system = "You are a helpful assistant."
-    history = [
+    history: list[dict[str, Any]] = [
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Hi there! What can I do for you?"}]},
         {"role": "user", "content": "Tell me a joke"},
@@ -135,8 +135,8 @@ def test_system_and_history_equal_chat(server: ServerProcess) -> None:
         }
         for m in history
     ]
-    assert msg.content[0].text == chat_text(server, chat)  # type: ignore[union-attr]
-    assert msg.content[0].text  # type: ignore[union-attr]  # (the demo model knows no multi-turn chat)
+    assert msg.content[0].text == chat_text(server, chat)
+    assert msg.content[0].text  # (the demo model knows no multi-turn chat)
 
 
 def test_stream_final_message_equals_create(server: ServerProcess) -> None:
@@ -194,8 +194,8 @@ def test_forced_tool_call_and_tool_result_turn(server: ServerProcess) -> None:
             model=MODEL,
             max_tokens=64,
             extra_body=GREEDY,
-            messages=question,  # type: ignore[arg-type]
-            tools=[WEATHER, ADD],  # type: ignore[list-item]
+            messages=question,
+            tools=[WEATHER, ADD],
             tool_choice={"type": "tool", "name": name},
         )
         uses = [b for b in msg.content if b.type == "tool_use"]
@@ -208,7 +208,7 @@ def test_forced_tool_call_and_tool_result_turn(server: ServerProcess) -> None:
         max_tokens=64,
         extra_body=GREEDY,
         messages=ASK_PARIS,
-        tools=[WEATHER],  # type: ignore[arg-type,list-item]
+        tools=[WEATHER],
         tool_choice={"type": "tool", "name": "get_weather"},
     )
     call = next(b for b in weather.content if b.type == "tool_use")
@@ -229,21 +229,21 @@ def test_forced_tool_call_and_tool_result_turn(server: ServerProcess) -> None:
     ]
     reply = client.messages.create(
         model=MODEL, max_tokens=64, extra_body=GREEDY, messages=turn, tools=[WEATHER]
-    )  # type: ignore[arg-type,list-item]
+    )
     assert reply.stop_reason == "end_turn"
-    assert reply.content[0].text == "The weather in Paris is sunny, 22 C."  # type: ignore[union-attr]
+    assert reply.content[0].text == "The weather in Paris is sunny, 22 C."
 
 
 def test_count_tokens_equals_billed_input(server: ServerProcess) -> None:
     client = sdk(server)
     for extra in ({}, {"system": "You are a helpful assistant.", "tools": [WEATHER, ADD]}):
-        counted = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, **extra)  # type: ignore[arg-type]
+        counted = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, **extra)
         msg = client.messages.create(
             model=MODEL, max_tokens=8, extra_body=GREEDY, messages=ASK_PARIS, **extra
-        )  # type: ignore[arg-type]
+        )
         assert counted.input_tokens == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
     bare = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS)
-    with_tools = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, tools=[WEATHER])  # type: ignore[list-item]
+    with_tools = client.messages.count_tokens(model=MODEL, messages=ASK_PARIS, tools=[WEATHER])
     assert with_tools.input_tokens > bare.input_tokens  # the tools are part of the prompt
 
 
@@ -252,10 +252,10 @@ def test_stop_sequences_and_max_tokens(server: ServerProcess) -> None:
     hello = [{"role": "user", "content": "Hello!"}]
     msg = client.messages.create(
         model=MODEL, max_tokens=64, extra_body=GREEDY, messages=hello, stop_sequences=["help"]
-    )  # type: ignore[arg-type]
+    )
     assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "help"
-    assert msg.content[0].text == "Hello! How can I "  # type: ignore[union-attr]
-    short = client.messages.create(model=MODEL, max_tokens=2, extra_body=GREEDY, messages=hello)  # type: ignore[arg-type]
+    assert msg.content[0].text == "Hello! How can I "
+    short = client.messages.create(model=MODEL, max_tokens=2, extra_body=GREEDY, messages=hello)
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 2
 
 
@@ -359,7 +359,7 @@ def test_other_errors_keep_their_shapes(server: ServerProcess) -> None:
         and r.json()["type"] == "error"
     )
     with pytest.raises(anthropic.NotFoundError):
-        sdk(server).messages.create(model="no-such-model", max_tokens=8, messages=ASK_PARIS)  # type: ignore[arg-type]
+        sdk(server).messages.create(model="no-such-model", max_tokens=8, messages=ASK_PARIS)
     r = httpx.post(f"{server.base_url}/v1/messages", content=b"{not json", timeout=TIMEOUT_S)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     # The OpenAI routes keep OpenAI's shape.
@@ -391,13 +391,13 @@ def test_mixed_batch_equals_lone_outputs(server: ServerProcess) -> None:
             model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": p}]
         )
         .content[0]
-        .text  # type: ignore[union-attr]
+        .text
         for p in prompts
     }
     assert lone_msgs == lone_chat
 
     async def run() -> tuple[list[str], list[str]]:
-        a = anthropic.AsyncAnthropic(
+        a: Any = anthropic.AsyncAnthropic(
             base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT_S
         )
         o = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
@@ -406,7 +406,7 @@ def test_mixed_batch_equals_lone_outputs(server: ServerProcess) -> None:
             m = await a.messages.create(
                 model=MODEL, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": p}]
             )
-            return m.content[0].text  # type: ignore[union-attr]
+            return m.content[0].text
 
         async def one_chat(p: str) -> str:
             r = await o.chat.completions.create(
@@ -414,10 +414,83 @@ def test_mixed_batch_equals_lone_outputs(server: ServerProcess) -> None:
             )
             return r.choices[0].message.content or ""
 
-        return await asyncio.gather(  # type: ignore[return-value]
+        return await asyncio.gather(
             asyncio.gather(*(one_msg(p) for p in prompts)), asyncio.gather(*(one_chat(p) for p in prompts))
         )
 
     msgs, chats = asyncio.run(run())
     assert msgs == [lone_msgs[p] for p in prompts]
     assert chats == [lone_chat[p] for p in prompts]
+
+
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_output_format_is_constrained_like_response_format(server: ServerProcess) -> None:
+    ask = [{"role": "user", "content": "Count to five"}]
+    fmt = {"type": "json_schema", "schema": SMALL_SCHEMA}
+    texts = []
+    for extra in ({"output_config": {"format": fmt}}, {"output_format": fmt}):
+        r = post(server, {"model": MODEL, "max_tokens": 32, "temperature": 0, "messages": ask, **extra})
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["content"][0]["text"])
+    jsonschema.validate(json.loads(texts[0]), SMALL_SCHEMA)
+    response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": SMALL_SCHEMA}}
+    assert texts == [chat_text(server, ask, max_tokens=32, response_format=response_format)] * 2
+
+
+def test_thinking_on_a_model_without_reasoning_is_a_400(server: ServerProcess) -> None:
+    body = {"model": MODEL, "max_tokens": 2048, "messages": ASK_PARIS}
+    r = post(server, {**body, "thinking": {"type": "enabled", "budget_tokens": 1024}})
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert "no thinking control" in r.json()["error"]["message"] and "reasoning_effort" not in r.text
+    # Disabled is the default, and fine anywhere.
+    assert post(server, {**body, "max_tokens": 16, "thinking": {"type": "disabled"}}).status_code == 200
+    short = post(server, {**body, "max_tokens": 1024, "thinking": {"type": "enabled", "budget_tokens": 1024}})
+    assert short.status_code == 400 and "budget_tokens" in short.json()["error"]["message"]
+
+
+def test_blocks_hold_whitespace_and_number_blocks() -> None:
+    from sanic_serve.messages.blocks import Blocks
+    from sanic_serve.parsing.tool_parsers import Parsed, ToolCall
+
+    blocks = Blocks()
+    events = blocks.feed(Parsed(content="\n"))  # whitespace alone opens nothing yet
+    assert events == []
+    events += blocks.feed(Parsed(reasoning="hmm"))
+    events += blocks.feed(Parsed(content=" "))
+    events += blocks.feed(Parsed(content="Hi"))
+    events += blocks.feed(Parsed(content="\n", calls=[ToolCall("call_1", "add", '{"a": 1, "b": 2}')]))
+    events += blocks.close()
+    assert [b["type"] for b in blocks.blocks] == ["thinking", "text", "tool_use"]
+    assert blocks.blocks[1]["text"] == " Hi\n" and blocks.blocks[2]["input"] == {"a": 1, "b": 2}
+    assert check_order([("message_start", {}), *events, ("message_delta", {}), ("message_stop", {})]) == [
+        {**b, "id": b.get("id")} if b["type"] == "tool_use" else b for b in blocks.blocks
+    ]
+    only_call = Blocks()
+    only_call.feed(Parsed(content="  \n"))
+    only_call.feed(Parsed(calls=[ToolCall("call_2", "add", "{}")]))
+    assert [b["type"] for b in only_call.blocks] == ["tool_use"]  # no whitespace-only text block
+
+
+def test_pings_while_no_token_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sanic_serve.messages import route
+
+    monkeypatch.setattr(route, "PING_INTERVAL_S", 0.05)
+
+    async def slow() -> Any:
+        await asyncio.sleep(0.3)
+        yield "first"
+        yield "second"
+
+    async def collect() -> list[Any]:
+        return [item async for item in route._next_or_ping(slow())]
+
+    items = asyncio.run(collect())
+    assert items[-2:] == ["first", "second"]
+    assert len(items) >= 4 and all(i is None for i in items[:-2])  # pings while the first waited

@@ -64,8 +64,9 @@ class Blocks:
             if kind == "text" and not (self._held + text).strip():
                 self._held += text
                 return []
+            held, self._held = self._held, ""
             events += self.close() if self._open is not None else []
-            text, self._held = (self._held + text if kind == "text" else text), ""
+            text = held + text if kind == "text" else text
             block: dict[str, Any] = {"type": "text", "text": ""}
             if kind == "thinking":
                 # No signature can be verified here: an empty one, replayed back as any client sends it.

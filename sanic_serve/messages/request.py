@@ -109,8 +109,28 @@ class ToolChoice(BaseModel):
 
 
 class ThinkingConfig(BaseModel):
-    type: Literal["enabled", "disabled"]
+    # adaptive: the model decides how much to think; to a chat template that is thinking on.
+    type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(default=None, ge=1024)
+
+
+class OutputFormat(BaseModel):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_limits(v)
+        return v
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # effort: how hard the model tries; no knob of a local model's decoding, accepted as a no-op.
+    effort: str | None = None
+    format: OutputFormat | None = None
 
 
 class MessagesRequest(BaseModel):
@@ -128,6 +148,8 @@ class MessagesRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None  # the structured-outputs beta's spelling
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
 
@@ -296,15 +318,38 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
         body["tool_choice"] = _chat_tool_choice(req.tool_choice)
         if req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use:
             body["parallel_tool_calls"] = False
-    if req.thinking is not None and req.thinking.type == "enabled":
+    if req.thinking is not None and req.thinking.type != "disabled":
         body["reasoning_effort"] = "high"
+    output_format = req.output_config.format if req.output_config else req.output_format
+    if output_format is not None:  # constrained decoding, as chat's response_format
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": output_format.schema_},
+        }
     if req.messages[-1].role == "assistant":  # a prefill: the reply continues it
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     try:
         return parse_chat_request(body)
-    except InvalidRequest as exc:  # the chat names of the fields, in Anthropic's
-        raise InvalidRequest(exc.message.replace("'stop'", "'stop_sequences'"), param=exc.param) from exc
+    except InvalidRequest as exc:
+        raise anthropic_names(exc) from exc
+
+
+# Chat's field names in the 400s the shared code raises -> the Messages request's.
+_RENAMES = (
+    ("'stop'", "'stop_sequences'"),
+    ("response_format", "output_format"),
+    ("reasoning_effort", "thinking"),
+    ("reasoning control", "thinking control"),
+)
+
+
+def anthropic_names(exc: InvalidRequest) -> InvalidRequest:
+    """The same 400, in the Messages API's field names."""
+    message = exc.message
+    for chat_name, name in _RENAMES:
+        message = message.replace(chat_name, name)
+    return InvalidRequest(message, param=exc.param, code=exc.code)
 
 
 def _chat_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any]:

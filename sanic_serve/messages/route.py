@@ -18,13 +18,14 @@ from sanic import Blueprint, Request
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
+from sanic_serve.chat.request import ChatCompletionRequest
 from sanic_serve.chat.route import prepare
 from sanic_serve.choices import Choice, abort, merged
-from sanic_serve.errors import APIError, internal_error
+from sanic_serve.errors import APIError, InvalidRequest, internal_error
 from sanic_serve.generation import Delta
 from sanic_serve.messages.blocks import Blocks, Event, message_id, stop_reason
 from sanic_serve.messages.errors import anthropic_body, anthropic_error, anthropic_error_response
-from sanic_serve.messages.request import parse_messages_request, to_chat
+from sanic_serve.messages.request import anthropic_names, parse_messages_request, to_chat
 from sanic_serve.requests import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,17 @@ def _message(msg_id: str, model: str, choice: Choice, content: list[dict[str, An
     }
 
 
+async def _prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
+    try:
+        return await prepare(request, req)
+    except InvalidRequest as exc:
+        raise anthropic_names(exc) from exc
+
+
 @bp.post("/v1/messages", ctx_large_body=True)
 async def create_message(request: Request) -> HTTPResponse | None:
     req = parse_messages_request(parse_json_body(request))
-    choices = await prepare(request, to_chat(req))
+    choices = await _prepare(request, to_chat(req))
     try:
         if req.stream:
             await _stream(request, req.model, choices[0])
@@ -102,7 +110,7 @@ async def count_tokens(request: Request) -> HTTPResponse:
     """The prompt exactly as ``/v1/messages`` would render it for the same body, counted; nothing
     is submitted to the model host."""
     req = parse_messages_request(parse_json_body(request), counting=True)
-    choices = await prepare(request, to_chat(req))
+    choices = await _prepare(request, to_chat(req))
     return json({"input_tokens": choices[0].gen.prompt_tokens})
 
 
