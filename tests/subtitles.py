@@ -79,6 +79,7 @@ def encode_av(samples: np.ndarray, rate_hz: int, container: str, codec: str, cod
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=codec_rate_hz)
+        assert isinstance(stream, av.audio.stream.AudioStream)
         stream.layout = "mono"
         frame = av.AudioFrame.from_ndarray(samples[None, :].astype(np.float32), format="flt", layout="mono")
         frame.sample_rate = rate_hz

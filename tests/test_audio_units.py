@@ -9,12 +9,15 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import jsonschema
 import numpy as np
+import orjson
 import pytest
 
+from model_host.ipc.messages import TokenFrame, TokenLogprob
 from sanic_serve.audio.decode import SAMPLE_RATE_HZ, AudioError, AudioTooLong, decode_audio
 from sanic_serve.audio.features import FeatureConfig, log_mel_windows
 from sanic_serve.audio.formats import (
@@ -30,8 +33,11 @@ from sanic_serve.audio.formats import (
     transcript_text,
     verbose_json,
 )
-from sanic_serve.audio.request import Task, UploadTooLarge, parse_audio_form
+from sanic_serve.audio.request import AudioRequest, Task, UploadTooLarge, parse_audio_form
+from sanic_serve.audio.route import _Output, _Prepared, _render
+from sanic_serve.audio.route import _vocab as route_vocab
 from sanic_serve.errors import InvalidRequest
+from sanic_serve.models import ModelBundle
 from tests.openapi import validate
 from tests.subtitles import encode_av, encode_soundfile, parse_srt, parse_vtt
 
@@ -396,3 +402,49 @@ def test_an_upload_over_the_limit_is_a_413_naming_file() -> None:
     assert (
         parse_audio_form("transcribe", _form(model="m"), files, max_audio_mb=2).audio == files["file"][0].body
     )
+
+
+# ---- the route's assembly of host frames -------------------------------------------------------
+
+
+class _FakeTokenizer:
+    """What the route asks of a Whisper tokenizer, over the byte-level stand-in above."""
+
+    special = {50257: "<|endoftext|>", LANG_EN: "<|en|>", 50261: "<|de|>", 50364: "<|0.00|>"}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return _decode([i for i in ids if VOCAB.is_text(i)])
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.special.get(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return {v: k for k, v in self.special.items()}.get(token)
+
+
+def _frame(ids: list[int], lps: list[float]) -> TokenFrame:
+    return TokenFrame(1, tuple(ids), logprobs=tuple(TokenLogprob(lp) for lp in lps))
+
+
+def _request(fmt: str) -> AudioRequest:
+    form = _form(model="m", response_format=fmt)
+    return parse_audio_form("transcribe", form, FILES)
+
+
+def test_host_frames_become_a_verbose_json_with_the_detected_language() -> None:
+    bundle = cast(ModelBundle, SimpleNamespace(tokenizer=_FakeTokenizer(), id="m"))
+    out = _Output(bundle, route_vocab(bundle), _request("verbose_json"))
+    tokens = [50261, *TOKENS[1:]]  # the host detected German
+    out.take(_frame(tokens[:5], [-0.5] * 5))
+    out.take(_frame(tokens[5:], [-1.0] * (len(tokens) - 5)))
+    prepared = _Prepared(b"", 2, 80, 40.0)
+    response = _render(out, prepared)
+    body = orjson.loads(response.body or b"")
+    validate("CreateTranscriptionResponseVerboseJson", body)
+    assert body["language"] == "german" and body["text"] == "Hello world. How are you? Hello"
+    # tokens 1000, 1001 came in the first frame (-0.5 each); the others in the second (-1.0)
+    assert [s["avg_logprob"] for s in body["segments"]] == [-0.5, -1.0, -1.0]
+    srt_out = _Output(bundle, route_vocab(bundle), _request("srt"))
+    srt_out.take(_frame(tokens, [-0.1] * len(tokens)))
+    cues = parse_srt((_render(srt_out, prepared).body or b"").decode())
+    assert [(c.start_s, c.end_s) for c in cues] == [(0.0, 1.5), (1.5, 2.4), (31.0, 33.0)]
