@@ -1,0 +1,231 @@
+"""The seq2seq runner driven through the host harness with OpenAI's whisper-base (float32, CPU) on
+clips spoken by espeak-ng: its tokens equal in-process ``generate()`` greedy, token for token;
+transcriptions batched together equal each alone; long audio's windows follow each other with
+continuous timestamps; an abort frees the slot. Features come from transformers' own feature
+extractor here, so the runner and ``generate()`` see the very same input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from model_host.engine import Engine
+from model_host.ipc.codec import decode_message, encode
+from model_host.ipc.messages import (
+    AddRequest,
+    ErrorKind,
+    FinishReason,
+    SamplingParams,
+    Task,
+    Transcribe,
+)
+from model_host.ipc.model_kind import ModelKind, detect_kind
+from model_host.ipc.settings import HostSettings
+from model_host.registry import ModelRegistry
+from model_host.runners.seq2seq import Seq2SeqRunner
+from tests.host_harness import Host
+
+ENGLISH = "The quick brown fox jumps over the lazy dog. Today the weather is sunny and warm."
+GERMAN = "Guten Morgen, wie geht es dir heute? Das Wetter ist schön."
+TIMESTAMP_BEGIN = 50364  # <|0.00|> of whisper-base
+WINDOW_TIMESTAMPS = 1500  # 30 s in 0.02 s steps
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+def _speak(text: str, voice: str, folder: Path) -> np.ndarray:
+    """16 kHz mono float32 samples of espeak-ng saying ``text``."""
+    import soundfile
+
+    path = folder / f"{voice}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, timeout=60)
+    samples, rate = soundfile.read(path, dtype="float32")
+    # Linear interpolation is resampling enough here: the runner and generate() get the same samples.
+    times = np.arange(round(len(samples) * 16000 / rate)) / 16000
+    return np.interp(times, np.arange(len(samples)) / rate, samples).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_path(whisper_base_model: Path) -> str:
+    return str(whisper_base_model)
+
+
+@pytest.fixture(scope="module")
+def registry() -> ModelRegistry:
+    return ModelRegistry("cpu", "float32", False)
+
+
+@pytest.fixture(scope="module")
+def features(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Log-mel features ``(1, 80, 3000)`` of the English and the German clip."""
+    from transformers import WhisperFeatureExtractor
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    extractor = WhisperFeatureExtractor.from_pretrained(model_path)
+    folder = tmp_path_factory.mktemp("speech")
+    out = {}
+    for name, text, voice in (("en", ENGLISH, "en"), ("de", GERMAN, "de")):
+        audio = _speak(text, voice, folder)
+        out[name] = extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor]) -> Any:
+    """``generate()`` greedy of the same model object, cached per (clip, options)."""
+    runner = registry.get(model_path)
+    assert isinstance(runner, Seq2SeqRunner)
+    model = runner.model.model
+    done: dict[tuple[str, bool, str | None], list[int]] = {}
+
+    def generate(clip: str, timestamps: bool = False, language: str | None = None) -> list[int]:
+        key = (clip, timestamps, language)
+        if key not in done:
+            with torch.inference_mode():
+                out = model.generate(features[clip], language=language, return_timestamps=timestamps)
+            done[key] = [int(t) for t in out[0].tolist()]
+        return done[key]
+
+    return generate
+
+
+def _host(registry: ModelRegistry, max_batch_size: int = 8) -> Host:
+    settings = HostSettings(device="cpu", max_batch_size=max_batch_size)
+    return Host(Engine(registry, settings, 256))
+
+
+def _payload(
+    windows: torch.Tensor,
+    language: str | None = "en",
+    timestamps: bool = False,
+    max_new_tokens: int = 120,
+) -> Transcribe:
+    raw = windows.numpy().astype("<f4", copy=False).tobytes()
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    return Transcribe(
+        raw, windows.shape[0], windows.shape[1], language, "transcribe", (), timestamps, sampling
+    )
+
+
+def _language(model_path: str, code: str) -> int:
+    from transformers import GenerationConfig
+
+    return int(GenerationConfig.from_pretrained(model_path).lang_to_id[f"<|{code}|>"])
+
+
+# -- the contract, without the model ---------------------------------------------------------------
+def test_transcribe_round_trips_through_the_codec() -> None:
+    sampling = SamplingParams(max_new_tokens=5, temperature=0.0)
+    payload = Transcribe(b"\0" * 80 * 3000 * 4, 1, 80, None, "translate", (1, 2), True, sampling)
+    decoded = decode_message(encode(AddRequest(7, 1, 0, "m", payload)))
+    assert isinstance(decoded, AddRequest) and decoded.task is Task.TRANSCRIBE
+    assert decoded.payload == payload
+    wire = msgspec.msgpack.decode(encode(AddRequest(7, 1, 0, "m", payload)))
+    assert wire["payload"]["task"] == Task.TRANSCRIBE and wire["payload"]["mode"] == "translate"
+
+
+def test_whisper_configs_are_seq2seq(tmp_path: Path, model_path: str) -> None:
+    assert detect_kind(model_path) is ModelKind.SEQ2SEQ
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "whisper", "architectures": ["WhisperForCausalLM"]}'
+    )
+    assert detect_kind(tmp_path) is ModelKind.CAUSAL  # a bare Whisper decoder transcribes nothing
+
+
+def test_features_of_the_wrong_size_or_language_are_refused(registry: ModelRegistry, model_path: str) -> None:
+    host = _host(registry)
+    short = Transcribe(b"\0" * 16, 1, 80, None, "transcribe", (), False, SamplingParams(5))
+    frame = host.add(1, model_path, short)
+    assert frame is not None and frame.error is not None and frame.error.kind is ErrorKind.INVALID_REQUEST
+    assert host.add(2, model_path, _payload(torch.zeros(1, 80, 3000), language="xx")) is None
+    assert host.add(3, model_path, _payload(torch.zeros(1, 128, 3000))) is None
+    host.run()
+    for rid in (2, 3):
+        error = host.last(rid).error
+        assert error is not None and error.kind is ErrorKind.INVALID_REQUEST
+
+
+# -- against generate() ----------------------------------------------------------------------------
+@needs_espeak
+def test_batched_tokens_equal_generate_and_each_alone(
+    registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor], reference: Any
+) -> None:
+    """English with its language given, German detected: in one batch, each equals generate()
+    (after the language token, which comes first), and each equals its run alone."""
+    batched = _host(registry)
+    assert batched.add(1, model_path, _payload(features["en"], language="en")) is None
+    assert batched.add(2, model_path, _payload(features["de"], language=None)) is None
+    batched.run()
+    shared = set(batched.steps_of(1)) & set(batched.steps_of(2))
+    assert len(shared) >= 5, "the two transcriptions never shared decoder steps"
+
+    en, de = batched.tokens(1), batched.tokens(2)
+    assert en[0] == _language(model_path, "en") and de[0] == _language(model_path, "de")
+    assert en[1:] == reference("en", language="en")
+    assert de[1:] == reference("de")
+    assert batched.last(1).finish_reason is FinishReason.STOP
+    assert batched.last(2).finish_reason is FinishReason.STOP
+
+    # English alone is generate() itself; German alone through the runner (to keep the suite short).
+    alone = _host(registry)
+    assert alone.add(2, model_path, _payload(features["de"], language=None)) is None
+    alone.run()
+    assert alone.tokens(2) == de
+
+
+@pytest.mark.slow  # two 30 s windows and generate() with timestamps: about a minute on a small CPU
+@needs_espeak
+def test_timestamps_equal_generate_and_continue_across_windows(
+    registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor], reference: Any
+) -> None:
+    """Two windows of the same clip: the second window's tokens are the first's, with every
+    timestamp 30 s later; each window's tokens equal generate() with timestamps."""
+    host = _host(registry)
+    two_windows = torch.cat([features["en"], features["en"]])
+    assert host.add(1, model_path, _payload(two_windows, timestamps=True)) is None
+    host.run()
+    expected = reference("en", timestamps=True)
+    assert expected[0] == TIMESTAMP_BEGIN and expected[-1] >= TIMESTAMP_BEGIN
+    shifted = [t + WINDOW_TIMESTAMPS if t >= TIMESTAMP_BEGIN else t for t in expected]
+    assert host.tokens(1) == [_language(model_path, "en"), *expected, *shifted]
+    assert host.last(1).finish_reason is FinishReason.STOP
+
+
+@needs_espeak
+def test_max_new_tokens_ends_with_length(
+    registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor], reference: Any
+) -> None:
+    host = _host(registry)
+    assert host.add(1, model_path, _payload(features["en"], max_new_tokens=4)) is None
+    host.run()
+    assert host.tokens(1)[1:] == reference("en", language="en")[:4]
+    assert host.last(1).finish_reason is FinishReason.LENGTH
+
+
+@needs_espeak
+def test_an_abort_frees_the_slot(
+    registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor]
+) -> None:
+    """With one batch slot, a second transcription waits; aborting the first lets it start."""
+    host = _host(registry, max_batch_size=1)
+    assert host.add(1, model_path, _payload(features["en"])) is None
+    assert host.add(2, model_path, _payload(features["de"], language="de")) is None
+    for _ in range(3):
+        host.step()
+    assert host.tokens(1) and not host.tokens(2)
+    runner = registry.get(model_path)
+    assert runner.num_running == 1
+    assert host.engine.abort((0, 1))
+    assert runner.num_running == 0
+    host.step()
+    assert runner.num_running == 1 and host.tokens(2)[0] == _language(model_path, "de")
+    host.run()
+    assert runner.num_running == 0 and host.last(2).finish_reason is FinishReason.STOP
