@@ -14,6 +14,7 @@ from model_host.ipc.messages import (
     SamplingParams,
     Task,
     TokenFrame,
+    Transcribe,
     UnloadModels,
 )
 from model_host.ipc.ring import FrameTooLarge, RingBuffer
@@ -36,6 +37,7 @@ __all__ = [
     "SamplingParams",
     "Task",
     "TokenFrame",
+    "Transcribe",
     "UnloadModels",
     "WorkerSide",
     "create_channels",
