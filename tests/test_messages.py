@@ -486,3 +486,68 @@ def test_pings_while_no_token_comes(monkeypatch: pytest.MonkeyPatch) -> None:
     items = asyncio.run(collect())
     assert items[-2:] == ["first", "second"]
     assert len(items) >= 4 and all(i is None for i in items[:-2])  # pings while the first waited
+
+
+def test_too_large_body_is_an_anthropic_413(server: ServerProcess) -> None:
+    big = b'{"model": "x", "pad": "' + b"a" * (17 * 1024 * 1024) + b'"}'
+    r = httpx.post(f"{server.base_url}/v1/messages", content=big, timeout=TIMEOUT_S)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
+
+
+def test_conversation_maps_onto_chat_messages() -> None:
+    from sanic_serve.messages.request import parse_messages_request, to_chat
+
+    body = {
+        "model": MODEL,
+        "max_tokens": 8,
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [
+            {"role": "user", "content": "What is 2 plus 3?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "add them", "signature": "s"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2, "b": 3}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "5"}],
+                    },
+                    {"type": "text", "text": "Thanks"},
+                ],
+            },
+            {"role": "assistant", "content": "2 plus 3"},
+        ],
+        "tools": [ADD],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "stop_sequences": ["."],
+    }
+    chat = to_chat(parse_messages_request(body))
+    assert [m.for_template() for m in chat.messages] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "5", "tool_call_id": "toolu_1"},  # results first, then the text
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "2 plus 3"},
+    ]
+    assert chat.continue_final_message and not chat.add_generation_prompt  # the last turn is a prefill
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is False
+    assert chat.stop == ["."] and chat.max_tokens == 8
+    assert chat.tools is not None and chat.tools[0].function.parameters == ADD["input_schema"]
