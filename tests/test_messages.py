@@ -551,3 +551,42 @@ def test_conversation_maps_onto_chat_messages() -> None:
     assert chat.tool_choice == "required" and chat.parallel_tool_calls is False
     assert chat.stop == ["."] and chat.max_tokens == 8
     assert chat.tools is not None and chat.tools[0].function.parameters == ADD["input_schema"]
+
+
+def test_an_error_after_the_stream_began_is_an_error_event() -> None:
+    from types import SimpleNamespace
+
+    from sanic_serve.choices import Choice
+    from sanic_serve.errors import Overloaded
+    from sanic_serve.generation import Delta
+    from sanic_serve.messages import route
+    from sanic_serve.parsing.assembler import ChoiceAssembler
+
+    class Gen:
+        prompt_tokens, cached_tokens, completion_tokens = 5, 0, 1
+        finish_reason = stop_sequence = None
+
+        async def deltas(self) -> Any:
+            yield Delta("Hel")
+            raise Overloaded("The server is busy.")
+
+    sent: list[bytes] = []
+
+    class Response:
+        async def send(self, data: bytes) -> None:
+            sent.append(data)
+
+        async def eof(self) -> None:
+            sent.append(b"<eof>")
+
+    async def respond(**kwargs: Any) -> Response:
+        return Response()
+
+    choice = Choice(0, Gen(), ChoiceAssembler())  # type: ignore[arg-type]
+    asyncio.run(route._stream(SimpleNamespace(respond=respond), MODEL, choice))  # type: ignore[arg-type]
+    text = b"".join(sent).decode()
+    names = [line[len("event: ") :] for line in text.splitlines() if line.startswith("event: ")]
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "error"]
+    last = json.loads(text.split("event: error\ndata: ")[1].split("\n")[0])
+    assert last == {"type": "error", "error": {"type": "overloaded_error", "message": "The server is busy."}}
+    assert sent[-1] == b"<eof>"
