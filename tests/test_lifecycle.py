@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,11 +26,27 @@ def shm_entries() -> set[str]:
     return set(os.listdir(SHM)) if SHM.is_dir() else set()
 
 
-def test_four_workers_one_host_small_torch_free_workers(cache_dir: Path, demo_model: Path) -> None:
-    # A server of its own: the shared one's workers keep some memory of the 16 MB bodies other
-    # tests send them (glibc keeps freed heap), which says nothing about what a worker needs.
-    with ServerProcess.start(cache_dir, workers=4) as server:
-        _check_processes(server)
+@pytest.fixture(scope="module")
+def fresh_four(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
+    """A server of its own: the shared one's workers keep some memory of the 16 MB bodies other
+    tests send them (glibc keeps freed heap), which says nothing about what a worker needs. Measured
+    first, then stopped by ``test_sigint_stops_cleanly`` (one start for both: starts dominate the
+    suite's time)."""
+    with ServerProcess.start(cache_dir, workers=4) as srv:
+        yield srv
+
+
+def test_four_workers_one_host_small_torch_free_workers(fresh_four: ServerProcess) -> None:
+    assert fresh_four.proc.poll() is None, "measured before test_sigint_stops_cleanly stops it"
+    _check_processes(fresh_four)
+
+
+def test_sigint_stops_cleanly(fresh_four: ServerProcess) -> None:
+    pids = [p.pid for p in fresh_four.processes()]
+    assert len(pids) >= 5  # four workers and the host at least: all of them must go
+    assert fresh_four.stop(signal.SIGINT) == 0
+    time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
 def _check_processes(server: ServerProcess) -> None:
@@ -111,14 +128,6 @@ def test_pinned_model_and_stop_leaves_nothing_behind(cache_dir: Path, demo_model
     time.sleep(0.2)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert shm_entries() - shm_before == set()
-
-
-def test_sigint_stops_cleanly(cache_dir: Path, demo_model: Path) -> None:
-    with ServerProcess.start(cache_dir, workers=1) as srv:
-        pids = [p.pid for p in srv.processes()]
-        assert srv.stop(signal.SIGINT) == 0
-    time.sleep(0.2)
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
 def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, demo_model: Path) -> None:

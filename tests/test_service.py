@@ -100,9 +100,13 @@ def test_sd_notify_ready_watchdog_and_stopping(cache_dir: Path, demo_model: Path
         assert statuses and statuses[0].startswith("STATUS=loading hfserve-demo"), listener.messages
         assert listener.lines("STATUS=serving 1 model"), listener.messages
 
-        # WATCHDOG=1 every half WATCHDOG_USEC (1 s here).
-        time.sleep(3.0)
-        pings = [t for t, _ in listener.lines("WATCHDOG=1") if t > ready_at]
+        # WATCHDOG=1 every half WATCHDOG_USEC (1 s here): polled until five have come, not slept
+        # for; their gaps say how often they come.
+        def pings_after_ready() -> list[float]:
+            return [t for t, _ in listener.lines("WATCHDOG=1") if t > ready_at]
+
+        _wait(lambda: len(pings_after_ready()) >= 5, 10, "five watchdog pings")
+        pings = pings_after_ready()
         assert len(pings) >= 4, listener.messages
         gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
         assert 0.35 <= statistics.median(gaps) <= 0.8, gaps
