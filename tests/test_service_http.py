@@ -187,10 +187,9 @@ def test_x_api_key_and_anthropic_401s(keyed: ServerProcess) -> None:
         client = anthropic.Anthropic(base_url=keyed.base_url, api_key=key, max_retries=0)
         reply = client.messages.create(model="hfserve-demo", max_tokens=16, messages=HELLO)  # type: ignore[arg-type]
         assert reply.content and reply.usage.output_tokens > 0
+    stranger = anthropic.Anthropic(base_url=keyed.base_url, api_key=NEAR_MISS, max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=keyed.base_url, api_key=NEAR_MISS, max_retries=0).messages.create(
-            model="hfserve-demo", max_tokens=16, messages=HELLO  # type: ignore[arg-type]
-        )
+        stranger.messages.create(model="hfserve-demo", max_tokens=16, messages=HELLO)  # type: ignore[arg-type]
 
 
 def test_health_tells_a_stranger_only_the_status(keyed: ServerProcess, demo_model: Path) -> None:
