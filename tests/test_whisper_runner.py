@@ -217,7 +217,7 @@ def test_an_abort_frees_the_slot(
     """With one batch slot, a second transcription waits; aborting the first lets it start."""
     host = _host(registry, max_batch_size=1)
     assert host.add(1, model_path, _payload(features["en"])) is None
-    assert host.add(2, model_path, _payload(features["de"], language="de")) is None
+    assert host.add(2, model_path, _payload(features["de"], language="de", max_new_tokens=3)) is None
     for _ in range(3):
         host.step()
     assert host.tokens(1) and not host.tokens(2)
@@ -228,4 +228,5 @@ def test_an_abort_frees_the_slot(
     host.step()
     assert runner.num_running == 1 and host.tokens(2)[0] == _language(model_path, "de")
     host.run()
-    assert runner.num_running == 0 and host.last(2).finish_reason is FinishReason.STOP
+    assert runner.num_running == 0 and host.last(2).finish_reason is FinishReason.LENGTH
+    assert len(host.tokens(2)) == 1 + 3
