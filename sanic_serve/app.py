@@ -24,6 +24,7 @@ from model_host.ipc.channels import Channels, HostSide
 from model_host.ipc.settings import HostSettings
 from sanic_serve import ops
 from sanic_serve.access_log import ObservedSanic
+from sanic_serve.audio import route as audio
 from sanic_serve.body import SMALL_BODY_LIMIT_BYTES, RequestTimedOut, TimedRequest
 from sanic_serve.chat import route as chat
 from sanic_serve.completions import route as completions
@@ -113,6 +114,7 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
     app.blueprint(stored_responses.bp)
     app.blueprint(tokenize.bp)  # /tokenize, /detokenize (vLLM's), on the worker alone
     app.blueprint(messages.bp)  # Anthropic's /v1/messages, with its own error shape
+    app.blueprint(audio.bp)  # /v1/audio/transcriptions and /translations (Whisper-family models)
     ops.install(app, config)  # API keys, CORS, request ids and access log, /metrics
 
     @app.main_process_start

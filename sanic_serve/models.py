@@ -66,6 +66,7 @@ class ModelBundle:
         does = {
             ModelKind.CAUSAL: "generates text: use /v1/chat/completions or /v1/completions",
             ModelKind.EMBEDDING: "is an embedding model: use /v1/embeddings",
+            ModelKind.SEQ2SEQ: "is a speech-to-text model: use /v1/audio/transcriptions",
         }[self.kind]
         raise InvalidRequest(f"The model `{self.id}` {does}.", param="model", code="model_not_supported")
 
@@ -141,9 +142,32 @@ def _embedding_bundle(model_id: str, folder: Path) -> ModelBundle:
     )
 
 
+def _speech_bundle(model_id: str, folder: Path) -> ModelBundle:
+    """A Whisper-family model: the worker needs only its tokenizer (prompts in, transcripts out);
+    its features' settings are read by ``sanic_serve.audio.features`` from the same folder."""
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise InvalidRequest(f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model")
+    config = _read_json(folder / "config.json")
+    return ModelBundle(
+        id=model_id,
+        path=str(folder.resolve()),
+        tokenizer=Tokenizer.from_file(str(tok_file)),
+        chat_template=None,
+        special_tokens={},
+        stop_token_ids=tuple(_as_ids(config.get("eos_token_id"))),
+        max_context=int(config.get("max_target_positions") or 448),
+        default_temperature=0.0,
+        kind=ModelKind.SEQ2SEQ,
+    )
+
+
 def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> ModelBundle:
-    if detect_kind(folder) is ModelKind.EMBEDDING:
+    kind = detect_kind(folder)
+    if kind is ModelKind.EMBEDDING:
         return _embedding_bundle(model_id, folder)
+    if kind is ModelKind.SEQ2SEQ:
+        return _speech_bundle(model_id, folder)
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
         raise InvalidRequest(f"The model `{model_id}` has no fast tokenizer (tokenizer.json).", param="model")

@@ -55,9 +55,6 @@ from sanic_serve.sse import event
 log = logging.getLogger(__name__)
 bp = Blueprint("audio")
 
-# The runners issue names the kind ``seq2seq``; until the host's side declares it, no model is of
-# it and every model is refused as "not a speech model" (a 400 naming ``model``).
-SPEECH_KIND: ModelKind | None = getattr(ModelKind, "SEQ2SEQ", None)
 # Whisper's own default (openai-whisper's ``sample_len``): half the decoder's 448 positions.
 MAX_NEW_TOKENS_PER_WINDOW = 224
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -80,10 +77,13 @@ def _limit(request: Request, name: str, default: float) -> float:
 def _parse(request: Request, task: Task) -> AudioRequest:
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise InvalidRequest("Send the audio as multipart/form-data, with the file in the field `file`.")
+    # Sanic's parameters answer ``get`` with the first value only: the form's checks want every value.
+    form = {name: list(values) for name, values in (request.form or {}).items()}
+    files = {name: list(values) for name, values in (request.files or {}).items()}
     return parse_audio_form(
         task,
-        request.form or {},
-        request.files or {},
+        form,
+        files,
         max_audio_mb=_limit(request, "max_audio_mb", DEFAULT_MAX_AUDIO_MB),
     )
 
@@ -123,13 +123,7 @@ def _vocab(bundle: ModelBundle) -> WhisperVocab:
 
 async def _handle(request: Request, task: Task) -> HTTPResponse | None:
     req = _parse(request, task)
-    if SPEECH_KIND is None:
-        raise InvalidRequest(
-            f"The model `{req.model}` is not a speech-to-text model.",
-            param="model",
-            code="model_not_supported",
-        )
-    bundle = await admit(request, req.model, SPEECH_KIND)
+    bundle = await admit(request, req.model, ModelKind.SEQ2SEQ)
     vocab = _vocab(bundle)
     if req.language is not None and bundle.tokenizer.token_to_id(f"<|{req.language}|>") is None:
         raise InvalidRequest(
@@ -196,16 +190,18 @@ class _Output:
         self.bundle, self.vocab, self.req = bundle, vocab, req
         self.language = req.language or ""
         self.tokens: list[int] = []
-        self.logprobs: list[float] = []
+        self.logprobs: list[float | None] = []  # None: the host sent none for that token
         self.started = False
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.bundle.tokenizer.decode(list(ids), skip_special_tokens=False))
 
-    def take(self, frame: TokenFrame) -> tuple[list[int], list[float]]:
+    def take(self, frame: TokenFrame) -> tuple[list[int], list[float | None]]:
         """Record a frame's tokens; returns them (the language token taken off) with their logprobs."""
         ids = list(frame.token_ids)
-        lps = [lp.logprob for lp in frame.logprobs] if frame.logprobs is not None else [0.0] * len(ids)
+        lps: list[float | None] = (
+            [lp.logprob for lp in frame.logprobs] if frame.logprobs is not None else [None] * len(ids)
+        )
         if not self.started and ids:
             self.started = True
             first = ids[0]
@@ -218,12 +214,12 @@ class _Output:
         self.logprobs += lps
         return ids, lps
 
-    def logprob_entries(self, ids: Sequence[int], lps: Sequence[float]) -> list[dict[str, Any]]:
-        """OpenAI's logprob objects for the text tokens among ``ids``."""
+    def logprob_entries(self, ids: Sequence[int], lps: Sequence[float | None]) -> list[dict[str, Any]]:
+        """OpenAI's logprob objects for the text tokens among ``ids`` that have one (none is made up)."""
         return [
             logprob_entry(self.decode([t]), lp)
             for t, lp in zip(ids, lps, strict=True)
-            if self.vocab.is_text(t)
+            if self.vocab.is_text(t) and lp is not None
         ]
 
     def all_logprob_entries(self) -> list[dict[str, Any]]:
@@ -262,14 +258,16 @@ def _segment_means(out: _Output, segments: Sequence[Segment]) -> list[float | No
     position = 0
     means: list[float | None] = []
     for seg in segments:  # segments take the text tokens in order; find each one's logprobs
-        values: list[float] = []
+        values: list[float | None] = []
         for token in seg.tokens:
             while position < len(out.tokens) and out.tokens[position] != token:
                 position += 1
             if position < len(out.tokens):
                 values.append(out.logprobs[position])
                 position += 1
-        means.append(sum(values) / len(values) if values else None)
+        known = [v for v in values if v is not None]
+        # A mean over some tokens only would mislead: without every logprob, none (reported as 0.0).
+        means.append(sum(known) / len(known) if known and len(known) == len(values) else None)
     return means
 
 

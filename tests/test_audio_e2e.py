@@ -1,0 +1,185 @@
+"""``/v1/audio/transcriptions`` and ``/v1/audio/translations`` end to end: one real ``hfserve
+start`` pinned to whisper-base (rebuilt offline by ``model_host.whisper_build``), speech spoken by
+espeak-ng, requests through the OpenAI SDK. One server for the module; each transcription costs
+seconds of CPU, so the default run asks for few of them and the rest is ``slow``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+
+from tests.openapi import validate
+from tests.server import ServerProcess
+from tests.subtitles import parse_srt, parse_vtt
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _matches_loosely(heard: str, spoken: str = SENTENCE) -> bool:
+    """Most spoken words are heard (whisper-base mishears a few of espeak-ng's words)."""
+    heard_words = set(_words(heard))
+    spoken_words = _words(spoken)
+    return sum(w in heard_words for w in spoken_words) >= 0.7 * len(spoken_words)
+
+
+@pytest.fixture(scope="module")
+def model(whisper_base_model: Path) -> Path:
+    return whisper_base_model
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("speech") / "sentence.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), SENTENCE], check=True, timeout=60)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def whisper_server(cache_dir: Path, model: Path) -> Iterator[ServerProcess]:
+    with ServerProcess.start(cache_dir, workers=2, args=("--model", str(model))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(whisper_server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{whisper_server.base_url}/v1", api_key="unused", timeout=600, max_retries=0)
+
+
+def test_json_text_is_the_spoken_sentence(client: OpenAI, model: Path, speech: bytes) -> None:
+    result = client.audio.transcriptions.create(model=str(model), file=("s.wav", speech), language="en")
+    assert _matches_loosely(result.text), result.text
+    assert result.text == result.text.strip()
+
+
+def test_verbose_json_validates_and_its_segments_cover_the_audio(
+    client: OpenAI, model: Path, speech: bytes, whisper_server: ServerProcess
+) -> None:
+    reply = httpx.post(
+        f"{whisper_server.base_url}/v1/audio/transcriptions",
+        files={"file": ("s.wav", speech, "audio/wav")},
+        data={"model": str(model), "response_format": "verbose_json", "timestamp_granularities[]": "segment"},
+        timeout=600,
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    validate("CreateTranscriptionResponseVerboseJson", body)
+    assert body["language"] == "english"  # detected: no language was given
+    assert isinstance(body["duration"], float) and 4.0 < body["duration"] < 8.0
+    assert _matches_loosely(body["text"]), body["text"]
+    segments = body["segments"]
+    assert segments and segments[0]["start"] < 1.0 and segments[-1]["end"] <= body["duration"]
+    assert all(a["end"] <= b["start"] for a, b in zip(segments, segments[1:], strict=False))
+    assert "".join(s["text"] for s in segments).strip() == body["text"]
+
+
+def test_srt_parses_strictly(client: OpenAI, model: Path, speech: bytes) -> None:
+    srt = client.audio.transcriptions.create(
+        model=str(model), file=("s.wav", speech), language="en", response_format="srt"
+    )
+    cues = parse_srt(str(srt))
+    assert cues and _matches_loosely(" ".join(c.text for c in cues))
+
+
+def test_bad_uploads_are_400s_naming_file(client: OpenAI, model: Path, speech: bytes) -> None:
+    for data in (speech[: len(speech) // 2], b"this is plain text, not audio" * 10, b""):
+        with pytest.raises(BadRequestError) as err:
+            client.audio.transcriptions.create(model=str(model), file=("s.wav", data))
+        assert err.value.param == "file"
+    with pytest.raises(BadRequestError) as err:
+        client.audio.transcriptions.create(model=str(model), file=("s.wav", speech), language="xx")
+    assert err.value.param == "language"
+
+
+def test_a_text_model_is_a_400_naming_model(server: ServerProcess, speech: bytes) -> None:
+    """The session's demo server serves a causal LM: the audio routes refuse it by name."""
+    for path in ("transcriptions", "translations"):
+        reply = httpx.post(
+            f"{server.base_url}/v1/audio/{path}",
+            files={"file": ("s.wav", speech, "audio/wav")},
+            data={"model": "hfserve-demo"},
+            timeout=60,
+        )
+        assert reply.status_code == 400, reply.text
+        validate("ErrorResponse", reply.json())
+        assert reply.json()["error"]["param"] == "model"
+
+
+@pytest.mark.slow
+def test_stream_deltas_join_to_the_done_text_and_the_json_text(
+    client: OpenAI, model: Path, speech: bytes
+) -> None:
+    plain = client.audio.transcriptions.create(model=str(model), file=("s.wav", speech), language="en")
+    events = list(
+        client.audio.transcriptions.create(
+            model=str(model), file=("s.wav", speech), language="en", stream=True
+        )
+    )
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(done) == 1 and events[-1] is done[0]
+    assert "".join(deltas) == done[0].text == plain.text
+    assert done[0].usage is not None and done[0].usage.output_tokens > 0
+
+
+@pytest.mark.slow
+def test_vtt_and_text_formats(client: OpenAI, model: Path, speech: bytes) -> None:
+    vtt = client.audio.transcriptions.create(
+        model=str(model), file=("s.wav", speech), language="en", response_format="vtt"
+    )
+    assert parse_vtt(str(vtt))
+    text = client.audio.transcriptions.create(
+        model=str(model), file=("s.wav", speech), language="en", response_format="text"
+    )
+    assert _matches_loosely(str(text))
+
+
+@pytest.mark.slow
+def test_worker_features_and_segments_equal_transformers_in_process(model: Path, speech: bytes) -> None:
+    """The worker's side alone against transformers: its features give the same greedy tokens as
+    the processor's, and its segments are the tokenizer's own offsets."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from sanic_serve.audio.decode import decode_audio
+    from sanic_serve.audio.features import FeatureConfig, log_mel_windows
+    from sanic_serve.audio.formats import WhisperVocab, split_segments, transcript_text
+
+    audio = decode_audio(speech, max_duration_s=60)
+    processor = WhisperProcessor.from_pretrained(model)
+    whisper = WhisperForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    ours = torch.from_numpy(log_mel_windows(audio, FeatureConfig.from_folder(model)))
+    theirs = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    with torch.inference_mode():
+        ids = whisper.generate(ours, return_timestamps=True, language="en")[0].tolist()
+        assert ids == whisper.generate(theirs, return_timestamps=True, language="en")[0].tolist()
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    eot, begin = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|0.00|>")
+    assert eot is not None and begin is not None
+    vocab = WhisperVocab(eot, begin)
+
+    def decode(x: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(x), skip_special_tokens=False))
+
+    segments = split_segments(ids, vocab, decode, len(audio) / 16_000)
+    offsets = processor.tokenizer.decode(ids, output_offsets=True, skip_special_tokens=True)["offsets"]
+    assert [(s.text, (s.start_s, s.end_s)) for s in segments] == [
+        (o["text"], o["timestamp"]) for o in offsets
+    ]
+    assert (
+        transcript_text(ids, vocab, decode)
+        == processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
+    )
