@@ -230,3 +230,37 @@ def test_an_abort_frees_the_slot(
     host.run()
     assert runner.num_running == 0 and host.last(2).finish_reason is FinishReason.LENGTH
     assert len(host.tokens(2)) == 1 + 3
+
+
+@pytest.mark.slow  # two more generate() runs
+@needs_espeak
+def test_prompt_and_translate_equal_generate(
+    registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor]
+) -> None:
+    """A previous-text prompt (sent without special tokens; the host adds ``<|startofprev|>``), and
+    translation of the German clip with its language detected, each as generate() does them."""
+    from transformers import WhisperProcessor
+
+    processor: Any = WhisperProcessor.from_pretrained(model_path)
+    text = " Weather report about a brown fox."
+    prompt_ids = processor.tokenizer.encode(text, add_special_tokens=False)
+    sampling = SamplingParams(max_new_tokens=120, temperature=0.0)
+    en = features["en"].numpy().tobytes()
+    de = features["de"].numpy().tobytes()
+    host = _host(registry)
+    assert (
+        host.add(1, model_path, Transcribe(en, 1, 80, "en", "transcribe", tuple(prompt_ids), False, sampling))
+        is None
+    )
+    assert host.add(2, model_path, Transcribe(de, 1, 80, None, "translate", (), False, sampling)) is None
+    host.run()
+    model = registry.get(model_path)
+    assert isinstance(model, Seq2SeqRunner)
+    with torch.inference_mode():
+        prompted = model.model.model.generate(
+            features["en"], language="en", prompt_ids=torch.tensor(processor.get_prompt_ids(text))
+        )
+        translated = model.model.model.generate(features["de"], task="translate")
+    assert host.tokens(1)[1:] == prompted[0].tolist()
+    assert host.tokens(2) == [_language(model_path, "de"), *translated[0].tolist()]
+    assert "morning" in processor.tokenizer.decode(host.tokens(2), skip_special_tokens=True).lower()
