@@ -136,6 +136,12 @@ def start(
     responses_ttl_s: float | None = typer.Option(
         None, min=0.1, help="Seconds a stored response is kept (default: until deleted or evicted)."
     ),
+    max_audio_mb: float = typer.Option(
+        _SERVER.max_audio_mb, min=0.001, help="Largest upload of /v1/audio/* in MB; larger ones get 413."
+    ),
+    max_audio_s: float = typer.Option(
+        _SERVER.max_audio_s, min=0.1, help="Longest audio of /v1/audio/* in seconds, checked while decoding."
+    ),
     api_key: list[str] = typer.Option(
         [],
         "--api-key",
@@ -192,6 +198,8 @@ def start(
         responses_db=str(db_path),
         responses_max_mb=responses_max_mb,
         responses_ttl_s=responses_ttl_s,
+        max_audio_mb=max_audio_mb,
+        max_audio_s=max_audio_s,
         engine=HostSettings(
             device=device,
             dtype=dtype.value,

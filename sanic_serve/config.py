@@ -35,6 +35,10 @@ class ServerConfig:
     responses_db: str | None = None
     responses_max_mb: float = 1024.0
     responses_ttl_s: float | None = None
+    # /v1/audio/*: the largest upload (MB; OpenAI's limit by default) and the longest decoded audio,
+    # counted while decoding (sanic_serve.audio.decode).
+    max_audio_mb: float = 25.0
+    max_audio_s: float = 3600.0
     # Server-side MCP tools of /v1/responses: --mcp-config servers, the outbound policy, the timeout.
     mcp: MCPSettings = field(default_factory=MCPSettings)
     # Running as a service (sanic_serve.ops): API keys (none: no check; never in a repr or a log),

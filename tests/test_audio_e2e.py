@@ -12,13 +12,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from openai import BadRequestError, OpenAI
 
 from tests.openapi import validate
 from tests.server import ServerProcess
-from tests.subtitles import parse_srt, parse_vtt
+from tests.subtitles import encode_av, parse_srt, parse_vtt
 
+MAX_AUDIO_MB, MAX_AUDIO_S = 1, 20  # small limits, so refusals are cheap to provoke
 SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -49,7 +51,8 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 @pytest.fixture(scope="module")
 def whisper_server(cache_dir: Path, model: Path) -> Iterator[ServerProcess]:
-    with ServerProcess.start(cache_dir, workers=2, args=("--model", str(model))) as srv:
+    limits = ("--max-audio-mb", str(MAX_AUDIO_MB), "--max-audio-s", str(MAX_AUDIO_S))
+    with ServerProcess.start(cache_dir, workers=2, args=("--model", str(model), *limits)) as srv:
         yield srv
 
 
@@ -101,6 +104,29 @@ def test_bad_uploads_are_400s_naming_file(client: OpenAI, model: Path, speech: b
     with pytest.raises(BadRequestError) as err:
         client.audio.transcriptions.create(model=str(model), file=("s.wav", speech), language="xx")
     assert err.value.param == "language"
+
+
+def test_oversized_uploads_and_bombs_are_refused_and_the_server_keeps_serving(
+    whisper_server: ServerProcess, model: Path, speech: bytes
+) -> None:
+    url = f"{whisper_server.base_url}/v1/audio/transcriptions"
+
+    def post(data: bytes, name: str = "s.wav") -> httpx.Response:
+        return httpx.post(url, files={"file": (name, data)}, data={"model": str(model)}, timeout=120)
+
+    just_over = post(b"\0" * (MAX_AUDIO_MB * 1024 * 1024 + 1))  # the form's own check
+    far_over = post(b"\0" * (3 * MAX_AUDIO_MB * 1024 * 1024))  # refused while the body arrives
+    for reply in (just_over, far_over):
+        assert reply.status_code == 413, reply.text
+        validate("ErrorResponse", reply.json())
+    assert just_over.json()["error"]["param"] == "file"
+    # 60 s of silence in a few kB of Opus: refused once 20 s are decoded (MAX_AUDIO_S)
+    bomb = encode_av(np.zeros(60 * 16_000, np.float32), 16_000, "ogg", "libopus", 48_000)
+    assert len(bomb) < 100_000
+    reply = post(bomb, "bomb.ogg")
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "audio_too_long", reply.text
+    assert reply.json()["error"]["param"] == "file"
+    assert whisper_server.health().status_code == 200
 
 
 def test_a_text_model_is_a_400_naming_model(server: ServerProcess, speech: bytes) -> None:

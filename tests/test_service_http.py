@@ -45,7 +45,8 @@ every = ServerConfig(
     host="127.0.0.2", port=8001, workers=2, default_model_id="m", default_model_path="m", pinned=True,
     log_level="DEBUG", max_request_bytes=1024, request_timeout_s=5.0, drain_timeout_s=5.0,
     ring_capacity_bytes=2 << 20, tool_parser="hermes", engine=HostSettings(device="cpu", idle_unload_s=9.0),
-    responses_db="responses.sqlite3", responses_max_mb=1.0, responses_ttl_s=60.0,
+    responses_db="responses.sqlite3", responses_max_mb=1.0, responses_ttl_s=60.0, max_audio_mb=1.0,
+    max_audio_s=10.0,
     mcp=MCPSettings(
         servers={"s": {"url": "http://127.0.0.1:9/mcp"}}, allow_private=True, allow_hosts=("h",),
         timeout_s=1.0,

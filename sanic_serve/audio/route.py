@@ -41,12 +41,11 @@ from sanic_serve.audio.formats import (
     verbose_json,
 )
 from sanic_serve.audio.request import (
-    DEFAULT_MAX_AUDIO_MB,
-    DEFAULT_MAX_AUDIO_S,
     AudioRequest,
     Task,
     parse_audio_form,
 )
+from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, InvalidRequest, ServerError, from_host_error
 from sanic_serve.models import ModelBundle
 from sanic_serve.requests import admit
@@ -70,8 +69,9 @@ async def create_translation(request: Request) -> HTTPResponse | None:
     return await _handle(request, "translate")
 
 
-def _limit(request: Request, name: str, default: float) -> float:
-    return float(getattr(request.app.ctx.config, name, default))
+def _config(request: Request) -> ServerConfig:
+    config: ServerConfig = request.app.ctx.config
+    return config
 
 
 def _parse(request: Request, task: Task) -> AudioRequest:
@@ -84,7 +84,7 @@ def _parse(request: Request, task: Task) -> AudioRequest:
         task,
         form,
         files,
-        max_audio_mb=_limit(request, "max_audio_mb", DEFAULT_MAX_AUDIO_MB),
+        max_audio_mb=_config(request).max_audio_mb,
     )
 
 
@@ -132,7 +132,7 @@ async def _handle(request: Request, task: Task) -> HTTPResponse | None:
     loop = asyncio.get_running_loop()
     try:
         prepared = await loop.run_in_executor(
-            None, _prepare, req.audio, bundle.path, _limit(request, "max_audio_s", DEFAULT_MAX_AUDIO_S)
+            None, _prepare, req.audio, bundle.path, _config(request).max_audio_s
         )
     except AudioError as exc:
         raise InvalidRequest(exc.message, param=exc.param, code=exc.code) from None
