@@ -138,6 +138,10 @@ class WhisperModel:
         features = windows.to(self.device, self.dtype)
         return self.model.model.encoder(features).last_hidden_state  # type: ignore[no-any-return]
 
+    def encoder_pass(self, windows: torch.Tensor) -> EncoderPass:
+        """An encoder pass over ``windows`` that runs a few layers at a time (see ``EncoderPass``)."""
+        return EncoderPass(self.model.model.encoder, windows.to(self.device, self.dtype))
+
     @torch.inference_mode()
     def detect_language(self, encoded: torch.Tensor) -> list[int]:
         """The most likely language token of each window (``generate``'s ``detect_language``)."""
@@ -189,6 +193,54 @@ class WhisperModel:
         batch.mask = mask
         batch.lengths = [n + 1 for n in batch.lengths]
         return self.model.proj_out(out.last_hidden_state[:, -1]).float()  # type: ignore[no-any-return]
+
+
+class EncoderPass:
+    """``WhisperEncoder.forward`` cut into stages (the convolutions and positions, then one stage
+    per layer, the final norm with the last), so that the seq2seq runner can spread a window's
+    encoding over several engine steps: on a CPU a whole pass takes long enough to stall every
+    chat stream of the host. The same operations in the same order: the states equal one
+    ``forward``."""
+
+    def __init__(self, encoder: Any, features: torch.Tensor) -> None:
+        self.encoder = encoder
+        self.features: torch.Tensor | None = features
+        self.hidden: torch.Tensor | None = None
+        self.next_layer = 0
+
+    @property
+    def stages(self) -> int:
+        """Stages left."""
+        return len(self.encoder.layers) - self.next_layer + (self.features is not None)
+
+    @property
+    def done(self) -> bool:
+        return self.stages == 0
+
+    @torch.inference_mode()
+    def advance(self, stages: int) -> None:
+        encoder = self.encoder
+        for _ in range(stages):
+            if self.features is not None:
+                embeds = F.gelu(encoder.conv1(self.features))
+                embeds = F.gelu(encoder.conv2(embeds)).permute(0, 2, 1)
+                positions = torch.arange(encoder.embed_positions.num_embeddings, device=embeds.device)
+                self.hidden, self.features = embeds + encoder.embed_positions(positions), None
+            elif self.next_layer < len(encoder.layers):
+                self.hidden = encoder.layers[self.next_layer](self.hidden, None)
+                self.next_layer += 1
+                if self.next_layer == len(encoder.layers):
+                    self.hidden = encoder.layer_norm(self.hidden)
+            else:
+                return
+
+    def keep(self, rows: list[int]) -> None:
+        """Go on with only these windows (the others' requests were aborted)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        if self.features is not None:
+            self.features = self.features[index.to(self.features.device)]
+        if self.hidden is not None:
+            self.hidden = self.hidden[index.to(self.hidden.device)]
 
 
 def _layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

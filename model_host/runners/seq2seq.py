@@ -1,19 +1,15 @@
 """The seq2seq runner: speech to text with a Whisper-family model, many transcriptions batched.
 
 A request (``Transcribe``) brings its audio as log-mel features cut in 30 s windows. Each window is
-encoded once; its decoder prompt is prefilled for that row alone (a few tokens), and the row then
-joins the running ``DecoderBatch``, where ``step`` advances every row by one token in one decoder
-pass, so many transcriptions share forward passes and a chat stream on another model waits at most
-one decoder step (plus at most one encoder pass) for its next token.
+encoded once, by an encoder pass spread over several steps (a few layers per step, see ``admit``),
+so that a chat stream on another model never waits for a whole pass; then the row's decoder prompt
+is prefilled alone (a few tokens) and the row joins the running ``DecoderBatch``, where ``step``
+advances every row by one token in one decoder pass: many transcriptions share forward passes.
 
 Windows of one request are decoded one after another: when a window's text ends (``<|endoftext|>``,
-its ``max_new_tokens`` or the decoder's context), the row leaves the batch and its next window is
-encoded and prefilled at a later step (one per step, so transitions never pile onto one step).
-Timestamps of window ``i`` are sent shifted by 30 s × i, so a transcript's times are continuous.
-
-Encoder passes are the expensive part (a 30 s window is 1,500 encoder positions): ``admit``
-encodes the first windows of new requests together, as many as the step's prefill budget pays for
-at 1,500 tokens a window, and always at least one.
+its ``max_new_tokens`` or the decoder's context), the row leaves the batch and queues for the
+encoding of its next window. Timestamps of window ``i`` are sent shifted by 30 s × i, so a
+transcript's times are continuous.
 """
 
 from __future__ import annotations
@@ -39,14 +35,13 @@ from model_host.ipc.messages import (
 )
 from model_host.ipc.model_kind import ModelKind
 from model_host.runners.base import RequestKey, Runner, StepOutput, WaitingQueue, error_output
-from model_host.whisper_model import DecoderBatch, WhisperModel
+from model_host.whisper_model import DecoderBatch, EncoderPass, WhisperModel
 
 log = logging.getLogger(__name__)
 
 TRANSCRIPTION_FAILED = "transcription failed"  # the exception's text goes to the log, not to clients
 WINDOW_COST_TOKENS = 1500  # a window's encoder positions, counted against the prefill budget
 _TIMESTAMP_S = 0.02
-_TRANSITIONS_PER_STEP = 1  # next windows encoded per step: one encoder pass at most
 
 
 @dataclass(eq=False)
@@ -80,20 +75,32 @@ class Seq2SeqRunner(Runner):
         self.model = model
         self._batch = DecoderBatch(model.device)
         self._rows: list[_Row] = []  # in batch order
-        self._next: deque[_Row] = deque()  # rows between windows, waiting for their next encoding
+        self._queued: deque[_Row] = deque()  # waiting for an encoder pass over their current window
+        self._encoding: list[_Row] = []  # in the encoder pass under way, in its order
+        self._pass: EncoderPass | None = None
+        self._windows_per_pass = 1
+        self._stages_per_step = 1
 
     @property
     def num_running(self) -> int:
-        return len(self._rows) + len(self._next)
+        return len(self._rows) + len(self._encoding) + len(self._queued)
 
     def keys(self) -> list[RequestKey]:
-        return [row.key for row in self._rows] + [row.key for row in self._next]
+        return [row.key for row in (*self._rows, *self._encoding, *self._queued)]
 
     def abort(self, key: RequestKey) -> bool:
-        for row in self._next:
+        for row in self._queued:
             if row.key == key:
-                self._next.remove(row)
+                self._queued.remove(row)
                 return True
+        if any(row.key == key for row in self._encoding):
+            keep = [i for i, row in enumerate(self._encoding) if row.key != key]
+            self._encoding = [self._encoding[i] for i in keep]
+            if not keep:
+                self._pass = None
+            elif self._pass is not None:
+                self._pass.keep(keep)
+            return True
         keep = [i for i, row in enumerate(self._rows) if row.key != key]
         if len(keep) == len(self._rows):
             return False
@@ -102,7 +109,8 @@ class Seq2SeqRunner(Runner):
 
     def drop_all(self) -> list[RequestKey]:
         keys = self.keys()
-        self._next.clear()
+        self._queued.clear()
+        self._encoding, self._pass = [], None
         self._keep([])
         return keys
 
@@ -112,11 +120,16 @@ class Seq2SeqRunner(Runner):
 
     # -- admission -------------------------------------------------------------------------------
     def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
+        """Take requests into the encoding queue; their encoding runs in the steps that follow.
+        The budget sizes that work: windows per encoder pass at 1,500 tokens a window, and encoder
+        stages (layers) per step at a layer's share of a window (250 tokens for whisper-base's 6
+        layers), so a CPU's 256-token budget runs one layer of one window per step and a GPU's
+        4,096 whole passes of two windows."""
+        self._windows_per_pass = max(1, budget_tokens // WINDOW_COST_TOKENS)
+        layers = len(self.model.model.model.encoder.layers)
+        self._stages_per_step = max(1, budget_tokens * layers // WINDOW_COST_TOKENS)
         outputs: list[StepOutput] = []
-        rows: list[_Row] = []
-        while len(rows) < room and (head := queue.head()) is not None and head.model_path == self.path:
-            if rows and (len(rows) + 1) * WINDOW_COST_TOKENS > budget_tokens:
-                break
+        while room > 0 and (head := queue.head()) is not None and head.model_path == self.path:
             payload = head.request.payload
             assert isinstance(payload, Transcribe)
             queue.pop()
@@ -125,8 +138,9 @@ class Seq2SeqRunner(Runner):
                 outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, reason))
                 continue
             queue.account(0, 0)
-            rows.append(self._row(head.key, payload))
-        return outputs + self._start(rows)
+            self._queued.append(self._row(head.key, payload))
+            room -= 1
+        return outputs
 
     def _refusal(self, payload: Transcribe) -> str | None:
         if payload.n_mels != self.model.n_mels:
@@ -147,14 +161,41 @@ class Seq2SeqRunner(Runner):
             row.generator = torch.Generator(device=self.model.device).manual_seed(payload.sampling.seed)
         return row
 
-    def _start(self, rows: list[_Row]) -> list[StepOutput]:
-        """Encode the current window of ``rows`` together, prefill each row's prompt, sample its
-        first token and let it join the batch."""
-        if not rows:
+    def _encode(self) -> list[StepOutput]:
+        """Advance the encoder pass under way (starting one over the queue's head if none is), and
+        start the rows whose pass finished."""
+        if self._pass is None and self._queued:
+            count = min(self._windows_per_pass, len(self._queued))
+            self._encoding = [self._queued.popleft() for _ in range(count)]
+            stacked = torch.from_numpy(np.stack([row.windows[row.window] for row in self._encoding]))
+            self._pass = self.model.encoder_pass(stacked)
+        if self._pass is None:
             return []
+        rows = self._encoding
         try:
-            stacked = torch.from_numpy(np.stack([row.windows[row.window] for row in rows]))
-            encoded = self.model.encode(stacked)
+            self._pass.advance(self._stages_per_step)
+        except Exception:
+            return self._failed(rows)
+        if not self._pass.done:
+            return []
+        assert self._pass.hidden is not None
+        encoded, self._pass, self._encoding = self._pass.hidden, None, []
+        return self._start(rows, encoded)
+
+    def _failed(self, rows: list[_Row]) -> list[StepOutput]:
+        """End ``rows`` after an exception (logged here), wherever they were."""
+        log.exception("transcription failed for %s", ", ".join(request_ref(*r.key) for r in rows))
+        failed = {row.key for row in rows}
+        self._keep([i for i, row in enumerate(self._rows) if row.key not in failed])
+        self._encoding = [row for row in self._encoding if row.key not in failed]
+        if not self._encoding:
+            self._pass = None
+        return [error_output(key, ErrorKind.GENERATION_FAILED, TRANSCRIPTION_FAILED) for key in failed]
+
+    def _start(self, rows: list[_Row], encoded: torch.Tensor) -> list[StepOutput]:
+        """With the encoder states of ``rows``' current windows: detect languages not given,
+        prefill each row's prompt, sample its first token and let it join the batch."""
+        try:
             undetected = [i for i, row in enumerate(rows) if row.language is None]
             if undetected:
                 found = self.model.detect_language(encoded[undetected])
@@ -173,10 +214,7 @@ class Seq2SeqRunner(Runner):
                 self._rows.append(row)
                 outputs += self._advance([len(self._rows) - 1], [token])
         except Exception:  # a failing pass ends the requests in it, not the host
-            log.exception("transcription failed for %s", ", ".join(request_ref(*r.key) for r in rows))
-            failed = {row.key for row in rows}
-            self._keep([i for i, row in enumerate(self._rows) if row.key not in failed])
-            return [error_output(key, ErrorKind.GENERATION_FAILED, TRANSCRIPTION_FAILED) for key in failed]
+            return self._failed(rows)
         return outputs
 
     # -- the step --------------------------------------------------------------------------------
@@ -187,15 +225,9 @@ class Seq2SeqRunner(Runner):
                 logits = self.model.step(self._batch)
                 tokens = self._pick(logits, self._rows)
             except Exception:
-                log.exception(
-                    "transcription failed for %s", ", ".join(request_ref(*r.key) for r in self._rows)
-                )
-                keys = [row.key for row in self._rows]
-                self._keep([])
-                return [error_output(key, ErrorKind.GENERATION_FAILED, TRANSCRIPTION_FAILED) for key in keys]
+                return self._failed(list(self._rows))
             outputs += self._advance(list(range(len(self._rows))), tokens)
-        moving = [self._next.popleft() for _ in range(min(_TRANSITIONS_PER_STEP, len(self._next)))]
-        return outputs + self._start(moving)
+        return outputs + self._encode()
 
     @torch.inference_mode()  # the logits are inference tensors: masking them in place needs the mode
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -236,7 +268,7 @@ class Seq2SeqRunner(Runner):
                     reason = FinishReason.LENGTH if row.hit_length else FinishReason.STOP
                 else:
                     row.window += 1
-                    self._next.append(row)
+                    self._queued.append(row)
             if sent or reason is not FinishReason.NONE:
                 outputs.append(StepOutput(row.key[0], TokenFrame(row.key[1], tuple(sent), reason)))
         if leaving:
