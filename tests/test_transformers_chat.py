@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,13 +188,14 @@ def load_events(base_url: str, model: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def on_demand(
-    cache_dir: Path, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerProcess, str]]:
-    """A server without --model (so nothing is pinned), and a model folder it has not loaded."""
+    server: ServerProcess, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ServerProcess, str]:
+    """A server without --model (so nothing is pinned), and a model folder it has not loaded. The
+    session's shared server has exactly those options: a server of its own would only cost another
+    start. Other tests may have loaded models of their own into it; /reset unloads them too."""
     copy = tmp_path_factory.mktemp("models") / "demo-copy"
     shutil.copytree(demo_model, copy)
-    with ServerProcess.start(cache_dir, workers=2) as srv:
-        yield srv, str(copy.resolve())
+    return server, str(copy.resolve())
 
 
 def loaded(srv: ServerProcess) -> list[str]:
@@ -234,11 +234,11 @@ def test_load_model_unknown_model(on_demand: tuple[ServerProcess, str]) -> None:
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
 
 
-def test_reset_unloads_idle_models_only(on_demand: tuple[ServerProcess, str]) -> None:
+def test_reset_unloads_idle_models_only(on_demand: tuple[ServerProcess, str], demo_model: Path) -> None:
     srv, model = on_demand
     assert load_events(srv.base_url, model)[-1]["status"] == "ready"
-    default = [m for m in loaded(srv) if m != model]
-    assert len(default) == 1  # the demo model, preloaded
+    default = [str(demo_model.resolve())]  # the demo model, preloaded: never unloaded
+    assert loaded(srv)[0] == default[0] and model in loaded(srv)
     long_run = {
         "model": model,
         "messages": [{"role": "user", "content": "Hello!"}],
