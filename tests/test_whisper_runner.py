@@ -267,3 +267,15 @@ def test_prompt_and_translate_equal_generate(
     assert host.tokens(1)[1:] == prompted[0].tolist()
     assert host.tokens(2) == [_language(model_path, "de"), *translated[0].tolist()]
     assert "morning" in processor.tokenizer.decode(host.tokens(2), skip_special_tokens=True).lower()
+
+
+def test_an_abort_during_encoding_frees_the_slot(registry: ModelRegistry, model_path: str) -> None:
+    """A request aborted while its window is part-way through the encoder leaves nothing behind."""
+    host = _host(registry)
+    assert host.add(1, model_path, _payload(torch.zeros(1, 80, 3000))) is None
+    host.step()  # admitted: queued for encoding
+    host.step()  # the encoder pass began (one stage of it on a CPU budget)
+    runner = registry.get(model_path)
+    assert runner.num_running == 1 and not host.tokens(1)
+    assert host.engine.abort((0, 1))
+    assert runner.num_running == 0 and not runner.has_work() and not host.engine.has_work()
