@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import orjson
 import psutil
+import pytest
 
 from tests.embedding_texts import FOLDER as MINILM
 from tests.server import ServerProcess
@@ -47,27 +49,61 @@ def embed(srv: ServerProcess) -> None:
     assert len(resp.json()["data"]) == 2
 
 
-def test_idle_unload_frees_the_on_demand_model_and_loads_it_again(cache_dir: Path, demo_model: Path) -> None:
-    with ServerProcess.start(cache_dir, workers=1, args=("--idle-unload-s", "2")) as srv:
-        base_mb = host_rss_mb(srv)
-        embed(srv)
-        assert str(MINILM) in served(srv)
-        loaded_mb = host_rss_mb(srv)
-        assert loaded_mb - base_mb > 40, (base_mb, loaded_mb)  # MiniLM's weights are ~90 MB
-        deadline = time.monotonic() + 30
-        while str(MINILM) in served(srv):
-            assert time.monotonic() < deadline, "the idle model was not unloaded"
-            time.sleep(0.25)
-        unloaded_mb = host_rss_mb(srv)
-        # Most of what the load took is given back; the demo model (the default) stays.
-        assert loaded_mb - unloaded_mb > 0.5 * (loaded_mb - base_mb), (base_mb, loaded_mb, unloaded_mb)
-        assert served(srv) == [MODEL]
-        # Used again: loaded again.
-        embed(srv)
-        assert str(MINILM) in served(srv)
-        # A model in use is not unloaded, whatever its age: the demo model never is.
-        assert greedy_hello(srv) == "Hello! How can I help you today?"
-        assert "unloaded after 2 s without requests" in srv.log_text()
+@pytest.fixture(scope="module")
+def idle_unloading(cache_dir: Path, demo_model: Path) -> Iterator[tuple[ServerProcess, Path, Path]]:
+    """A 1-worker server with --idle-unload-s 2, started over what a killed server left: a record
+    with a pid that is gone, and a segment it mapped. One start serves the idle-unload test and the
+    sweep test, which then stops it (starts dominate the suite's time)."""
+    leftover = Path(f"/dev/shm/hfserve-left-{os.getpid()}-{time.monotonic_ns()}")
+    leftover.write_bytes(b"\0" * 64)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    run = cache_dir / "run"
+    run.mkdir(exist_ok=True)
+    record = run / f"{dead.pid}.json"
+    record.write_text(json.dumps({"pid": dead.pid, "start_ticks": 1, "segments": [str(leftover)]}))
+    try:
+        with ServerProcess.start(cache_dir, workers=1, args=("--idle-unload-s", "2")) as srv:
+            yield srv, leftover, record
+    finally:
+        leftover.unlink(missing_ok=True)
+
+
+def test_idle_unload_frees_the_on_demand_model_and_loads_it_again(
+    idle_unloading: tuple[ServerProcess, Path, Path],
+) -> None:
+    srv, _, _ = idle_unloading
+    assert srv.proc.poll() is None, "runs before test_a_start_sweeps_what_a_killed_server_left stops it"
+    base_mb = host_rss_mb(srv)
+    embed(srv)
+    assert str(MINILM) in served(srv)
+    loaded_mb = host_rss_mb(srv)
+    assert loaded_mb - base_mb > 40, (base_mb, loaded_mb)  # MiniLM's weights are ~90 MB
+    deadline = time.monotonic() + 30
+    while str(MINILM) in served(srv):
+        assert time.monotonic() < deadline, "the idle model was not unloaded"
+        time.sleep(0.25)
+    unloaded_mb = host_rss_mb(srv)
+    # Most of what the load took is given back; the demo model (the default) stays.
+    assert loaded_mb - unloaded_mb > 0.5 * (loaded_mb - base_mb), (base_mb, loaded_mb, unloaded_mb)
+    assert served(srv) == [MODEL]
+    # Used again: loaded again.
+    embed(srv)
+    assert str(MINILM) in served(srv)
+    # A model in use is not unloaded, whatever its age: the demo model never is.
+    assert greedy_hello(srv) == "Hello! How can I help you today?"
+    assert "unloaded after 2 s without requests" in srv.log_text()
+
+
+def test_a_start_sweeps_what_a_killed_server_left(
+    idle_unloading: tuple[ServerProcess, Path, Path], cache_dir: Path
+) -> None:
+    srv, leftover, record = idle_unloading
+    assert not leftover.exists() and not record.exists()
+    assert "left by a server that was killed" in srv.log_text()
+    own = cache_dir / "run" / f"{srv.proc.pid}.json"
+    assert srv.stop() == 0
+    assert not own.exists()  # a clean stop leaves no record
 
 
 # -- a host killed under 16 streams ----------------------------------------------------------
@@ -197,24 +233,3 @@ def test_segments_of_a_killed_tree_are_swept_and_a_live_ones_kept(tmp_path: Path
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait(10)
         Path(f"/dev/shm/{name}").unlink(missing_ok=True)
-
-
-def test_a_start_sweeps_what_a_killed_server_left(cache_dir: Path, demo_model: Path) -> None:
-    # A record as a killed server leaves it: a pid that is gone, a segment it mapped.
-    leftover = Path(f"/dev/shm/hfserve-left-{os.getpid()}-{time.monotonic_ns()}")
-    leftover.write_bytes(b"\0" * 64)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(10)
-    run = cache_dir / "run"
-    run.mkdir(exist_ok=True)
-    record = run / f"{dead.pid}.json"
-    record.write_text(json.dumps({"pid": dead.pid, "start_ticks": 1, "segments": [str(leftover)]}))
-    try:
-        with ServerProcess.start(cache_dir, workers=1) as srv:
-            assert not leftover.exists() and not record.exists()
-            assert "left by a server that was killed" in srv.log_text()
-            own = run / f"{srv.proc.pid}.json"
-            assert srv.stop() == 0
-        assert not own.exists()  # a clean stop leaves no record
-    finally:
-        leftover.unlink(missing_ok=True)
