@@ -73,13 +73,23 @@ def encode_soundfile(samples: np.ndarray, rate_hz: int, fmt: str, subtype: str |
     return buf.getvalue()
 
 
-def encode_av(samples: np.ndarray, rate_hz: int, container: str, codec: str, codec_rate_hz: int) -> bytes:
+def encode_av(
+    samples: np.ndarray,
+    rate_hz: int,
+    container: str,
+    codec: str,
+    codec_rate_hz: int,
+    bit_rate: int | None = None,
+) -> bytes:
     """Mono float32 ``samples`` encoded by FFmpeg (``container``: ``mp3``, ``ogg``, ``ipod`` for
-    m4a, ``webm``), resampled first to a rate the codec takes."""
+    m4a, ``webm``), resampled first to a rate the codec takes; ``bit_rate`` in bits per second
+    (None: the codec's default)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=codec_rate_hz)
         assert isinstance(stream, av.audio.stream.AudioStream)
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
         stream.layout = "mono"
         frame = av.AudioFrame.from_ndarray(samples[None, :].astype(np.float32), format="flt", layout="mono")
         frame.sample_rate = rate_hz
