@@ -130,6 +130,19 @@ def test_oversized_uploads_and_bombs_are_refused_and_the_server_keeps_serving(
     assert whisper_server.health().status_code == 200
 
 
+def test_models_say_which_take_audio(
+    whisper_server: ServerProcess, server: ServerProcess, model: Path
+) -> None:
+    listing = httpx.get(f"{whisper_server.base_url}/v1/models", timeout=10).json()
+    validate("ListModelsResponse", listing)
+    assert [m["endpoints"] for m in listing["data"]] == [
+        ["/v1/audio/transcriptions", "/v1/audio/translations"]
+    ]
+    one = httpx.get(f"{server.base_url}/v1/models/hfserve-demo", timeout=10).json()
+    validate("Model", one)
+    assert "/v1/chat/completions" in one["endpoints"] and "/v1/audio/transcriptions" not in one["endpoints"]
+
+
 def test_a_text_model_is_a_400_naming_model(server: ServerProcess, speech: bytes) -> None:
     """The session's demo server serves a causal LM: the audio routes refuse it by name."""
     for path in ("transcriptions", "translations"):

@@ -1,4 +1,6 @@
-"""``GET /v1/models`` and ``GET /v1/models/{id}``: the default or pinned model plus loaded ones."""
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the default or pinned model plus loaded ones.
+Each says, beside OpenAI's fields, which of this server's ``endpoints`` it serves (a speech model
+the audio routes, an embedder ``/v1/embeddings``), read from its folder."""
 
 from __future__ import annotations
 
@@ -10,26 +12,45 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
+from model_host.ipc.model_kind import ModelKind, detect_kind
 from sanic_serve.errors import ModelNotFound
 from sanic_serve.models import ModelResolver
 
 bp = Blueprint("models")
+
+ENDPOINTS: dict[ModelKind, list[str]] = {
+    ModelKind.CAUSAL: ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"],
+    ModelKind.EMBEDDING: ["/v1/embeddings"],
+    ModelKind.SEQ2SEQ: ["/v1/audio/transcriptions", "/v1/audio/translations"],
+}
+
+
+def _kind(models: ModelResolver, model_id: str, path: str | None) -> ModelKind:
+    for bundle in models.known():
+        if bundle.id == model_id:
+            return bundle.kind
+    # A model the host loaded for another worker: its folder says (a Hub id is served as causal).
+    return detect_kind(path) if path else ModelKind.CAUSAL
 
 
 def _served(request: Request) -> dict[str, dict[str, Any]]:
     models: ModelResolver = request.app.ctx.models
     client: HostClient = request.app.ctx.client
     created = {b.id: b.created for b in models.known()}
-    ids: list[str] = []
+    paths: dict[str, str | None] = {}
     if models.default is not None:
-        ids.append(models.default.id)
+        paths[models.default.id] = models.default.path
     for path in client.status.snapshot().models:
-        mid = models.id_for_path(path)
-        if mid not in ids:
-            ids.append(mid)
+        paths.setdefault(models.id_for_path(path), path)
     return {
-        mid: {"id": mid, "object": "model", "created": created.get(mid, 0), "owned_by": "hfserve"}
-        for mid in ids
+        mid: {
+            "id": mid,
+            "object": "model",
+            "created": created.get(mid, 0),
+            "owned_by": "hfserve",
+            "endpoints": ENDPOINTS[_kind(models, mid, path)],
+        }
+        for mid, path in paths.items()
     }
 
 
