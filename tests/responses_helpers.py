@@ -9,9 +9,14 @@ from typing import Any
 
 import httpx
 
+from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
 from tests.openapi import _spec, validate
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+GREEDY = {"model": "hfserve-demo", "temperature": 0}
+# The demo model's two tools (as it was trained on them), in the Responses API's flat shape.
+WEATHER: dict[str, Any] = {"type": "function", **WEATHER_TOOL["function"]}
+ADD: dict[str, Any] = {"type": "function", **ADD_TOOL["function"]}
 
 
 @functools.cache

@@ -14,30 +14,17 @@ import openai
 import pytest
 
 from tests.openapi import validate
-from tests.responses_helpers import check_events, create, output_text, stream, without_ids
+from tests.responses_helpers import (
+    ADD,
+    GREEDY,
+    WEATHER,
+    check_events,
+    create,
+    output_text,
+    stream,
+    without_ids,
+)
 from tests.server import ServerProcess, model_with_template
-
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Get the current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "The city name"}},
-        "required": ["city"],
-    },
-}
-ADD = {
-    "type": "function",
-    "name": "add",
-    "description": "Add two integers",
-    "parameters": {
-        "type": "object",
-        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-        "required": ["a", "b"],
-    },
-}
-GREEDY = {"model": "hfserve-demo", "temperature": 0}
 
 
 def test_text_non_stream_and_stream_agree(server: ServerProcess) -> None:

@@ -17,20 +17,9 @@ import openai
 import pytest
 
 from tests.openapi import validate
-from tests.responses_helpers import check_events, create, output_text, read_sse
+from tests.responses_helpers import GREEDY, WEATHER, check_events, create, output_text, read_sse
 from tests.server import ServerProcess, free_port, hfserve_cmd, server_env
 
-GREEDY = {"model": "hfserve-demo", "temperature": 0}
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Get the current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "The city name"}},
-        "required": ["city"],
-    },
-}
 # A generation that runs for a while: the demo model's context is 2048 tokens.
 LONG = {**GREEDY, "input": "Hello!", "max_output_tokens": 1900, "ignore_eos": True}
 FINAL = ("completed", "incomplete", "failed", "cancelled")
