@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from model_host.demo.corpus import ADD_TOOL, WEATHER_TOOL
-from tests.server import ServerProcess
+from tests.server import ServerProcess, model_with_template
 
 MODEL = "hfserve-demo"
 # The SDK no longer has sampling parameters (Anthropic's newer models fix them); greedy rides as an extra.
@@ -590,3 +591,70 @@ def test_an_error_after_the_stream_began_is_an_error_event() -> None:
     last = json.loads(text.split("event: error\ndata: ")[1].split("\n")[0])
     assert last == {"type": "error", "error": {"type": "overloaded_error", "message": "The server is busy."}}
     assert sent[-1] == b"<eof>"
+
+
+# --- thinking, end to end ------------------------------------------------------------------------
+# The demo model's template has no reasoning; a copy whose template opens ``<think>`` when thinking is
+# on (Qwen3's ``enable_thinking`` switch) runs on the shared server, loaded by its folder. The demo
+# model never writes ``</think>``, so its whole reply is the thought: a text block after the thinking
+# block is checked by ``test_blocks_hold_whitespace_and_number_blocks`` above.
+
+ASSISTANT = "{{- '<|im_start|>assistant\\n' }}"
+GENERATION_PROMPT = ASSISTANT + "{%- endif %}"
+HELLO = {"role": "user", "content": "Hello!"}
+THINKING = {"type": "enabled", "budget_tokens": 1024}  # Anthropic's least budget
+
+
+@pytest.fixture(scope="module")
+def thinking_model(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    def switch(template: str) -> str:
+        opens = "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- endif %}"
+        return template.replace(GENERATION_PROMPT, ASSISTANT + opens + "{%- endif %}") + (
+            "{#- answers follow </think> -#}"  # what marks a template as one that reasons
+        )
+
+    return str(model_with_template(demo_model, tmp_path_factory.mktemp("messages") / "thinking", switch))
+
+
+def test_thinking_block_stream_and_replay(server: ServerProcess, thinking_model: str) -> None:
+    body: dict[str, Any] = {"model": thinking_model, "max_tokens": 1100, "messages": [HELLO], **GREEDY}
+    plain = post(server, body)
+    assert plain.status_code == 200, plain.text
+    assert [b["type"] for b in plain.json()["content"]] == ["text"]  # thinking off: no thought
+    body["thinking"] = THINKING
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    content = whole["content"]
+    assert content[0]["type"] == "thinking" and isinstance(content[0]["signature"], str)
+    assert content[0]["thinking"] == "Hello! How can I help you today?"
+    assert [b["type"] for b in content[1:]] in ([], ["text"])  # a text block may only follow the thought
+    assert whole["stop_reason"] == "end_turn" and whole["usage"]["output_tokens"] > 0
+
+    events = sse_events(server, body)
+    deltas = [p["delta"] for n, p in events if n == "content_block_delta"]
+    thoughts = [d["thinking"] for d in deltas if d["type"] == "thinking_delta"]
+    assert thoughts and "".join(thoughts) == content[0]["thinking"]
+    assert check_order(events) == content  # the stream's blocks are the message's
+
+    with sdk(server).messages.stream(
+        **{k: body[k] for k in ("model", "max_tokens", "messages", "thinking")}, extra_body=GREEDY
+    ) as stream:
+        final = stream.get_final_message().model_dump()
+
+    def comparable(m: dict[str, Any]) -> dict[str, Any]:
+        usage = {k: v for k, v in m["usage"].items() if v is not None}
+        usage["input_tokens"] += usage.pop("cache_read_input_tokens", 0)  # the prefix cache may differ
+        usage.pop("cache_creation_input_tokens", None)
+        return {**{k: v for k, v in m.items() if v is not None and k != "id"}, "usage": usage}
+
+    assert comparable(final) == comparable(whole)
+
+    # The thought replayed in the history, as Anthropic's clients send it back, is accepted.
+    replay = {
+        **body,
+        "messages": [HELLO, {"role": "assistant", "content": content}, {"role": "user", "content": "Hi"}],
+    }
+    again = post(server, replay)
+    assert again.status_code == 200, again.text
+    assert again.json()["content"][0]["type"] == "thinking"
