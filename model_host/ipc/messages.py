@@ -83,11 +83,27 @@ class SamplingParams(msgspec.Struct, frozen=True):
         return msgspec.structs.replace(self, **changes)
 
 
+class ImageInput(msgspec.Struct, frozen=True, array_like=True):
+    """One image of a request, as the client sent it (PNG, JPEG, WebP or GIF file bytes), already
+    checked by the worker (format, byte size, pixel count); the host decodes it again. It crosses
+    once, in the request, never per token."""
+
+    data: bytes
+    digest: bytes  # sha256 of ``data``: the prefix cache tells images apart by it
+
+
 class Generate(msgspec.Struct, frozen=True, tag=int(Task.GENERATE), tag_field="task"):
-    """Continue ``prompt_token_ids``; frames carry the new tokens."""
+    """Continue ``prompt_token_ids``; frames carry the new tokens.
+
+    With ``images`` (a vision model), ``prompt_text`` is the rendered prompt, one placeholder per
+    image where the chat template put it: the host's processor expands the placeholders to the
+    image's tokens, as ``processor(text=..., images=...)`` does, and its ids replace
+    ``prompt_token_ids`` (the worker's tokenization of that text, placeholders unexpanded)."""
 
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    images: tuple[ImageInput, ...] = ()
+    prompt_text: str | None = None
 
 
 class Embed(msgspec.Struct, frozen=True, tag=int(Task.EMBED), tag_field="task"):

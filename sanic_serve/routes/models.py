@@ -20,6 +20,7 @@ bp = Blueprint("models")
 
 ENDPOINTS: dict[ModelKind, list[str]] = {
     ModelKind.CAUSAL: ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"],
+    ModelKind.VISION: ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"],
     ModelKind.EMBEDDING: ["/v1/embeddings"],
     ModelKind.SEQ2SEQ: ["/v1/audio/transcriptions", "/v1/audio/translations"],
 }
