@@ -142,6 +142,36 @@ def start(
     max_audio_s: float = typer.Option(
         _SERVER.max_audio_s, min=0.1, help="Longest audio of /v1/audio/* in seconds, checked while decoding."
     ),
+    max_images_per_request: int = typer.Option(
+        _SERVER.media.max_images_per_request, min=0, help="Images one request may bring; more get 400."
+    ),
+    max_image_mb: float = typer.Option(
+        _SERVER.media.max_image_bytes / 1024 / 1024, min=0.001, help="Largest image in MB; larger get 413."
+    ),
+    max_image_pixels: int = typer.Option(
+        _SERVER.media.max_image_pixels,
+        min=1,
+        help="Most pixels (width x height) of an image, read from its header before it is decoded.",
+    ),
+    allow_remote_media: bool = typer.Option(
+        _SERVER.media.allow_remote, help="Fetch images by http(s) URL (off: data URLs only)."
+    ),
+    allow_private_media: bool = typer.Option(
+        _SERVER.media.allow_private,
+        help="Let image URLs reach loopback, private and link-local addresses (with --allow-remote-media).",
+    ),
+    media_allow_hosts: str | None = typer.Option(
+        None, help="Comma list of the only hosts image URLs may name, at every redirect (*.example.com)."
+    ),
+    media_root: Path | None = typer.Option(
+        None,
+        exists=True,
+        file_okay=False,
+        help="Folder whose files requests may name as images (file:// URLs, paths). Default: none.",
+    ),
+    media_timeout_s: float = typer.Option(
+        _SERVER.media.fetch_timeout_s, min=0.1, help="Seconds one image fetch, redirects included, may take."
+    ),
     api_key: list[str] = typer.Option(
         [],
         "--api-key",
@@ -180,6 +210,7 @@ def start(
     except ConfigError as exc:
         fail(str(exc), config_error_exit())
     from sanic_serve.mcp.settings import MCPConfigError, settings_from_options
+    from sanic_serve.media.policy import MediaPolicy
 
     try:
         mcp = settings_from_options(mcp_config, mcp_allow_private, mcp_allow_hosts, mcp_timeout_s)
@@ -212,6 +243,16 @@ def start(
             idle_unload_s=idle_unload_s,
         ),
         mcp=mcp,
+        media=MediaPolicy(
+            allow_remote=allow_remote_media,
+            allow_private=allow_private_media,
+            allow_hosts=tuple(h.strip() for h in (media_allow_hosts or "").split(",") if h.strip()),
+            media_root=str(media_root.resolve()) if media_root is not None else None,
+            max_image_bytes=int(max_image_mb * 1024 * 1024),
+            max_image_pixels=max_image_pixels,
+            max_images_per_request=max_images_per_request,
+            fetch_timeout_s=media_timeout_s,
+        ),
         tool_parser=None if tool_parser is ToolParserName.auto else tool_parser.value,
         api_keys=api_keys,
         metrics_auth=metrics_auth,

@@ -34,7 +34,7 @@ service_app = typer.Typer(
 
 _NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 # `hfserve start` options that take a file or folder.
-PATH_OPTIONS = frozenset({"--model", "--api-key-file", "--responses-db", "--mcp-config"})
+PATH_OPTIONS = frozenset({"--model", "--api-key-file", "--responses-db", "--mcp-config", "--media-root"})
 ENV_FILE_TEMPLATE = """\
 # Environment of the {name} service, read by systemd when it starts the service (mode 0600:
 # it holds secrets). One VAR=value per line. For example:

@@ -5,7 +5,8 @@ Sanic reads a body after routing, in its handler stage, where only its response 
 hold the connection and its handler for that long. :class:`TimedRequest` reads every body under
 ``--request-timeout-s`` instead and answers a slow or stalled client with a 408; Sanic's own
 ``REQUEST_TIMEOUT`` covers the headers before it. Routes that take prompts say so
-(``ctx_large_body=True``) and take up to ``max_request_bytes`` (16 MiB); the others take small
+(``ctx_large_body=True``) and take up to ``max_request_bytes`` (16 MiB, or room for one image at
+``--max-image-mb`` as a data URL when that is more); the others take small
 JSON commands (1 MiB); audio uploads (``ctx_audio_body=True``) take ``--max-audio-mb``.
 """
 
@@ -62,7 +63,8 @@ class TimedRequest(Request):
             return
         config = getattr(self.app.ctx, "config", None)
         timeout_s = float(getattr(config, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
-        large_limit_bytes = int(getattr(config, "max_request_bytes", SMALL_BODY_LIMIT_BYTES))
+        large_limit = getattr(config, "large_body_bytes", None)
+        large_limit_bytes = int(large_limit()) if callable(large_limit) else SMALL_BODY_LIMIT_BYTES
         # Sanic checks this before reading (against Content-Length) and again as chunks arrive.
         stream.request_max_size = route_body_limit(self, large_limit_bytes)
         try:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field, replace
 from model_host.ipc.channels import DEFAULT_RING_CAPACITY_BYTES
 from model_host.ipc.settings import HostSettings
 from sanic_serve.mcp.settings import MCPSettings
+from sanic_serve.media.policy import MediaPolicy
+
+# Room in a generation route's body for the text beside one image at the byte limit as a data URL.
+_IMAGE_BODY_SLACK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ServerConfig:
     # counted while decoding (sanic_serve.audio.decode).
     max_audio_mb: float = 25.0
     max_audio_s: float = 3600.0
+    # Images in requests (sanic_serve.media): where they may be read from and how large they may be.
+    media: MediaPolicy = field(default_factory=MediaPolicy)
     # Server-side MCP tools of /v1/responses: --mcp-config servers, the outbound policy, the timeout.
     mcp: MCPSettings = field(default_factory=MCPSettings)
     # Running as a service (sanic_serve.ops): API keys (none: no check; never in a repr or a log),
@@ -47,6 +53,12 @@ class ServerConfig:
     metrics_auth: bool = False
     cors_origins: tuple[str, ...] = ()
     metrics_vllm_names: bool = False
+
+    def large_body_bytes(self) -> int:
+        """The body limit of the generation routes: ``max_request_bytes``, raised when needed so
+        that one image at ``--max-image-mb`` fits as a base64 data URL (4 characters per 3 bytes)."""
+        image_url_bytes = -(-self.media.max_image_bytes // 3) * 4 + _IMAGE_BODY_SLACK_BYTES
+        return max(self.max_request_bytes, image_url_bytes)
 
     def host_settings(self) -> HostSettings:
         preload = (self.default_model_path,) if self.default_model_path else ()

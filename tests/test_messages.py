@@ -490,7 +490,8 @@ def test_pings_while_no_token_comes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_too_large_body_is_an_anthropic_413(server: ServerProcess) -> None:
-    big = b'{"model": "x", "pad": "' + b"a" * (17 * 1024 * 1024) + b'"}'
+    # Over the generation routes' limit: 16 MiB, raised to fit one 20 MB image as a data URL.
+    big = b'{"model": "x", "pad": "' + b"a" * (29 * 1024 * 1024) + b'"}'
     r = httpx.post(f"{server.base_url}/v1/messages", content=big, timeout=TIMEOUT_S)
     assert r.status_code == 413, r.text[:300]
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"

@@ -41,6 +41,7 @@ from model_host.ipc.settings import HostSettings
 from sanic_serve.app import create_app
 from sanic_serve.config import ServerConfig
 from sanic_serve.mcp.settings import MCPSettings
+from sanic_serve.media.policy import MediaPolicy
 every = ServerConfig(
     host="127.0.0.2", port=8001, workers=2, default_model_id="m", default_model_path="m", pinned=True,
     log_level="DEBUG", max_request_bytes=1024, request_timeout_s=5.0, drain_timeout_s=5.0,
@@ -51,6 +52,7 @@ every = ServerConfig(
         servers={"s": {"url": "http://127.0.0.1:9/mcp"}}, allow_private=True, allow_hosts=("h",),
         timeout_s=1.0,
     ),
+    media=MediaPolicy(allow_remote=True, allow_private=True, media_root="/srv/images"),
     api_keys=("unused",), metrics_auth=True, cors_origins=("http://ui.example",), metrics_vllm_names=True,
 )
 default = ServerConfig()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,8 +32,13 @@ class PolicyRefused(Exception):
 
 @dataclass(frozen=True)
 class OutboundPolicy:
+    """Where an outbound connection may go. The same rules serve MCP servers and fetched media
+    (``sanic_serve.media``): ``subject`` and ``private_option`` only change what a refusal says."""
+
     allow_private: bool = False
     allow_hosts: tuple[str, ...] = ()
+    subject: str = "The MCP server"
+    private_option: str = "--mcp-allow-private"
 
     def check_host_name(self, host: str) -> None:
         """The ``--mcp-allow-hosts`` rule, on the name as written in the URL."""
@@ -47,14 +52,14 @@ class OutboundPolicy:
                     return
             elif name == pattern:
                 return
-        raise PolicyRefused(f"The MCP server host {host!r} is not among the hosts this server may reach.")
+        raise PolicyRefused(f"{self.subject} host {host!r} is not among the hosts this server may reach.")
 
     def check_address(self, address: IPAddress) -> None:
         if self.allow_private or is_public(address):
             return
         raise PolicyRefused(
-            "The MCP server URL points to a private, loopback or otherwise non-public address, "
-            "which this server does not reach (the operator can allow it with --mcp-allow-private)."
+            f"{self.subject} URL points to a private, loopback or otherwise non-public address, "
+            f"which this server does not reach (the operator can allow it with {self.private_option})."
         )
 
 
@@ -96,13 +101,24 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return out
 
 
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
 class GuardedBackend(httpcore2.AsyncNetworkBackend):
     """httpcore's network backend with the policy applied to the address actually dialled: the name
-    is resolved once here, every address is checked, and the connection goes to a checked one."""
+    is resolved once here, every address is checked, and the connection goes to a checked one.
+    ``resolver`` and ``inner`` (the backend that dials) are replaceable so tests can stand in for
+    DNS and the Internet."""
 
-    def __init__(self, policy: OutboundPolicy) -> None:
+    def __init__(
+        self,
+        policy: OutboundPolicy,
+        resolver: Resolver | None = None,
+        inner: httpcore2.AsyncNetworkBackend | None = None,
+    ) -> None:
         self._policy = policy
-        self._inner = httpcore2.AnyIOBackend()
+        self._resolve = resolver or resolve
+        self._inner = inner or httpcore2.AnyIOBackend()
 
     async def connect_tcp(
         self,
@@ -113,7 +129,7 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         try:
-            addresses = await resolve(host, port)
+            addresses = await self._resolve(host, port)
         except OSError as exc:
             raise httpcore2.ConnectError("the name could not be resolved") from exc
         try:
@@ -141,7 +157,7 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore2.AsyncNetworkStream:
-        raise httpcore2.ConnectError("Unix sockets are not reachable as MCP servers.")
+        raise httpcore2.ConnectError(f"Unix sockets are not reachable ({self._policy.subject}).")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -154,17 +170,22 @@ def http_client(
     timeout: httpx2.Timeout | None = None,
     auth: httpx2.Auth | None = None,
     event_hooks: dict[str, list[Any]] | None = None,
+    backend: httpcore2.AsyncNetworkBackend | None = None,
 ) -> httpx2.AsyncClient:
     """The HTTP client the MCP transports use (the SDK's ``McpHttpClientFactory`` shape, plus the
     policy): proxies from the environment are not used (they would dial for us, past the check),
     and with a policy every connection goes through ``GuardedBackend``. ``policy=None`` is for
-    servers the operator configured."""
+    servers the operator configured; ``backend`` replaces the guarded backend (a test's, built on
+    ``GuardedBackend`` with a stand-in resolver)."""
     transport = httpx2.AsyncHTTPTransport(trust_env=False)
-    if policy is not None:
+    if policy is not None or backend is not None:
         pool = getattr(transport, "_pool", None)
         if not hasattr(pool, "_network_backend"):  # an httpx2 whose layout we do not know: fail closed
             raise RuntimeError("cannot apply the outbound policy to this httpx2 version")
-        pool._network_backend = GuardedBackend(policy)  # type: ignore[union-attr]
+        if backend is None:
+            assert policy is not None
+            backend = GuardedBackend(policy)
+        pool._network_backend = backend  # type: ignore[union-attr]
     return httpx2.AsyncClient(
         headers=headers,
         timeout=timeout if timeout is not None else httpx2.Timeout(30.0, read=300.0),
