@@ -52,13 +52,16 @@ def read_local(url: str, media_root: str | None, max_bytes: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         raise SourceRefused("The image file could not be opened.") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SourceRefused("The image path is not a regular file.")
         if info.st_size > max_bytes:
             raise BytesOverLimit(max_bytes)
-        data = file.read(max_bytes + 1)  # the file may have grown since fstat
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)  # the file may have grown since fstat
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise BytesOverLimit(max_bytes)
     return data
