@@ -18,6 +18,7 @@ from sanic import Blueprint, Request
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
+from model_host.ipc.model_kind import ModelKind
 from sanic_serve.chat.request import ChatCompletionRequest
 from sanic_serve.chat.route import prepare
 from sanic_serve.choices import Choice, abort, merged
@@ -25,7 +26,12 @@ from sanic_serve.errors import APIError, InvalidRequest, internal_error
 from sanic_serve.generation import Delta
 from sanic_serve.messages.blocks import Blocks, Event, message_id, stop_reason
 from sanic_serve.messages.errors import anthropic_body, anthropic_error, anthropic_error_response
-from sanic_serve.messages.request import anthropic_names, parse_messages_request, to_chat
+from sanic_serve.messages.request import (
+    anthropic_names,
+    image_param,
+    parse_messages_request,
+    to_chat_with_images,
+)
 from sanic_serve.requests import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -82,17 +88,31 @@ def _message(msg_id: str, model: str, choice: Choice, content: list[dict[str, An
     }
 
 
-async def _prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
+async def _prepare(
+    request: Request, req: ChatCompletionRequest, image_params: dict[str, str]
+) -> list[Choice]:
     try:
+        if image_params:  # refused for a text model before any image is read
+            bundle = await request.app.ctx.models.resolve(req.model)
+            if bundle.kind is not ModelKind.VISION:
+                raise InvalidRequest(
+                    f"The model `{req.model}` takes no images; content blocks must be text.",
+                    param=next(iter(image_params)),
+                    code="unsupported_content_type",
+                )
         return await prepare(request, req)
     except InvalidRequest as exc:
-        raise anthropic_names(exc) from exc
+        raise anthropic_names(exc, image_params) from exc
+    except APIError as exc:
+        if exc.param is None or image_param(exc.param, image_params) == exc.param:
+            raise
+        raise anthropic_names(exc, image_params) from exc  # an image's 413
 
 
 @bp.post("/v1/messages", ctx_large_body=True)
 async def create_message(request: Request) -> HTTPResponse | None:
     req = parse_messages_request(parse_json_body(request))
-    choices = await _prepare(request, to_chat(req))
+    choices = await _prepare(request, *to_chat_with_images(req))
     try:
         if req.stream:
             await _stream(request, req.model, choices[0])
@@ -110,7 +130,7 @@ async def count_tokens(request: Request) -> HTTPResponse:
     """The prompt exactly as ``/v1/messages`` would render it for the same body, counted; nothing
     is submitted to the model host."""
     req = parse_messages_request(parse_json_body(request), counting=True)
-    choices = await _prepare(request, to_chat(req))
+    choices = await _prepare(request, *to_chat_with_images(req))
     return json({"input_tokens": choices[0].gen.prompt_tokens})
 
 

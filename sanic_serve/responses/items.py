@@ -31,7 +31,8 @@ class PreparedContext:
 
 MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
-_MEDIA_PARTS = {"input_image": "images", "input_file": "files", "input_audio": "audio"}
+_MEDIA_PARTS = {"input_file": "files", "input_audio": "audio"}
+IMAGE_DETAILS = frozenset({"auto", "low", "high", "original"})
 _ID_PREFIX = {
     "message": "msg",
     "function_call": "fc",
@@ -94,6 +95,14 @@ def instructions_text(instructions: str | list[dict[str, Any]] | None) -> str | 
     if instructions is None or isinstance(instructions, str):
         return instructions or None
     items = normalize_input(instructions, [], None, param="instructions")
+    for i, item in enumerate(items):
+        content = item.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type") == "input_image":
+                raise InvalidRequest(
+                    "instructions take text only; send images in input.",
+                    param=f"instructions[{i}].content[{j}]",
+                )
     return "\n\n".join(text_of(i.get("content")) for i in items if i["type"] == "message") or None
 
 
@@ -152,6 +161,9 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
             kind = part.get("type")
             if not isinstance(kind, str):
                 raise InvalidRequest("A content part needs a type.", param=f"{where}.content[{j}].type")
+            if kind == "input_image":
+                parts.append(_image_part(part, role, f"{where}.content[{j}]"))
+                continue
             if kind in _MEDIA_PARTS:
                 raise InvalidRequest(
                     f"This model takes no {_MEDIA_PARTS[kind]}: content parts must be text.",
@@ -180,6 +192,31 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
         "content": parts,
         "status": item.get("status") or "completed",
     }
+
+
+def _image_part(part: dict[str, Any], role: str, where: str) -> dict[str, Any]:
+    """An ``input_image`` part, checked for shape only: whether the model takes images, and the image
+    itself, are checked when the response runs (``sanic_serve.responses.images``)."""
+    if role == "assistant":
+        raise InvalidRequest("input_image parts belong to user, system or developer messages.", param=where)
+    if part.get("file_id") is not None:
+        raise InvalidRequest(
+            "file_id is not supported: this server has no Files API. Send image_url, a URL or a data URL "
+            "(data:image/png;base64,...).",
+            param=f"{where}.file_id",
+            code="unsupported_parameter",
+        )
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequest(
+            "An input_image needs image_url: a URL or a data URL (a string).", param=f"{where}.image_url"
+        )
+    detail = part.get("detail")
+    if detail is not None and detail not in IMAGE_DETAILS:
+        raise InvalidRequest(
+            f"detail must be one of {', '.join(sorted(IMAGE_DETAILS))}.", param=f"{where}.detail"
+        )
+    return {"type": "input_image", "image_url": url, "detail": detail or "auto"}
 
 
 _REQUIRED = {
@@ -296,7 +333,7 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
         kind = item.get("type")
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            msg: dict[str, Any] = {"role": role, "content": text_of(item["content"])}
+            msg: dict[str, Any] = {"role": role, "content": _chat_content(item["content"])}
             if role == "assistant" and thought:
                 msg["reasoning_content"], thought = thought, ""
             messages.append(msg)
@@ -324,6 +361,29 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
                 {"role": "tool", "tool_call_id": item["id"], "name": item["name"], "content": DECLINED_TEXT}
             )
     return messages
+
+
+def _chat_content(content: Any) -> str | list[dict[str, Any]]:
+    """A message's content for the chat template: its text, or, when it holds images, chat's parts
+    (``text`` and ``image_url``, in order), the shape the chat path renders for a vision model."""
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return text_of(content)
+    parts: list[dict[str, Any]] = []
+    for p in content:
+        if not isinstance(p, dict):
+            continue
+        if p.get("type") == "input_image":
+            parts.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": p["image_url"], "detail": p.get("detail") or "auto"},
+                }
+            )
+        elif isinstance(p.get("text"), str):
+            parts.append({"type": "text", "text": p["text"]})
+    return parts
 
 
 def mcp_error_text(error: Any) -> str:

@@ -54,10 +54,12 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from model_host.ipc.messages import ImageInput
 from sanic_serve.errors import APIError, InvalidRequest, Overloaded
 from sanic_serve.generation_config import config_temperature
 from sanic_serve.models import ModelBundle
 from sanic_serve.responses.events import ResponseBuilder, TurnWriter, response_body, usage_body
+from sanic_serve.responses.images import context_images
 from sanic_serve.responses.items import PreparedContext, new_item_id, to_messages
 from sanic_serve.responses.request import ResponsesRequest
 from sanic_serve.responses.server_tools import Emitter, ServerTools, server_tools_for
@@ -80,6 +82,9 @@ async def response_events(
     server_tools: ServerTools | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     bundle = await admit(app_ctx, req.model)
+    # Images are loaded once, before the first event: a refused one is the response's 400, and every
+    # turn of a tool loop reads the same ones (no output item holds an image).
+    images = await context_images(bundle, context, app_ctx.config.media)
     tools = server_tools if server_tools is not None else server_tools_for(req, app_ctx)
     functions = allowed(req, req.function_tools())
     # The first turn as the request alone makes it: whatever makes it a 400 (a prompt over the
@@ -95,6 +100,7 @@ async def response_events(
         first_choice,
         [],
         req.max_output_tokens,
+        images,
     )
     body = response_body(
         req,
@@ -104,7 +110,7 @@ async def response_events(
         temperature=config_temperature(req, bundle),
         top_p=req.top_p if req.top_p is not None else bundle.default_top_p,
     )
-    run = _Run(req, context, app_ctx, bundle, tools, ResponseBuilder(body))
+    run = _Run(req, context, app_ctx, bundle, tools, ResponseBuilder(body), images)
     yield run.builder.event("response.created", response=run.builder.snapshot("in_progress"))
     yield run.builder.event("response.in_progress", response=run.builder.snapshot("in_progress"))
     try:
@@ -164,8 +170,10 @@ class _Run:
         bundle: ModelBundle,
         tools: ServerTools,
         builder: ResponseBuilder,
+        images: tuple[ImageInput, ...] = (),
     ) -> None:
         self.req, self.context, self.app_ctx, self.bundle = req, context, app_ctx, bundle
+        self.images = images
         self.tools = tools
         self.builder = builder
         self.input_tokens = self.cached_tokens = self.output_tokens = self.reasoning_tokens = 0
@@ -250,7 +258,15 @@ class _Run:
                 messages = to_messages([*context, *self.builder.output], self.context.instructions)
                 try:
                     planned = await plan_turn(
-                        self.app_ctx, self.bundle, self.req, messages, offered, choice, names, budget
+                        self.app_ctx,
+                        self.bundle,
+                        self.req,
+                        messages,
+                        offered,
+                        choice,
+                        names,
+                        budget,
+                        self.images,
                     )
                 except InvalidRequest as exc:
                     if exc.code != "context_length_exceeded" or first:

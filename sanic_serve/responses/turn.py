@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_host.ipc import HostClient
+from model_host.ipc.messages import ImageInput
 from model_host.ipc.status import StatusField
 from sanic_serve.chat.prompt import reasoning_controls, render_chat
 from sanic_serve.chat.tool_choice import ToolUse, tool_use
@@ -39,9 +40,10 @@ async def admit(app_ctx: Any, model_id: str) -> ModelBundle:
     of ``sanic_serve.requests.admit``, for callers that hold the app, not a request)."""
     models: ModelResolver = app_ctx.models
     bundle = await models.resolve(model_id)
-    from model_host.ipc.model_kind import ModelKind
+    from model_host.ipc.model_kind import GENERATIVE, ModelKind
 
-    bundle.require(ModelKind.CAUSAL)
+    if bundle.kind not in GENERATIVE:  # a vision-language model generates text too
+        bundle.require(ModelKind.CAUSAL)
     client: HostClient = app_ctx.client
     config: ServerConfig = app_ctx.config
     free_slots = max(0, config.engine.max_batch_size - client.status.get(StatusField.RUNNING))
@@ -118,11 +120,14 @@ async def plan_turn(
     tool_choice: str | dict[str, Any],
     mcp_names: list[str],
     max_new_tokens: int | None,
+    images: tuple[ImageInput, ...] = (),
 ) -> Turn:
     """A turn ready to run (nothing submitted to the host yet). Raises ``InvalidRequest``
     naming the Responses field at fault."""
     try:
-        return await _plan(app_ctx, bundle, req, messages, offered, tool_choice, mcp_names, max_new_tokens)
+        return await _plan(
+            app_ctx, bundle, req, messages, offered, tool_choice, mcp_names, max_new_tokens, images
+        )
     except InvalidRequest as exc:
         raise renamed(exc) from exc
 
@@ -136,6 +141,7 @@ async def _plan(
     tool_choice: str | dict[str, Any],
     mcp_names: list[str],
     max_new_tokens: int | None,
+    images: tuple[ImageInput, ...] = (),
 ) -> Turn:
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         tool_choice = {**tool_choice, "name": chosen_function(req, tool_choice)}  # the model's name

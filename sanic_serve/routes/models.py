@@ -1,6 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}``: the default or pinned model plus loaded ones.
 Each says, beside OpenAI's fields, which of this server's ``endpoints`` it serves (a speech model
-the audio routes, an embedder ``/v1/embeddings``), read from its folder."""
+the audio routes, an embedder ``/v1/embeddings``) and what it reads (``input_modalities``: a
+vision-language model ``["text", "image"]``), read from its folder."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ ENDPOINTS: dict[ModelKind, list[str]] = {
     ModelKind.SEQ2SEQ: ["/v1/audio/transcriptions", "/v1/audio/translations"],
 }
 
+INPUT_MODALITIES: dict[ModelKind, list[str]] = {
+    ModelKind.CAUSAL: ["text"],
+    ModelKind.VISION: ["text", "image"],
+    ModelKind.EMBEDDING: ["text"],
+    ModelKind.SEQ2SEQ: ["audio"],
+}
+
 
 def _kind(models: ModelResolver, model_id: str, path: str | None) -> ModelKind:
     for bundle in models.known():
@@ -43,15 +51,17 @@ def _served(request: Request) -> dict[str, dict[str, Any]]:
         paths[models.default.id] = models.default.path
     for path in client.status.snapshot().models:
         paths.setdefault(models.id_for_path(path), path)
+    kinds = {mid: _kind(models, mid, path) for mid, path in paths.items()}
     return {
         mid: {
             "id": mid,
             "object": "model",
             "created": created.get(mid, 0),
             "owned_by": "hfserve",
-            "endpoints": ENDPOINTS[_kind(models, mid, path)],
+            "endpoints": ENDPOINTS[kind],
+            "input_modalities": INPUT_MODALITIES[kind],
         }
-        for mid, path in paths.items()
+        for mid, kind in kinds.items()
     }
 
 
