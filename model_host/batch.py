@@ -42,6 +42,13 @@ class Sequence:
     chunk_tail_logits: torch.Tensor | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     queued_s: float = 0.0  # how long it waited in the queue before its prefill began
+    # A vision-language model's request (model_host.vision_lm): its images until the prompt is
+    # prefilled; how far its text positions run past the prompt's length (multimodal rotary
+    # positions, Qwen2-VL's rope_deltas), kept per row so rows with and without images share a
+    # batch; and the prefix cache's key for the prompt, in which image tokens stand for the image.
+    images: Any = None
+    rope_delta: int = 0
+    cache_key: list[int] | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -50,6 +57,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.generated)
+
+    @property
+    def prompt_key(self) -> list[int]:
+        """The prompt as the prefix cache knows it."""
+        return self.prompt if self.cache_key is None else self.cache_key
 
 
 def _joinable(cache: Any) -> bool:
@@ -106,7 +118,8 @@ class DecodeBatch:
             mask[i, width - len(s.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         scoring = any(s.wants_prompt_logprobs for s in seqs)
-        logits, cache = model.forward(ids, mask, positions, None, all_logits=scoring)
+        ids_in, embeds, positions = model.prompt_inputs(seqs, ids, positions)
+        logits, cache = model.forward(ids_in, mask, positions, None, all_logits=scoring, inputs_embeds=embeds)
         if scoring:
             for i, s in enumerate(seqs):
                 if s.wants_prompt_logprobs:  # position j predicts prompt token j + 1
@@ -132,7 +145,8 @@ class DecodeBatch:
         ids = torch.tensor([seq.prompt[start:end]], device=model.device)
         positions = torch.arange(start, end, device=model.device)[None, :]
         scoring = seq.wants_prompt_logprobs
-        logits, seq.prefill_cache = model.forward(ids, None, positions, seq.prefill_cache, scoring)
+        ids_in, embeds, positions = model.prompt_inputs([seq], ids, positions, start)
+        logits, seq.prefill_cache = model.forward(ids_in, None, positions, seq.prefill_cache, scoring, embeds)
         seq.prefilled = end
         if scoring:
             rows = logits[0, :-1]
@@ -157,7 +171,7 @@ class DecodeBatch:
         last = torch.tensor([[s.generated[-1]] for s in self.seqs], device=device)
         ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=device)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        positions = self.lengths[:, None]
+        positions = self.model.decode_positions(self.seqs, self.lengths[:, None])
         logits, self.cache = self.model.forward(last, self.attention_mask, positions, self.cache)
         self.lengths = self.lengths + 1
         return logits
@@ -202,7 +216,7 @@ class DecodeBatch:
             (layer.keys[i : i + 1, :, -n:].clone(), layer.values[i : i + 1, :, -n:].clone())
             for layer in self.cache.layers
         ]
-        return (seq.prompt + seq.generated)[:n], layers
+        return (seq.prompt_key + seq.generated)[:n], layers
 
     def can_join(self, other: DecodeBatch) -> bool:
         return self.joinable and other.joinable and self.model is other.model

@@ -54,16 +54,36 @@ class CausalLM:
         position_ids: torch.Tensor,
         cache: Any,
         all_logits: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """One forward pass; returns the last position's logits ([B, V]), or with ``all_logits``
-        every position's ([B, T, V], for prompt logprobs), and the grown cache."""
+        """One forward pass over ``input_ids`` (or, for a prompt with images, ``inputs_embeds``);
+        returns the last position's logits ([B, V]), or with ``all_logits`` every position's
+        ([B, T, V], for prompt logprobs), and the grown cache."""
         kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if self.keeps_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1  # a prefill needs no logits but the last position's
-        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
-        return (out.logits if all_logits else out.logits[:, -1, :]), out[self.cache_arg]
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        out = self.model(position_ids=position_ids, **kwargs)
+        logits = out.logits if all_logits else out.logits[:, -1, :]
+        # Placed across devices, the logits come off the last one; the batch lives on the first.
+        return logits.to(self.device), out[self.cache_arg]
+
+    def prompt_inputs(
+        self, seqs: list[Any], ids: torch.Tensor, positions: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """What a prefill of ``seqs``' prompt tokens from ``start`` on (``ids``, left-padded) feeds
+        the model: ids or embeddings, and positions. A text model reads the ids as they are; a
+        vision-language model (``model_host.vision_lm``) puts its images in."""
+        return ids, None, positions
+
+    def decode_positions(self, seqs: list[Any], positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of a decode step for ``seqs`` (``positions``: each row's length, [B, 1])."""
+        return positions
 
     @property
     def vocab_size(self) -> int:
@@ -71,16 +91,31 @@ class CausalLM:
         return int(self.model.get_input_embeddings().weight.shape[0])
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> CausalLM:
+    def load(
+        cls,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        trust_remote_code: bool,
+        placement: Placement | None = None,
+    ) -> CausalLM:
+        """Load onto ``device``; or, with a ``placement``, where accelerate's device map or
+        tensor parallelism puts it (the batch then lives where the input embedding is)."""
         from transformers import AutoModelForCausalLM
 
+        kwargs = placement.from_pretrained_kwargs() if placement is not None else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
         except Exception as exc:  # transformers raises many types for a bad folder
             raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-        model.to(device).eval()  # type: ignore[arg-type]
+        if placement is None:
+            model.to(device).eval()  # type: ignore[arg-type]
+        else:
+            model.eval()
+            device = model.get_input_embeddings().weight.device
+            log.info("%s placed by %s: %s", path, placement.describe(), _placed_on(model))
         config = model.config
         max_context = int(
             getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048
@@ -92,3 +127,36 @@ class CausalLM:
     def close(self) -> None:
         self.model = None
         self._grammar_tokenizer = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a model bigger than one device is spread: accelerate's ``device_map`` (layers placed
+    across the GPUs and CPU memory, run one after the other) or tensor parallelism (every layer
+    sharded over ``tp_size`` GPUs, one process each)."""
+
+    device_map: str = ""
+    tp_size: int = 1
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        if self.tp_size > 1:
+            from transformers.distributed import DistributedConfig
+
+            return {"distributed_config": DistributedConfig(tp_plan="auto")}
+        return {"device_map": self.device_map}
+
+    def describe(self) -> str:
+        if self.tp_size > 1:
+            return f"tensor parallelism over {self.tp_size} ranks"
+        return f"device_map={self.device_map}"
+
+
+def _placed_on(model: Any) -> str:
+    """Where each part went, in a few words: accelerate's map grouped by device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return str(model.get_input_embeddings().weight.device)
+    by_device: dict[str, int] = {}
+    for where in device_map.values():
+        by_device[str(where)] = by_device.get(str(where), 0) + 1
+    return ", ".join(f"{n} module(s) on {where}" for where, n in by_device.items())

@@ -99,6 +99,8 @@ class Engine:
         outputs: list[StepOutput] = []
         for runner in self.registry.runners():  # running requests advance: one token each
             outputs += runner.step()
+        for runner in self.registry.runners():  # work that waiting requests can start on
+            runner.look_ahead(self.scheduler.waiting())
         # New requests start: the runner of the queue's head (or one mid-way through a long
         # prompt) takes what fits the step's budget and free slots.
         outputs += self.scheduler.admit(self.registry.runners(), self.registry.get, self.num_running)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from model_host.causal_lm import CausalLM
+from model_host.causal_lm import CausalLM, Placement
 from model_host.embedding import EmbeddingModel
 from model_host.errors import DeviceError, ModelLoadError
 from model_host.ipc.embedding_files import EmbeddingLoadError
@@ -21,6 +21,8 @@ from model_host.runners.base import Runner
 from model_host.runners.causal import CausalRunner
 from model_host.runners.embedding import EmbeddingRunner
 from model_host.runners.seq2seq import Seq2SeqRunner
+from model_host.runners.vision import VisionRunner
+from model_host.vision_lm import VisionLM
 from model_host.whisper_model import WhisperModel
 
 __all__ = ["DeviceError", "ModelLoadError", "ModelRegistry", "resolve_device", "resolve_dtype"]
@@ -59,12 +61,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRegistry:
     def __init__(
-        self, device: str, dtype: str, trust_remote_code: bool, prefix_cache: PrefixCache | None = None
+        self,
+        device: str,
+        dtype: str,
+        trust_remote_code: bool,
+        prefix_cache: PrefixCache | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
         self.prefix_cache = prefix_cache
+        # Causal LMs spread by accelerate's device map or tensor parallelism instead of ``device``.
+        self.placement = placement
         self._runners: dict[str, Runner] = {}
         self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
@@ -109,9 +118,14 @@ class ModelRegistry:
             runner = EmbeddingRunner(path, model)
         elif kind is ModelKind.SEQ2SEQ:
             runner = Seq2SeqRunner(path, WhisperModel.load(path, self.device, self.dtype))
+        elif kind is ModelKind.VISION:
+            runner = VisionRunner(
+                VisionLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
+            )
         else:
             runner = CausalRunner(
-                CausalLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
+                CausalLM.load(path, self.device, self.dtype, self.trust_remote_code, self.placement),
+                self.prefix_cache,
             )
         self._runners[path] = runner
         load_s = time.monotonic() - started

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from model_host.errors import ModelLoadError
 from model_host.ipc.messages import (
@@ -57,6 +57,10 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    def waiting(self) -> Iterator[Pending]:
+        """Every waiting request, oldest first (for runners that prepare requests ahead)."""
+        return iter(self._waiting)
 
     # -- requests arriving and leaving -----------------------------------------------------------
     def add(self, request: AddRequest, num_running: int) -> StepOutput | None:

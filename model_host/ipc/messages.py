@@ -146,6 +146,14 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     of window ``i`` in the same stream. The request finishes with ``STOP`` after the last window,
     or ``LENGTH`` when a window hit ``max_new_tokens`` (decoding then goes on with the next window
     and ``LENGTH`` is reported at the end).
+
+    Each window's last frame carries a ``WindowResult`` (see there): the tokens sent since the
+    previous one are that window's. With ``sampling.logprobs >= 0`` every token comes with its
+    logprob (NaN for the language token). When the model's generation config has Whisper's
+    thresholds, a window's tokens are held until it passed them and all come in its last frame.
+    ``word_timestamps``: the ``WindowResult`` carries a time per token, from the alignment heads;
+    ``audio_frames``: feature frames that hold audio (the rest is padding the alignment ignores;
+    0: every window is full).
     """
 
     features: bytes
@@ -157,6 +165,8 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     prompt_ids: tuple[int, ...]
     timestamps: bool
     sampling: SamplingParams
+    word_timestamps: bool = False
+    audio_frames: int = 0
 
 
 Payload = Generate | Embed | Transcribe
@@ -207,6 +217,20 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     top: tuple[tuple[int, float], ...] = ()
 
 
+class WindowResult(msgspec.Struct, frozen=True, array_like=True):
+    """How a 30 s window of a transcription (``Transcribe``) was decoded, as Whisper measures it:
+    ``avg_logprob`` over its tokens and end-of-text, the probability of ``<|nospeech|>`` at the
+    start-of-transcript position, the ``temperature`` of the decode kept (above the request's after
+    a fallback), ``skipped`` when the window was judged silence (its tokens dropped), and with
+    ``word_timestamps`` each of the window's tokens' start time in seconds of the whole audio."""
+
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    skipped: bool = False
+    token_times: tuple[float, ...] = ()
+
+
 class TokenFrame(msgspec.Struct, frozen=True, array_like=True, tag=int(MessageKind.FRAME), tag_field="kind"):
     """What the host sends for one request: new tokens, and how it finished if it did. A ``prompt``
     frame carries prompt tokens with their logprobs (``prompt_logprobs``) ahead of any new token;
@@ -222,3 +246,7 @@ class TokenFrame(msgspec.Struct, frozen=True, array_like=True, tag=int(MessageKi
     vector: bytes | None = None
     index: int = 0
     queue_s: float = 0.0  # on a request's first frame: seconds it waited in the host's queue
+    # On a generation's first frame: the prompt's length as the model read it (a vision model's
+    # prompt has each image placeholder expanded to the image's tokens).
+    prompt_tokens: int = 0
+    window: WindowResult | None = None  # a transcription window's last frame (see ``Transcribe``)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -105,6 +106,10 @@ class Runner(abc.ABC):
 
     def has_work(self) -> bool:
         return self.num_running > 0
+
+    def look_ahead(self, waiting: Iterable[Pending]) -> None:  # noqa: B027 (optional: most kinds do nothing)
+        """See the waiting queue (oldest first) before admission, to start preparing this model's
+        requests ahead of their turn (a vision model's image processing); most kinds do not."""
 
     def drop_all(self) -> list[RequestKey]:
         """Forget every running request (after a failure that may have left state inconsistent);

@@ -136,6 +136,8 @@ class CausalRunner(Runner):
                 None if lp is None else (lp,),
                 cached_tokens=seq.cached_tokens if first else 0,
                 queue_s=seq.queued_s if first else 0.0,
+                # A prompt with images (a cache key of its own) is longer than the worker's ids.
+                prompt_tokens=len(seq.prompt) if first and seq.cache_key is not None else 0,
             )
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
@@ -155,11 +157,13 @@ class CausalRunner(Runner):
             if room <= len(group) + len(admitted):
                 break
             seq = self._prepare(head)
+            if seq is None:  # still being prepared (its images): it starts at a later step
+                break
             if isinstance(seq, str):  # refused: the error frame says why
                 queue.pop()
                 outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, seq))
                 continue
-            todo = len(seq.prompt) - self._reuse_prefix(seq)
+            todo = len(seq.prompt) - self._reuse_prefix(seq) + self._extra_cost(seq)
             if todo > budget_tokens:
                 if group or admitted:
                     break
@@ -196,13 +200,14 @@ class CausalRunner(Runner):
                 self._batches.append(batch)
         return outputs
 
-    def _prepare(self, pending: Pending) -> Sequence | str:
-        """The head's sequence, made once while it waits; or why this model cannot serve it."""
+    def _prepare(self, pending: Pending) -> Sequence | str | None:
+        """The head's sequence, made once while it waits; or why this model cannot serve it; or
+        None while it is not ready yet."""
         if isinstance(pending.prepared, Sequence):
             return pending.prepared
-        payload = pending.request.payload
-        assert isinstance(payload, Generate)
-        seq = Sequence(pending.key, self.path, list(payload.prompt_token_ids), payload.sampling)
+        seq = self._sequence(pending)
+        if seq is None or isinstance(seq, str):
+            return seq
         if len(seq.prompt) >= self.model.max_context:
             context = self.model.max_context
             return f"prompt of {len(seq.prompt)} tokens does not fit the model's context of {context}"
@@ -218,6 +223,18 @@ class CausalRunner(Runner):
         pending.prepared = seq
         return seq
 
+    def _sequence(self, pending: Pending) -> Sequence | str | None:
+        """The request's sequence, before the checks every prompt passes."""
+        payload = pending.request.payload
+        assert isinstance(payload, Generate)
+        if payload.images:
+            return "this model takes no images"
+        return Sequence(pending.key, self.path, list(payload.prompt_token_ids), payload.sampling)
+
+    def _extra_cost(self, seq: Sequence) -> int:
+        """Work of admitting ``seq`` besides its prompt tokens, in tokens of the prefill budget."""
+        return 0
+
     @staticmethod
     def _take(queue: WaitingQueue, seq: Sequence) -> Sequence:
         seq.queued_s = time.monotonic() - queue.pop().arrived_s
@@ -229,7 +246,7 @@ class CausalRunner(Runner):
         many prompt tokens that covers. Prompt logprobs need every position's logits: no reuse."""
         if seq.prefilled or self.prefix_cache is None or seq.wants_prompt_logprobs:
             return seq.prefilled
-        found = self.prefix_cache.match(seq.model_path, seq.prompt)
+        found = self.prefix_cache.match(seq.model_path, seq.prompt_key)
         if found is not None:
             from transformers.cache_utils import DynamicCache
 
@@ -293,7 +310,13 @@ class CausalRunner(Runner):
             return logits
         for seq in batch.seqs:
             if seq.params.max_new_tokens <= 0:
-                frame = TokenFrame(seq.key[1], (), FinishReason.LENGTH, cached_tokens=seq.cached_tokens)
+                frame = TokenFrame(
+                    seq.key[1],
+                    (),
+                    FinishReason.LENGTH,
+                    cached_tokens=seq.cached_tokens,
+                    prompt_tokens=len(seq.prompt) if seq.cache_key is not None else 0,
+                )
                 outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
         return logits[keep]
