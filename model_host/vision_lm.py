@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from model_host.batch import Sequence
-from model_host.causal_lm import CausalLM
+from model_host.causal_lm import CausalLM, Placement
 from model_host.errors import ModelLoadError
 from model_host.ipc.messages import ImageInput
 
@@ -248,8 +248,20 @@ class VisionLM(CausalLM):
         return torch.cat([positions[None], rope])
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> VisionLM:
+    def load(
+        cls,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        trust_remote_code: bool,
+        placement: Placement | None = None,
+    ) -> VisionLM:
+        """Load onto ``device`` (a model spread over devices by a ``placement`` is a causal LM's
+        option only: the batch's image inputs would need placing too)."""
         from transformers import AutoModelForImageTextToText
+
+        if placement is not None:
+            raise ModelLoadError(f"{path}: a vision-language model loads onto one device")
 
         try:
             model = AutoModelForImageTextToText.from_pretrained(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_host.ipc import HostClient, SamplingParams
+from model_host.ipc.messages import ImageInput
 from sanic_serve.errors import APIError
 from sanic_serve.generation import Delta, Generation
 from sanic_serve.models import ModelBundle
@@ -31,14 +32,19 @@ def fan_out(
     first_index: int = 0,
     assembler: Callable[[], ChoiceAssembler] = ChoiceAssembler,
     keep_special_tokens: bool = False,
+    images: tuple[ImageInput, ...] = (),
+    prompt_text: str | None = None,
 ) -> list[Choice]:
     """``n`` generations of one prompt. With a seed, choice *i* uses ``seed + i``: the choices
     differ, and each is reproducible. ``assembler`` makes each choice's output reader (by default
-    plain text)."""
+    plain text). ``images``, with the rendered ``prompt_text``: a vision-language model's prompt
+    (each choice is a request of its own, and carries them)."""
     choices = []
     for i in range(n):
         seeded = sampling.replace(seed=sampling.seed + i) if sampling.seed is not None else sampling
-        gen = Generation(client, bundle, prompt_ids, seeded, stop_strings, keep_special_tokens)
+        gen = Generation(
+            client, bundle, prompt_ids, seeded, stop_strings, keep_special_tokens, images, prompt_text
+        )
         choices.append(Choice(first_index + i, gen, assembler()))
     return choices
 

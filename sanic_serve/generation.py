@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams, TokenFrame
-from model_host.ipc.messages import request_ref
+from model_host.ipc.messages import Generate, ImageInput, request_ref
 from sanic_serve.errors import from_host_error
 from sanic_serve.metrics.worker import GenerationTracker
 from sanic_serve.models import ModelBundle
@@ -44,11 +44,18 @@ class Generation:
         sampling: SamplingParams,
         stop_strings: list[str],
         keep_special_tokens: bool = False,
+        images: tuple[ImageInput, ...] = (),
+        prompt_text: str | None = None,
     ) -> None:
         self.client = client
         self.bundle = bundle
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
+        # A vision-language model's images, and the rendered prompt whose placeholders the host's
+        # processor expands (``Generate``); the host then says how long the prompt became.
+        self.images = images
+        self.prompt_text = prompt_text
+        self._expanded_prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens the host took from its prefix cache
         self.finish_reason: FinishReasonName | None = None
@@ -91,7 +98,9 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        """The prompt's tokens as the model read them: with images, once the host has said how
+        many their placeholders became; before that (and for text), the worker's count."""
+        return self._expanded_prompt_tokens or len(self.prompt_token_ids)
 
     @property
     def stop_sequence(self) -> str | None:
@@ -101,7 +110,11 @@ class Generation:
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yields text deltas, the last one with a finish reason. Raises ``APIError`` on a host
         error. Whatever way the caller stops iterating, an unfinished request is aborted."""
-        self._stream = stream = self.client.submit(self.bundle.path, self.prompt_token_ids, self.sampling)
+        if self.images:
+            payload = Generate(tuple(self.prompt_token_ids), self.sampling, self.images, self.prompt_text)
+            self._stream = stream = self.client.submit_task(self.bundle.path, payload)
+        else:
+            self._stream = stream = self.client.submit(self.bundle.path, self.prompt_token_ids, self.sampling)
         tracker = GenerationTracker(self.bundle.id, self.prompt_tokens)
         try:
             while self.finish_reason is None and not (stream.finished and stream.empty):
@@ -121,6 +134,7 @@ class Generation:
                         self._take_prompt_frame(frame)
                         continue
                     self.cached_tokens = max(self.cached_tokens, frame.cached_tokens)
+                    self._expanded_prompt_tokens = max(self._expanded_prompt_tokens, frame.prompt_tokens)
                     self.completion_tokens += len(frame.token_ids)
                     if frame.logprobs is not None and entries is not None:
                         text += self._stop.feed(self._detok_with_logprobs(self._detok, frame, entries))

@@ -11,7 +11,7 @@ import orjson
 from sanic import Request
 
 from model_host.ipc import HostClient, SamplingParams
-from model_host.ipc.model_kind import ModelKind
+from model_host.ipc.model_kind import GENERATIVE, ModelKind
 from model_host.ipc.status import StatusField
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import InvalidRequest, Overloaded
@@ -35,15 +35,17 @@ def parse_json_body(request: Request) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
 
 
-async def admit(request: Request, model_id: str, kind: ModelKind = ModelKind.CAUSAL) -> ModelBundle:
+async def admit(request: Request, model_id: str, kind: ModelKind | None = None) -> ModelBundle:
     """Resolve the model (an unknown one is a 404 whatever the load; one of another kind than the
-    endpoint serves, a 400), then refuse at once when the host's queue is full: requests that fit
-    a free batch slot start at the next step and never wait, so ``--max-queue 0`` means no waiting
-    room, not no service. The host enforces the same rule exactly; this check only spares a full
-    host the message."""
+    endpoint serves, a 400: ``kind``, by default any kind that generates text, a vision-language
+    model included), then refuse at once when the host's queue is full: requests that fit a free
+    batch slot start at the next step and never wait, so ``--max-queue 0`` means no waiting room,
+    not no service. The host enforces the same rule exactly; this check only spares a full host
+    the message."""
     models: ModelResolver = request.app.ctx.models
     bundle = await models.resolve(model_id)
-    bundle.require(kind)
+    if kind is not None or bundle.kind not in GENERATIVE:
+        bundle.require(kind or ModelKind.CAUSAL)
     client: HostClient = request.app.ctx.client
     config: ServerConfig = request.app.ctx.config
     free_slots = max(0, config.engine.max_batch_size - client.status.get(StatusField.RUNNING))

@@ -9,6 +9,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from sanic_serve.chat.request import ChatCompletionRequest
 from sanic_serve.chat.tool_choice import ToolUse, tool_use
+from sanic_serve.chat.types import IMAGE_PART
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.models import ModelBundle
 
@@ -52,7 +53,7 @@ def render_chat(
     render: Any = render_jinja_template  # annotated as returning str; returns (texts, indices)
     try:
         rendered, _ = render(
-            [messages],
+            [[_image_parts(m) for m in messages]],
             tools=tools,
             chat_template=bundle.chat_template,
             add_generation_prompt=generation_prompt and not continue_final,
@@ -65,6 +66,18 @@ def render_chat(
     if not ids:  # nothing for the model to read: a forward pass over no tokens cannot run
         raise InvalidRequest("The messages render to an empty prompt.", param="messages")
     return ids, rendered[0]
+
+
+def _image_parts(message: dict[str, Any]) -> dict[str, Any]:
+    """Chat's ``image_url`` parts as HF chat templates take an image (``{"type": "image"}``): the
+    template writes the image's placeholder there, which the host's processor expands."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "image_url" for p in content
+    ):
+        return message
+    parts = [dict(IMAGE_PART) if isinstance(p, dict) and p.get("type") == "image_url" else p for p in content]
+    return {**message, "content": parts}
 
 
 def reasoning_controls(bundle: ModelBundle, effort: str) -> dict[str, Any]:

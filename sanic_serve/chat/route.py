@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -11,12 +12,15 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from model_host.ipc import HostClient
+from model_host.ipc.messages import ImageInput
+from model_host.ipc.model_kind import ModelKind
 from sanic_serve.chat.prompt import render_request
 from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
-from sanic_serve.chat.types import refuse_media
+from sanic_serve.chat.types import image_urls, refuse_media
 from sanic_serve.choices import Choice, abort, fan_out, merged, usage
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.generation import Delta
+from sanic_serve.media import MediaPolicy, load_image
 from sanic_serve.parsing.assembler import ChoiceAssembler, output_parser
 from sanic_serve.parsing.call_grammar import forced_call_grammar
 from sanic_serve.requests import admit, completion_budget, off_the_loop, parse_json_body, sampling_params
@@ -28,6 +32,8 @@ bp = Blueprint("chat")
 async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
     client: HostClient = request.app.ctx.client
     bundle = await admit(request, req.model)
+    refuse_media(req.messages, req.model, takes_images=bundle.kind is ModelKind.VISION)
+    images = await load_images(request, req)
     prompt = await off_the_loop(request, render_request, bundle, req)
     prompt_ids, prompt_text, use = prompt.ids, prompt.text, prompt.use
     tools = use.rendered
@@ -60,13 +66,32 @@ async def prepare(request: Request, req: ChatCompletionRequest) -> list[Choice]:
         ),
         # A response template may name special tokens as its markers: it must see them.
         keep_special_tokens=bundle.reads_response_template,
+        images=images,
+        prompt_text=prompt_text if images else None,
     )
+
+
+async def load_images(request: Request, req: ChatCompletionRequest) -> tuple[ImageInput, ...]:
+    """The request's images, in the order the template shows them, read and checked under the
+    server's media policy (``--max-images-per-request`` counts the whole conversation); the first
+    refused one, in the request's order, is the 400 (or 413) that names it."""
+    urls = image_urls(req.messages)
+    if not urls:
+        return ()
+    policy: MediaPolicy = request.app.ctx.config.media
+    policy.check_count(len(urls), "messages")
+    loaded = await asyncio.gather(
+        *(load_image(url, param, policy) for url, param in urls), return_exceptions=True
+    )
+    for result in loaded:
+        if isinstance(result, BaseException):
+            raise result
+    return tuple(r for r in loaded if isinstance(r, ImageInput))
 
 
 @bp.post("/v1/chat/completions", ctx_large_body=True)
 async def chat_completions(request: Request) -> HTTPResponse | None:
     req = parse_chat_request(parse_json_body(request))
-    refuse_media(req.messages, req.model)
     choices = await prepare(request, req)
     try:
         return await _respond(request, req, choices)

@@ -39,28 +39,58 @@ class TextPart(BaseModel):
     text: str
 
 
-class MediaPart(BaseModel):
-    """An image, audio or file part: read only to be refused (the models here take text)."""
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the processor decides the size
+
+
+class ImageURLPart(BaseModel):
+    """An image (a data URL, an http(s) URL, a file under ``--media-root``): read by
+    ``sanic_serve.media.load_image`` for a vision-language model, refused by the others."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["image_url", "input_audio", "file"]
+    type: Literal["image_url"]
+    image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | MediaPart, Field(discriminator="type")]
+class MediaPart(BaseModel):
+    """An audio or file part: read only to be refused (no model here takes them in chat)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["input_audio", "file"]
+
+
+ContentPart = Annotated[TextPart | ImageURLPart | MediaPart, Field(discriminator="type")]
 _MEDIA_NAMES = {"image_url": "images", "input_audio": "audio", "file": "files"}
+IMAGE_PART = {"type": "image"}  # an image's part as chat templates read it (HF's message format)
 
 
-def refuse_media(messages: list[ChatMessage], model: str) -> None:
-    """A 400 naming the first image, audio or file part: no model served here reads them."""
+def refuse_media(messages: list[ChatMessage], model: str, takes_images: bool = False) -> None:
+    """A 400 naming the first audio or file part, and the first image part unless the model
+    ``takes_images``."""
     for i, message in enumerate(messages):
         for j, part in enumerate(message.content if isinstance(message.content, list) else []):
-            if isinstance(part, MediaPart):
+            if isinstance(part, MediaPart) or (isinstance(part, ImageURLPart) and not takes_images):
                 raise InvalidRequest(
                     f"The model `{model}` takes no {_MEDIA_NAMES[part.type]}: content parts must be text.",
                     param=f"messages[{i}].content[{j}]",
                     code="unsupported_content_type",
                 )
+
+
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """Every image part's URL and where it is (``messages[1].content[0].image_url``), in the order
+    the chat template shows them."""
+    return [
+        (part.image_url.url, f"messages[{i}].content[{j}].image_url")
+        for i, message in enumerate(messages)
+        for j, part in enumerate(message.content if isinstance(message.content, list) else [])
+        if isinstance(part, ImageURLPart)
+    ]
 
 
 class FunctionCall(BaseModel):
@@ -92,6 +122,18 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
+    def _template_content(self) -> str | list[dict[str, Any]]:
+        """The text; or, when the message holds images, its parts in order as HF's chat templates
+        take them (``{"type": "image"}``, ``{"type": "text", "text": ...}``): the template puts
+        each image's placeholder where the part is."""
+        if not isinstance(self.content, list) or not any(isinstance(p, ImageURLPart) for p in self.content):
+            return self.text()
+        return [
+            dict(IMAGE_PART) if isinstance(p, ImageURLPart) else {"type": "text", "text": p.text}
+            for p in self.content
+            if isinstance(p, ImageURLPart | TextPart)
+        ]
+
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates take it; the functions API's shapes become tool calls
         and tool results, which templates know."""
@@ -102,7 +144,7 @@ class ChatMessage(BaseModel):
                 "name": self.name,
                 "tool_call_id": legacy_call_id(self.name),
             }
-        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        msg: dict[str, Any] = {"role": self.role, "content": self._template_content()}
         if self.function_call is not None and not self.tool_calls:
             call = self.function_call
             function = {"name": call.name, "arguments": call.arguments}

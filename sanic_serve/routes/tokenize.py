@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from model_host.ipc.model_kind import ModelKind
+from model_host.ipc.model_kind import GENERATIVE, ModelKind
 from sanic_serve.chat.prompt import render_request
 from sanic_serve.chat.request import parse_chat_request
-from sanic_serve.chat.types import refuse_media
+from sanic_serve.chat.types import image_urls, refuse_media
 from sanic_serve.errors import InvalidRequest
 from sanic_serve.models import ModelBundle, ModelResolver
 from sanic_serve.requests import off_the_loop, parse_json_body
@@ -108,13 +108,20 @@ def tokenize_body(bundle: ModelBundle, body: dict[str, Any]) -> dict[str, Any]:
                 param="chat_template",
                 code="unsupported_parameter",
             )
-        if bundle.kind is not ModelKind.CAUSAL:
+        if bundle.kind not in GENERATIVE:
             raise InvalidRequest(
                 f"The model `{bundle.id}` has no chat template: tokenize a prompt instead.", param="messages"
             )
         chat_body = {k: v for k, v in body.items() if k not in _TOKENIZE_ONLY}
         req = parse_chat_request({**chat_body, "model": bundle.id})
-        refuse_media(req.messages, bundle.id)
+        refuse_media(req.messages, bundle.id, takes_images=bundle.kind is ModelKind.VISION)
+        images = image_urls(req.messages)
+        if images:  # how many tokens an image becomes is the host's processor's to say
+            raise InvalidRequest(
+                "/tokenize counts text only: an image's tokens are counted when the model reads it.",
+                param=images[0][1].removesuffix(".image_url"),
+                code="unsupported_content_type",
+            )
         prompt = render_request(bundle, req)
         ids = prompt.ids
         if options.add_special_tokens:  # vLLM's option: the tokenizer's own BOS/EOS on the rendered text
