@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model_host.errors import ModelLoadError
+from model_host.whisper_quality import Fallback, token_start_times
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Rules:
     begin_suppress: list[int]
     max_initial_timestamp: int | None
     max_target_positions: int
+    fallback: Fallback
+    alignment_heads: list[tuple[int, int]]  # (decoder layer, head) pairs whose attention follows the words
 
     @classmethod
     def of(cls, generation: Any, config: Any) -> Rules:
@@ -58,7 +61,14 @@ class Rules:
             begin_suppress=list(getattr(generation, "begin_suppress_tokens", None) or []),
             max_initial_timestamp=getattr(generation, "max_initial_timestamp_index", None),
             max_target_positions=int(config.max_target_positions),
+            fallback=Fallback.of(generation),
+            alignment_heads=[(int(a), int(h)) for a, h in getattr(generation, "alignment_heads", None) or []],
         )
+
+    @property
+    def no_speech(self) -> int:
+        """``<|nospeech|>`` (``<|nocaptions|>`` in older vocabularies): just below no-timestamps."""
+        return self.no_timestamps - 1
 
     def prefix(self, language: int, task: str, prompt_ids: tuple[int, ...], timestamps: bool) -> list[int]:
         """A window's decoder prompt; the previous-text prompt keeps its last half-context of ids,
@@ -152,9 +162,10 @@ class WhisperModel:
         return [int(ids[i]) for i in logits[:, ids].argmax(-1).tolist()]
 
     @torch.inference_mode()
-    def prefill(self, encoded: torch.Tensor, prefix: list[int]) -> tuple[torch.Tensor, RowCache]:
+    def prefill(self, encoded: torch.Tensor, prefix: list[int]) -> tuple[torch.Tensor, RowCache, float]:
         """Run one row's prompt (``encoded``: its window's states ``(1, frames, d)``); the logits of
-        the prompt's last position and the row's cache."""
+        the prompt's last position, the row's cache, and the probability of ``<|nospeech|>`` at the
+        start-of-transcript position (Whisper's no-speech signal, from the unprocessed logits)."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -163,9 +174,66 @@ class WhisperModel:
             input_ids=ids, encoder_hidden_states=encoded, cache=cache, use_cache=True
         )
         logits = self.model.proj_out(out.last_hidden_state[:, -1]).float()
-        return logits, RowCache(
-            _layers_kv(cache.self_attention_cache), _layers_kv(cache.cross_attention_cache)
-        )
+        at_sot = self.model.proj_out(out.last_hidden_state[0, prefix.index(self.rules.sot)]).float()
+        no_speech = float(torch.softmax(at_sot, dim=-1)[self.rules.no_speech])
+        cache_out = RowCache(_layers_kv(cache.self_attention_cache), _layers_kv(cache.cross_attention_cache))
+        return logits, cache_out, no_speech
+
+    @torch.inference_mode()
+    def token_times(
+        self, encoded: torch.Tensor, prefix: list[int], tokens: list[int], ended: bool, frames: int
+    ) -> list[float]:
+        """Each of a finished window's ``tokens`` (its decoded tokens, end-of-text not included)
+        start time in seconds into the window, as ``generate(return_token_timestamps=True)`` gives
+        them: one more decoder pass over the window's sequence with attention weights, whose
+        alignment heads' rows of the generated tokens (each token as input; the last one only when
+        end-of-text followed it, else it repeats the time before) are warped onto the ``frames``
+        feature frames that hold audio."""
+        if not tokens or not self.rules.alignment_heads:
+            return [0.0] * len(tokens)
+        inputs = prefix + (tokens if ended else tokens[:-1])
+        weights = self._alignment_weights(encoded, inputs)
+        positions = max(1, min(frames, 3000) // 2)
+        width = int(self.model.config.median_filter_width)
+        times = token_start_times(weights[:, len(prefix) :, :positions], width)
+        if not times:
+            times = [0.0]
+        return (times + [times[-1]] * len(tokens))[: len(tokens)]
+
+    def _alignment_weights(self, encoded: torch.Tensor, inputs: list[int]) -> torch.Tensor:
+        """The alignment heads' cross-attention weights ``(heads, len(inputs), frames)`` over one
+        decoder pass of ``inputs``. The SDPA kernels return no weights, so each head's softmax is
+        computed again from its layer's query input (caught by a hook) and the encoder states, as
+        the eager attention computes it."""
+        layers = self.model.model.decoder.layers
+        queries: dict[int, torch.Tensor] = {}
+
+        def catch(layer: int) -> Any:
+            def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                queries[layer] = args[0] if args else kwargs["hidden_states"]
+
+            return hook
+
+        needed = sorted({layer for layer, _ in self.rules.alignment_heads})
+        hooks = [layers[i].encoder_attn.register_forward_pre_hook(catch(i), with_kwargs=True) for i in needed]
+        try:
+            self.model.model.decoder(
+                input_ids=torch.tensor([inputs], device=self.device),
+                encoder_hidden_states=encoded,
+                use_cache=False,
+            )
+        finally:
+            for handle in hooks:
+                handle.remove()
+        heads = []
+        for layer, head in self.rules.alignment_heads:
+            attention = layers[layer].encoder_attn
+            dim = attention.head_dim
+            query = attention.q_proj(queries[layer][0]) * attention.scaling
+            query = query.view(len(inputs), -1, dim)[:, head]
+            key = attention.k_proj(encoded[0]).view(encoded.shape[1], -1, dim)[:, head]
+            heads.append(torch.softmax((query @ key.T).float(), dim=-1))
+        return torch.stack(heads)
 
     @torch.inference_mode()
     def step(self, batch: DecoderBatch) -> torch.Tensor:
