@@ -65,6 +65,7 @@ class ModelBundle:
             return
         does = {
             ModelKind.CAUSAL: "generates text: use /v1/chat/completions or /v1/completions",
+            ModelKind.VISION: "generates text: use /v1/chat/completions or /v1/responses",
             ModelKind.EMBEDDING: "is an embedding model: use /v1/embeddings",
             ModelKind.SEQ2SEQ: "is a speech-to-text model: use /v1/audio/transcriptions",
         }[self.kind]
@@ -215,6 +216,7 @@ def load_bundle(model_id: str, folder: Path, tool_parser: str | None = None) -> 
         special_tokens=special,
         stop_token_ids=tuple(sorted(stop_ids)),
         max_context=max_context,
+        kind=kind,  # a causal LM, or a vision-language model (which takes images too)
     )
 
 
