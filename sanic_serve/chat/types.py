@@ -43,7 +43,8 @@ class ImageURL(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     url: str
-    detail: Literal["auto", "low", "high"] | None = None  # accepted; the processor decides the size
+    # Accepted; the model's processor decides the image's size. Left out of dumps when not sent.
+    detail: Literal["auto", "low", "high"] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ImageURLPart(BaseModel):
