@@ -179,6 +179,9 @@ async def _plan(
         req.stop_strings,
         # A response template may name special tokens as its markers: it must see them.
         keep_special_tokens=bundle.reads_response_template,
+        # The context's images, in the order the template shows their placeholders (image_refs).
+        images=images,
+        prompt_text=prompt_text if images else None,
     )
     output = ChoiceAssembler(
         output_parser(bundle, prompt_text, use.parsed),

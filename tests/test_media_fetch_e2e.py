@@ -1,0 +1,123 @@
+"""Fetched images end to end on a tiny vision-language model (``tests/vision_models.py``), against
+``hfserve start --allow-remote-media --allow-private-media --media-allow-hosts 127.0.0.1``: an image
+served by a loopback server and used by URL gives the same greedy reply as the same image inline,
+through chat, Responses ``input_image`` and Messages image blocks; a redirect from the allowed host
+to one the allow-list does not name is refused at that hop, with no request reaching the target."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.media_helpers import ImageServer, data_url, image_bytes
+from tests.server import ServerProcess
+from tests.vision_models import build_vision_model
+
+TIMEOUT_S = 120
+PROMPT = "What is in the picture?"
+
+
+@pytest.fixture(scope="module")
+def model(cache_dir: Path) -> Path:
+    return build_vision_model(cache_dir, "qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def fetch_server(cache_dir: Path, model: Path) -> Iterator[ServerProcess]:
+    args = (
+        "--model",
+        str(model),
+        "--allow-remote-media",
+        "--allow-private-media",
+        "--media-allow-hosts",
+        "127.0.0.1",
+    )
+    with ServerProcess.start(cache_dir, workers=1, args=args) as srv:
+        yield srv
+
+
+def chat(server: ServerProcess, model: Path, url: str) -> str:
+    content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": url}}]
+    body = {
+        "model": str(model),
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["message"]["content"])
+
+
+def respond(server: ServerProcess, model: Path, url: str) -> httpx.Response:
+    content = [{"type": "input_text", "text": PROMPT}, {"type": "input_image", "image_url": url}]
+    body = {
+        "model": str(model),
+        "input": [{"role": "user", "content": content}],
+        "max_output_tokens": 8,
+        "temperature": 0,
+    }
+    return httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=TIMEOUT_S)
+
+
+def output_text(response: dict[str, Any]) -> str:
+    return "".join(
+        part["text"]
+        for item in response["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+        if part["type"] == "output_text"
+    )
+
+
+def message(server: ServerProcess, model: Path, source: dict[str, Any]) -> str:
+    content = [{"type": "text", "text": PROMPT}, {"type": "image", "source": source}]
+    body = {
+        "model": str(model),
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    return "".join(b["text"] for b in reply.json()["content"] if b["type"] == "text")
+
+
+def test_an_image_by_url_reads_as_the_same_image_inline(
+    fetch_server: ServerProcess, model: Path, web: ImageServer
+) -> None:
+    data = image_bytes("PNG", (96, 80), "orange")
+    url = web.image("/cat.png", data)
+    inline = chat(fetch_server, model, data_url(data))
+    assert inline  # the tiny model says something, so equal replies mean something
+    assert chat(fetch_server, model, url) == inline
+    assert web.hits["/cat.png"] == 1
+    by_url, by_data = respond(fetch_server, model, url), respond(fetch_server, model, data_url(data))
+    assert by_url.status_code == 200 and by_data.status_code == 200, by_url.text
+    assert output_text(by_url.json()) == output_text(by_data.json()) == inline
+    b64 = data_url(data).split(",", 1)[1]
+    assert message(fetch_server, model, {"type": "url", "url": url}) == inline
+    assert message(fetch_server, model, {"type": "base64", "media_type": "image/png", "data": b64}) == inline
+
+
+def test_a_redirect_to_a_host_off_the_list_is_refused_at_the_hop(
+    fetch_server: ServerProcess, model: Path, web: ImageServer
+) -> None:
+    web.image("/target.png", image_bytes("PNG"))
+    hop = web.redirect("/hop", web.url("/target.png", host="localhost"))
+    reply = respond(fetch_server, model, hop)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "input[0].content[1].image_url" and "not among the hosts" in error["message"]
+    assert web.hits["/hop"] == 1 and web.hits["/target.png"] == 0
