@@ -1,14 +1,20 @@
-"""Benchmark hfserve against the in-process ceiling and `transformers serve`, in one run.
+"""Benchmark hfserve against the in-process references and `transformers serve`, in one run.
 
-    python benchmarks/run_benchmarks.py [--out-dir benchmarks]
+    python benchmarks/run_benchmarks.py [--out-dir benchmarks] [--quick]
 
 Builds two random-weight Qwen2 models offline (tiny: hidden 64, 2 layers; small: hidden 512,
 intermediate 1408, 8 layers, 8 heads, 4 KV heads, vocab 2000), then for each measures
 1. the ceiling: in-process ``model.generate()`` on a static batch of c prompts;
-2. ``hfserve start --model <folder> --workers 4`` under ``hfserve bench`` at concurrency c;
-3. ``transformers serve --continuous-batching <folder>`` under the same load;
-and writes ``results.json``, ``RESULTS.md`` (table, targets, where each target stands) and plots.
-Streaming chat, ~40-token prompts, 64 new tokens (ignore_eos), fp32 on CPU.
+2. the bare decode loop: the model's forward plus argmax on a KV cache, nothing else, batch c;
+3. ``hfserve start --model <folder> --workers 4`` under ``hfserve bench`` at concurrency c;
+4. ``transformers serve --continuous-batching <folder>`` under the same load;
+and, on the small model, the multi-turn benchmark (8 conversations x 6 turns sharing a ~1,000-token
+system prompt) on both servers. Writes ``results.json``, its own section of ``RESULTS.md`` (tables,
+the issue's targets with value / goal; other sections are kept) and plots. Streaming chat,
+~40-token prompts, 64 new tokens (ignore_eos), fp32 on CPU.
+
+``--quick`` is a smoke check of the whole pipeline (fewer requests, shorter replies and
+conversations) and writes to a temporary folder unless ``--out-dir`` is given.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,32 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.bench import BenchConfig, run_bench  # noqa: E402
-from cli.bench_plot import plot_reports, table  # noqa: E402
+from cli.bench import BenchConfig, make_prompts, run_bench  # noqa: E402
+from cli.bench_plot import table  # noqa: E402
 
-INPUT_LEN = 40
-OUTPUT_LEN = 64
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from multiturn import run_multiturn  # noqa: E402
+from reference import bare_loop, ceiling  # noqa: E402
+from report import PEER, markdown, plot_all, targets, write_section  # noqa: E402
+
 LEVELS = {"tiny": [32], "small": [8, 32]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement one run makes (the full run, or ``--quick``)."""
+
+    input_len: int = 40
+    output_len: int = 64
+    prompts_per_level: int = 2  # x the largest concurrency
+    conversations: int = 8
+    turns: int = 6
+    system_tokens: int = 1000
+    user_tokens: int = 20
+    reply_tokens: int = 32
+
+
+QUICK = Plan(output_len=16, prompts_per_level=1, conversations=2, turns=3, system_tokens=300, reply_tokens=8)
 
 
 def free_port() -> int:
@@ -95,39 +123,6 @@ def _silence_special_tokens(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def ceiling(folder: Path, prompts: list[str], batch: int) -> dict[str, Any]:
-    """Output tokens/s of one static batch through ``model.generate()`` in this process."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    template = (folder / "chat_template.jinja").read_text()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    rows = []
-    for p in prompts[:batch]:
-        (text,), _ = render_jinja_template(
-            [[{"role": "user", "content": p}]], chat_template=template, add_generation_prompt=True
-        )
-        rows.append(tok.encode(text, add_special_tokens=False).ids)
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    kwargs = dict(max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(input_ids=ids[:2], attention_mask=mask[:2], **kwargs)  # warm-up
-        started = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        elapsed = time.perf_counter() - started
-    return {
-        "batch": batch,
-        "seconds": elapsed,
-        "output_throughput": batch * OUTPUT_LEN / elapsed,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-
-
 def start_server(cmd: list[str], port: int, log: Path, ready_path: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
@@ -154,6 +149,24 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def system_prompt(folder: Path, tokens: int, seed: int) -> str:
+    """Random text that the model's tokenizer reads as about ``tokens`` tokens (random ids decode
+    to text that re-encodes longer, so the text is cut to fit)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = make_prompts(1, tokens, seed, str(folder))[0]
+    ids = tok.encode(text, add_special_tokens=False).ids
+    lo, hi = 0, len(ids)
+    while lo < hi:  # the longest cut of the ids whose text re-encodes to at most ``tokens``
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode(tok.decode(ids[:mid]), add_special_tokens=False).ids) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return str(tok.decode(ids[:lo]))
+
+
 def bench_server(
     label: str,
     cmd: list[str],
@@ -161,122 +174,41 @@ def bench_server(
     folder: Path,
     levels: list[int],
     logs: Path,
+    plan: Plan,
     ignore_eos: bool = True,
-) -> dict[str, Any]:
+    then: Callable[[str], Any] | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """``hfserve bench`` at each level against a server started for it; ``then(base_url)`` runs
+    on the same server afterwards (the multi-turn benchmark)."""
     proc = start_server(cmd, port, logs / f"{label}.log", "/health")
     try:
         base = f"http://127.0.0.1:{port}"
-        cfg = BenchConfig(
-            base,
-            str(folder),
-            [1],
-            4,
-            INPUT_LEN,
-            8,
-            float("inf"),
-            99,
-            str(folder),
-            label,
-            None,
-            None,
-            ignore_eos,
-        )
-        run_bench(cfg)  # warm-up: model load, first-request paths
-        cfg = BenchConfig(
-            base,
-            str(folder),
-            levels,
-            2 * max(levels),
-            INPUT_LEN,
-            OUTPUT_LEN,
-            float("inf"),
-            0,
-            str(folder),
-            label,
-            None,
-            None,
-            ignore_eos,
-        )
-        return run_bench(cfg)
+        model = str(folder)
+
+        def config(levels: list[int], prompts: int, output_len: int, seed: int) -> BenchConfig:
+            return BenchConfig(
+                base, model, levels, prompts, plan.input_len, output_len, float("inf"), seed, model, label,
+                None, None, ignore_eos,
+            )  # fmt: skip
+
+        run_bench(config([1], 4, 8, 99))  # warm-up: model load, first-request paths
+        report = run_bench(config(levels, plan.prompts_per_level * max(levels), plan.output_len, 0))
+        return report, (then(base) if then is not None else None)
     finally:
         stop_server(proc)
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    def run(model: str, label: str, c: int) -> dict[str, Any]:
-        report = results[model]["servers"][label]
-        return next(r for r in report["runs"] if r["concurrency"] == c)
+def multiturn(folder: Path, plan: Plan, ignore_eos: bool) -> Callable[[str], Any]:
+    system = system_prompt(folder, plan.system_tokens, 7)
+    users = make_prompts(plan.conversations * plan.turns, plan.user_tokens, 8, str(folder))
+    turns = [users[i * plan.turns : (i + 1) * plan.turns] for i in range(plan.conversations)]
 
-    def ceil(model: str, c: int) -> float:
-        return float(results[model]["ceiling"][str(c)]["output_throughput"])
+    def run(base_url: str) -> dict[str, Any]:
+        result = run_multiturn(base_url, str(folder), system, turns, plan.reply_tokens, ignore_eos)
+        print(f"multi-turn TTFT p50 by turn (ms): {result['ttft_ms_by_turn']}", flush=True)
+        return result
 
-    checks = []
-
-    def check(name: str, value: float, goal: float, higher_is_better: bool = True) -> None:
-        ok = value >= goal if higher_is_better else value <= goal
-        checks.append(
-            {
-                "target": name,
-                "value": round(value, 1),
-                "goal": round(goal, 1),
-                "met": ok,
-                "ratio_to_goal": round(value / goal, 3) if goal else None,
-            }
-        )
-
-    hf = "hfserve"
-    check(
-        "small c=32 >= 0.8 x ceiling (tok/s)",
-        run("small", hf, 32)["output_throughput"],
-        0.8 * ceil("small", 32),
-    )
-    check(
-        "small c=32 >= 2 x transformers serve CB (tok/s)",
-        run("small", hf, 32)["output_throughput"],
-        2 * run("small", "transformers-serve-cb", 32)["output_throughput"],
-    )
-    check(
-        "small c=8 >= 0.9 x ceiling (tok/s)", run("small", hf, 8)["output_throughput"], 0.9 * ceil("small", 8)
-    )
-    check(
-        "tiny c=32 >= 0.5 x ceiling (tok/s)", run("tiny", hf, 32)["output_throughput"], 0.5 * ceil("tiny", 32)
-    )
-    check("small c=32 TTFT p50 <= 350 ms", run("small", hf, 32)["ttft_ms"]["p50"], 350, False)
-    check("small c=32 ITL p99 <= 150 ms", run("small", hf, 32)["itl_ms"]["p99"], 150, False)
-    return checks
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    lines = [
-        "# Benchmark results",
-        "",
-        f"Machine: {results['machine']}. Streaming chat, {INPUT_LEN}-token prompts, {OUTPUT_LEN} new "
-        "tokens, fp32 on CPU, produced by `python benchmarks/run_benchmarks.py`.",
-        "",
-        "| model | c | in-process generate() ceiling tok/s | hfserve tok/s "
-        "| transformers serve --continuous-batching tok/s |",
-        "|---|---|---|---|---|",
-    ]
-    for model, data in results["models"].items():
-        for c in LEVELS[model]:
-            cells = [f"{data['ceiling'][str(c)]['output_throughput']:.0f}"]
-            for label in ("hfserve", "transformers-serve-cb"):
-                run = next(r for r in data["servers"][label]["runs"] if r["concurrency"] == c)
-                cells.append(f"{run['output_throughput']:.0f} ({run['completed']} ok)")
-            lines.append(f"| {model} ({data['params'] / 1e6:.2f}M) | {c} | " + " | ".join(cells) + " |")
-    lines += ["", "## Latency", ""]
-    for model, data in results["models"].items():
-        lines += [f"### {model}", "", table(list(data["servers"].values())), ""]
-    lines += ["## Targets", "", "| target | value | goal | met | value / goal |", "|---|---|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(
-            f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} "
-            f"| {t['ratio_to_goal']} |"
-        )
-    # Other benchmarks (embeddings_bench.py) keep their own top-level sections after this one.
-    old = path.read_text() if path.exists() else ""
-    others = old.find("\n# ")
-    path.write_text("\n".join(lines) + "\n" + (old[others:] if others >= 0 else ""))
+    return run
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
@@ -285,56 +217,81 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: benchmarks/ (--quick: a temp folder)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke check: fewer, shorter requests")
     args = parser.parse_args()
-    out: Path = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    plan = QUICK if args.quick else Plan()
+    started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="hfserve-bench-"))
+    out: Path = args.out_dir or (work / "out" if args.quick else ROOT / "benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir()
     here = os.path.dirname(sys.executable)  # this environment's scripts, activated or not
     hfserve = shutil.which("hfserve", path=here) or shutil.which("hfserve") or "hfserve"
     tserve = shutil.which("transformers", path=here) or shutil.which("transformers") or "transformers"
-    from cli.bench import make_prompts
 
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "models": {}}
+    flags = " --quick" if args.quick else ""
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": {**asdict(plan), "flags": flags},
+        "models": {},
+        "multiturn": {},
+    }
     for name, folder in build(work).items():
-        prompts = make_prompts(max(LEVELS[name]), INPUT_LEN, 0, str(folder))
-        data: dict[str, Any] = {"ceiling": {}, "servers": {}}
+        prompts = make_prompts(max(LEVELS[name]), plan.input_len, 0, str(folder))
+        data: dict[str, Any] = {"ceiling": {}, "bare": {}, "servers": {}}
         for c in LEVELS[name]:
-            data["ceiling"][str(c)] = ceiling(folder, prompts, c)
+            data["ceiling"][str(c)] = ceiling(folder, prompts, c, plan.output_len)
+            data["bare"][str(c)] = bare_loop(folder, prompts, c, plan.output_len)
             print(
-                f"{name} ceiling c={c}: {data['ceiling'][str(c)]['output_throughput']:.0f} tok/s", flush=True
+                f"{name} c={c}: generate() {data['ceiling'][str(c)]['output_throughput']:.0f} tok/s, "
+                f"bare loop {data['bare'][str(c)]['output_throughput']:.0f} tok/s",
+                flush=True,
             )
         data["params"] = data["ceiling"][str(LEVELS[name][0])]["params"]
+        mt = name == "small"  # the multi-turn benchmark runs on the small model's servers
         port = free_port()
-        data["servers"]["hfserve"] = bench_server(
+        data["servers"]["hfserve"], multi = bench_server(
             "hfserve",
             [hfserve, "start", "--model", str(folder), "--workers", "4", "--port", str(port)],
             port,
             folder,
             LEVELS[name],
             logs,
+            plan,
+            then=multiturn(folder, plan, True) if mt else None,
         )
+        if mt:
+            results["multiturn"]["hfserve"] = multi
         port = free_port()
-        data["servers"]["transformers-serve-cb"] = bench_server(
-            "transformers-serve-cb",
+        data["servers"][PEER], multi = bench_server(
+            PEER,
             [tserve, "serve", "--continuous-batching", "--port", str(port), "--device", "cpu", str(folder)],
             port,
             folder,
             LEVELS[name],
             logs,
+            plan,
             ignore_eos=False,  # it refuses the extension; random weights rarely sample EOS anyway
+            then=multiturn(folder, plan, False) if mt else None,
         )
+        if mt:
+            results["multiturn"][PEER] = multi
         print(table(list(data["servers"].values())), flush=True)
         results["models"][name] = data
-    results["targets"] = targets(results["models"])
+    results["minutes"] = (time.monotonic() - started) / 60
+    results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, out / "RESULTS.md")
-    for name, data in results["models"].items():
-        plot_reports(list(data["servers"].values()), out / f"plot-{name}.png")
+    write_section(out / "RESULTS.md", markdown(results, LEVELS))
+    plot_all(results, out)
     print((out / "RESULTS.md").read_text())
+    print(f"written to {out}", flush=True)
 
 
 if __name__ == "__main__":
