@@ -66,6 +66,17 @@ def start(
         None, help="Hub id or local folder to preload and pin (default: the built-in demo model)."
     ),
     device: str = typer.Option(_HOST.device, help="auto, cpu, cuda, cuda:N or mps."),
+    device_map: str = typer.Option(
+        _HOST.device_map,
+        help="Spread causal LMs over the GPUs and CPU memory with accelerate (auto, balanced, "
+        "balanced_low_0, sequential). Default: off.",
+        show_default=False,
+    ),
+    tp: int = typer.Option(
+        _HOST.tp_size,
+        min=1,
+        help="Tensor parallelism: shard causal LMs over this many GPUs, one host process each.",
+    ),
     dtype: Dtype = typer.Option(Dtype.auto, help="Weights dtype."),
     trust_remote_code: bool = typer.Option(_HOST.trust_remote_code, help="Allow models with custom code."),
     tool_parser: ToolParserName = typer.Option(
@@ -195,7 +206,7 @@ def start(
 ) -> None:
     """Start the server: one model host plus WORKERS HTTP workers."""
     from cli.api_keys import load_api_keys
-    from cli.preflight import ConfigError, check_device, check_port
+    from cli.preflight import ConfigError, check_device, check_placement, check_port
     from cli.start import check_responses_db, resolve_model_arg, serve
 
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -204,6 +215,7 @@ def start(
     try:
         check_port(host, port)
         check_device(device)
+        check_placement(device, device_map, tp, idle_unload_s)
         api_keys = load_api_keys(api_key, api_key_file)
         model_id, model_path, pinned = resolve_model_arg(model)
         db_path = check_responses_db(responses_db, responses_max_mb)
@@ -233,6 +245,8 @@ def start(
         max_audio_s=max_audio_s,
         engine=HostSettings(
             device=device,
+            device_map=device_map,
+            tp_size=tp,
             dtype=dtype.value,
             trust_remote_code=trust_remote_code,
             torch_threads=torch_threads,

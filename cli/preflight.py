@@ -131,3 +131,41 @@ def check_device(device: str) -> None:
         )
     if proc.returncode != 0:
         raise ConfigError(f"--device {device}: torch could not be imported to check it")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device: str, device_map: str, tp_size: int, idle_unload_s: float = 0.0) -> None:
+    """``--device-map`` and ``--tp``: each possible here, and not both. A device map needs
+    accelerate; tensor parallelism needs ``tp_size`` CUDA devices (or ``--device cpu``, where the
+    ranks talk over gloo: slow, but it runs the same path anywhere)."""
+    if device_map and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"--device-map {device_map!r}: use {', '.join(DEVICE_MAPS)}")
+    if device_map and tp_size > 1:
+        raise ConfigError("--device-map and --tp are two ways to spread a model: choose one")
+    if device_map:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError("--device-map needs accelerate: pip install 'hfserve[multi-device]'")
+        if device != "auto":
+            raise ConfigError(f"--device-map places the model itself: leave --device at auto, not {device}")
+    if tp_size <= 1:
+        return
+    if idle_unload_s:  # a clock deciding an unload would differ between the ranks
+        raise ConfigError("--idle-unload-s cannot be used with --tp: the ranks must unload together")
+    if device == "cpu":
+        return
+    if device != "auto" and device != "cuda":
+        raise ConfigError(f"--tp {tp_size} uses GPUs 0 to {tp_size - 1}: leave --device at auto (or cpu)")
+    probe = "import torch\nprint(torch.cuda.device_count() if torch.cuda.is_available() else 0)\n"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    try:
+        count = int(proc.stdout.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--tp {tp_size}: torch could not be imported to count the GPUs") from exc
+    if count < tp_size:
+        raise ConfigError(
+            f"--tp {tp_size}: tensor parallelism needs {tp_size} CUDA devices, this machine has {count}"
+        )

@@ -114,7 +114,7 @@ class CausalLM:
             model.to(device).eval()  # type: ignore[arg-type]
         else:
             model.eval()
-            device = model.get_input_embeddings().weight.device
+            device = next(model.get_input_embeddings().parameters()).device
             log.info("%s placed by %s: %s", path, placement.describe(), _placed_on(model))
         config = model.config
         max_context = int(

@@ -19,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 
+from model_host.causal_lm import Placement
 from model_host.engine import Engine, StepOutput
 from model_host.errors import DeviceError, ModelLoadError
 from model_host.ipc.channels import HostSide
@@ -41,6 +43,9 @@ from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, HostSettings
 from model_host.ipc.status import HostStatus, StatusField
 from model_host.prefix_cache import PrefixCache
 from model_host.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from model_host.tensor_parallel import Replicas
 
 log = logging.getLogger("hfserve.host")
 
@@ -94,15 +99,24 @@ class LoopProgress:
         return now - self._moved_s <= self.stall_s
 
 
+def placement(settings: HostSettings) -> Placement | None:
+    """How causal LMs are spread over devices (``--device-map``, ``--tp``); None: on ``--device``."""
+    if settings.device_map or settings.tp_size > 1:
+        return Placement(settings.device_map, settings.tp_size)
+    return None
+
+
 class ModelHost:
-    def __init__(self, side: HostSide, settings: HostSettings) -> None:
+    def __init__(self, side: HostSide, settings: HostSettings, replicas: Replicas | None = None) -> None:
         self.status: HostStatus = side.status()
+        # Under tensor parallelism, the other ranks' engines, fed what this one receives.
+        self.replicas = replicas
         self.ipc = HostEnd(side)
         prefix_cache = (
             PrefixCache(settings.prefix_cache_mb * 1024 * 1024) if settings.prefix_cache_mb else None
         )
         self.registry = ModelRegistry(
-            settings.device, settings.dtype, settings.trust_remote_code, prefix_cache
+            settings.device, settings.dtype, settings.trust_remote_code, prefix_cache, placement(settings)
         )
         self.registry.on_load = self._count_load
         self.progress = LoopProgress(
@@ -122,6 +136,8 @@ class ModelHost:
         """Take a new epoch and load the preloaded models; raises ``ModelLoadError`` when one
         cannot be loaded."""
         self.epoch = self.status.start_epoch()
+        if self.replicas is not None:
+            self.replicas.share_epoch(self.epoch)
         threading.Thread(target=self._heartbeat, name="hfserve-heartbeat", daemon=True).start()
         for path in self.settings.preload:
             self.registry.get(path)
@@ -139,9 +155,13 @@ class ModelHost:
             if self.settings.idle_unload_s:
                 self._unload_idle()
             self._publish_status()
+        if self.replicas is not None:
+            self.replicas.stop()
         log.info("model host stopped")
 
     def _unload_idle(self) -> None:
+        if self.replicas is not None:  # a clock must not change one rank's engine (refused at start)
+            return
         now = time.monotonic()
         if now < self._next_idle_check:
             return
@@ -183,7 +203,10 @@ class ModelHost:
             timeout_s = _PARKED_RETRY_S
         else:
             timeout_s = _IDLE_WAIT_S
-        for msg in self.ipc.receive(timeout_s):
+        messages = list(self.ipc.receive(timeout_s))
+        if self.replicas is not None:  # every pass, even an empty one: the followers wait on it
+            self.replicas.share(messages)
+        for msg in messages:
             self._handle(msg)
 
     def _handle(self, msg: HostMessage) -> None:
@@ -269,8 +292,13 @@ def host_main(side: HostSide, settings: HostSettings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     _quiet_progress_bars()
+    replicas = None
+    if settings.tp_size > 1:
+        from model_host.tensor_parallel import Replicas
+
+        replicas = Replicas(settings)
     try:
-        host = ModelHost(side, settings)
+        host = ModelHost(side, settings, replicas)
         host.start()
     except (DeviceError, ModelLoadError) as exc:
         # A setting the host cannot start with: restarting would fail the same way. One line,

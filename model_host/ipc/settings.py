@@ -29,6 +29,12 @@ def config_error_exit(env: Mapping[str, str] | None = None) -> int:
 @dataclass(frozen=True)
 class HostSettings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    # Causal LMs placed by accelerate across the GPUs and CPU memory (auto, balanced,
+    # balanced_low_0, sequential) instead of on ``device``; "": off.
+    device_map: str = ""
+    # Tensor parallelism: causal LMs sharded over this many GPUs (transformers' tp_plan "auto"),
+    # one host process per GPU under torch.distributed, rank 0 serving (model_host/tensor_parallel.py).
+    tp_size: int = 1
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     trust_remote_code: bool = False
     preload: tuple[str, ...] = ()  # local model folders to load at start (and never unload)
