@@ -11,48 +11,24 @@ reference's tokens; a tool-call parse of a random model's output cannot hide a d
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from openai import BadRequestError, OpenAI
-from PIL import Image
 from tokenizers import Tokenizer
 
 from model_host.vision_lm import load_processor
 from sanic_serve.text import IncrementalDetokenizer
 from tests.server import ServerProcess
-from tests.vision_models import FAMILIES, build_vision_model
+from tests.vision_models import FAMILIES, Picture, build_vision_model
 
 MAX_TOKENS = 8
 TIMEOUT_S = 120
-
-
-@dataclass(frozen=True)
-class Picture:
-    data: bytes
-    mime: str
-
-    @classmethod
-    def noise(cls, width: int, height: int, seed: int, fmt: str = "PNG") -> Picture:
-        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        out = io.BytesIO()
-        Image.fromarray(pixels).save(out, format=fmt)
-        return cls(out.getvalue(), f"image/{fmt.lower()}")
-
-    def url(self) -> str:
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
-
-    def pil(self) -> Image.Image:
-        with Image.open(io.BytesIO(self.data)) as image:
-            return image.convert("RGB")
 
 
 Turn = tuple[str, str, list[Picture]]  # role, text, the turn's images (before its text)

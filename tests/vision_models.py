@@ -16,11 +16,17 @@ ChatML template with the demo's tools, and the family's image placeholder) is sa
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import io
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 BUILD_VERSION = "1"
 FAMILIES = ("qwen2-vl", "llava")
@@ -219,3 +225,26 @@ def build_vision_model(cache_dir: Path, family: str) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A test image: seeded random pixels saved as a file (PNG, JPEG, WebP, GIF), as a client
+    sends it (``url``: a data URL) and as the reference reads it (``pil``: RGB, first frame)."""
+
+    data: bytes
+    mime: str
+
+    @classmethod
+    def noise(cls, width: int, height: int, seed: int, fmt: str = "PNG") -> Picture:
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format=fmt)
+        return cls(out.getvalue(), f"image/{fmt.lower()}")
+
+    def url(self) -> str:
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+
+    def pil(self) -> Image.Image:
+        with Image.open(io.BytesIO(self.data)) as image:
+            return image.convert("RGB")
