@@ -11,6 +11,7 @@ reference's tokens; a tool-call parse of a random model's output cannot hide a d
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,3 +249,33 @@ def test_images_are_counted_over_the_whole_conversation(client: OpenAI, folders:
         )
     error = info.value.body
     assert isinstance(error, dict) and error["code"] == "too_many_images"
+
+
+def test_structured_output_choices_and_tools_with_an_image(client: OpenAI, folders: dict[str, Path]) -> None:
+    messages = openai_messages([("user", "Name the colour.", [Picture.noise(200, 150, 31)])])
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "maxLength": 12}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    shaped = client.chat.completions.create(
+        model=str(folders["qwen2-vl"]),
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}},
+    )
+    assert shaped.choices[0].finish_reason == "stop"
+    assert set(json.loads(shaped.choices[0].message.content or "")) == {"colour"}
+    tool = {"type": "function", "function": {"name": "paint", "parameters": {"type": "object"}}}
+    several = client.chat.completions.create(
+        model=str(folders["llava"]),
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=4,
+        n=2,
+        seed=7,
+        tools=[tool],  # type: ignore[list-item]
+    )
+    assert [c.index for c in several.choices] == [0, 1]
+    assert several.usage is not None and several.usage.completion_tokens == 8
+    assert several.usage.prompt_tokens > 64  # the image's tokens counted once
