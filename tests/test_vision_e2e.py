@@ -261,7 +261,7 @@ def test_structured_output_choices_and_tools_with_an_image(client: OpenAI, folde
     }
     shaped = client.chat.completions.create(
         model=str(folders["qwen2-vl"]),
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}},
     )
@@ -270,11 +270,11 @@ def test_structured_output_choices_and_tools_with_an_image(client: OpenAI, folde
     tool = {"type": "function", "function": {"name": "paint", "parameters": {"type": "object"}}}
     several = client.chat.completions.create(
         model=str(folders["llava"]),
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=4,
         n=2,
         seed=7,
-        tools=[tool],  # type: ignore[list-item]
+        tools=[tool],
     )
     assert [c.index for c in several.choices] == [0, 1]
     assert several.usage is not None and several.usage.completion_tokens == 8
