@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from openai import BadRequestError, OpenAI
 
+from sanic_serve.audio.words import group_words
 from tests.openapi import validate
 from tests.server import ServerProcess
+from tests.speech_helpers import FRENCH, SENTENCES, Reference, espeak, word_error_rate, words
 from tests.subtitles import encode_av, encode_soundfile, parse_srt, parse_vtt
 
 MAX_AUDIO_MB, MAX_AUDIO_S = 1, 90  # small limits, so refusals are cheap to provoke
@@ -308,3 +310,92 @@ def test_a_75_s_clip_is_one_continuous_transcript(
     assert all(a["end"] <= b["start"] for a, b in zip(segments, segments[1:], strict=False))
     assert segments[-1]["end"] > 60.0 and any(30.0 < s["start"] < 60.0 for s in segments)
     assert _words(body["text"]).count("fox") >= 8, body["text"]  # the sentence is heard throughout
+
+
+# -- word timestamps, logprobs, acceptance 1 (fast variant; the 10 sentences are in test_audio_acceptance)
+@pytest.fixture(scope="module")
+def reference(model: Path) -> Reference:
+    return Reference(model)
+
+
+def test_word_times_equal_transformers_token_timestamps(
+    client: OpenAI, model: Path, speech: bytes, reference: Reference
+) -> None:
+    """Words inside their segments and increasing, each timed as generate(return_token_timestamps)
+    times its tokens (a word from its first token's start to the next token's start)."""
+    result = client.audio.transcriptions.create(
+        model=str(model),
+        file=("s.wav", speech),
+        language="en",
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    body = result.model_dump()
+    validate("CreateTranscriptionResponseVerboseJson", body)
+    words, segments = body["words"], body["segments"]
+    assert [w["word"] for w in words] == result.text.split()
+    previous_end = 0.0
+    for w in words:
+        assert w["start"] >= previous_end - 1e-9 and w["end"] >= w["start"]
+        assert any(s["start"] <= w["start"] and w["end"] <= s["end"] for s in segments), w
+        previous_end = w["end"]
+    out = reference.tokens(speech, language="en", return_timestamps=True, return_token_timestamps=True)
+    ids, times = out["sequences"][0].tolist(), out["token_timestamps"][0].tolist()
+    tokenizer = reference.processor.tokenizer
+    text_positions = [k for k, t in enumerate(ids) if t < tokenizer.eos_token_id]
+    grouped = group_words([ids[k] for k in text_positions], lambda x: tokenizer.decode(list(x)), "en")
+    expected = []
+    for text, idx in grouped:
+        first, last = text_positions[idx[0]], text_positions[idx[-1]]
+        expected.append((text.strip(), times[first], times[min(last + 1, len(times) - 1)]))
+    assert [w["word"] for w in words] == [e[0] for e in expected]
+    for w, (_, start, end) in zip(words, expected, strict=True):
+        # A segment's last word ends by the segment's closing timestamp at the latest.
+        seg = next(s for s in segments if s["start"] <= w["start"] and w["end"] <= s["end"])
+        start, end = max(start, seg["start"]), min(end, seg["end"])
+        assert abs(w["start"] - start) <= 0.04 and abs(w["end"] - end) <= 0.04, (w, start, end)
+
+
+def test_logprobs_in_json_and_in_the_stream(client: OpenAI, model: Path, speech: bytes) -> None:
+    plain = client.audio.transcriptions.create(
+        model=str(model), file=("s.wav", speech), language="en", include=["logprobs"]
+    )
+    body = plain.model_dump(exclude_unset=True)
+    validate("CreateTranscriptionResponseJson", body)
+    entries = body["logprobs"]
+    assert "".join(e["token"] for e in entries).strip() == plain.text
+    assert all(
+        e["logprob"] <= 0 and bytes(int(b) for b in e["bytes"]).decode() == e["token"] for e in entries
+    )
+    events = list(
+        client.audio.transcriptions.create(
+            model=str(model), file=("s.wav", speech), language="en", include=["logprobs"], stream=True
+        )
+    )
+    streamed = [
+        lp.model_dump() for e in events if e.type == "transcript.text.delta" for lp in e.logprobs or ()
+    ]
+    done = events[-1]
+    assert done.type == "transcript.text.done" and done.text == plain.text
+    assert streamed == [lp.model_dump() for lp in done.logprobs or ()] == entries
+
+
+def test_sentences_equal_generate_and_french_is_detected(
+    client: OpenAI, model: Path, reference: Reference, tmp_path: Path
+) -> None:
+    """Acceptance 1, fast: three sentences equal generate() greedy with a word error rate under
+    0.30; French without a language is detected and answered in French."""
+    rates = []
+    for i, sentence in enumerate(SENTENCES[:3]):
+        wav = espeak(sentence, "en", tmp_path / f"{i}.wav")
+        heard = client.audio.transcriptions.create(model=str(model), file=("s.wav", wav), language="en").text
+        assert heard == reference.text(wav, language="en")
+        rates.append(word_error_rate(heard, sentence))
+    assert sum(rates) / len(rates) < 0.30, rates
+    wav = espeak(FRENCH, "fr", tmp_path / "fr.wav")
+    french = client.audio.transcriptions.create(
+        model=str(model), file=("fr.wav", wav), response_format="verbose_json"
+    )
+    assert french.language == "french"
+    assert {"bonjour", "marie"} & set(words(french.text)), french.text
+    assert french.text == reference.text(wav, return_timestamps=True)  # verbose_json decodes with times

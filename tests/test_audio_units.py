@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from model_host.ipc.messages import TokenFrame, TokenLogprob
+from model_host.ipc.messages import TokenFrame, TokenLogprob, WindowResult
 from sanic_serve.audio.decode import SAMPLE_RATE_HZ, AudioError, AudioTooLong, decode_audio
 from sanic_serve.audio.features import FeatureConfig, log_mel_windows
 from sanic_serve.audio.formats import (
@@ -369,7 +369,7 @@ def test_the_form_in_the_sdk_field_names() -> None:
         ),
         (
             "transcribe",
-            {"model": "m", "response_format": "verbose_json", "timestamp_granularities__": ["word"]},
+            {"model": "m", "response_format": "json", "timestamp_granularities__": ["word"]},
             FILES,
             "timestamp_granularities[]",
         ),
@@ -380,7 +380,6 @@ def test_the_form_in_the_sdk_field_names() -> None:
             "include[]",
         ),
         ("transcribe", {"model": "m", "include__": ["everything"]}, FILES, "include[]"),
-        ("transcribe", {"model": "m", "include__": ["logprobs"]}, FILES, "include[]"),  # not yet
         ("transcribe", {"model": "m", "keywords__": ["hfserve"]}, FILES, "keywords[]"),
         ("transcribe", {"model": "m", "known_speaker_names__": ["Ann"]}, FILES, "known_speaker_names[]"),
         ("translate", {"model": "m", "language": "de"}, FILES, "language"),
@@ -429,8 +428,8 @@ class _FakeTokenizer:
         return {v: k for k, v in self.special.items()}.get(token)
 
 
-def _frame(ids: list[int], lps: list[float]) -> TokenFrame:
-    return TokenFrame(1, tuple(ids), logprobs=tuple(TokenLogprob(lp) for lp in lps))
+def _frame(ids: list[int], lps: list[float], window: WindowResult | None = None) -> TokenFrame:
+    return TokenFrame(1, tuple(ids), logprobs=tuple(TokenLogprob(lp) for lp in lps), window=window)
 
 
 def _request(fmt: str) -> AudioRequest:
@@ -443,14 +442,17 @@ def test_host_frames_become_a_verbose_json_with_the_detected_language() -> None:
     out = _Output(bundle, route_vocab(bundle), _request("verbose_json"))
     tokens = [50261, *TOKENS[1:]]  # the host detected German
     out.take(_frame(tokens[:5], [-0.5] * 5))
-    out.take(_frame(tokens[5:], [-1.0] * (len(tokens) - 5)))
+    out.take(_frame(tokens[5:10], [-1.0] * 5, WindowResult(-0.4, 0.05, 0.0)))  # window 0 ends at 2.4 s
+    out.take(_frame(tokens[10:], [-1.0] * 3, WindowResult(-0.9, 0.3, 0.2)))  # window 1: a fallback
     prepared = _Prepared(b"", 2, 80, 40.0)
     response = _render(out, prepared)
     body = orjson.loads(response.body or b"")
     validate("CreateTranscriptionResponseVerboseJson", body)
     assert body["language"] == "german" and body["text"] == "Hello world. How are you? Hello"
-    # tokens 1000, 1001 came in the first frame (-0.5 each); the others in the second (-1.0)
-    assert [s["avg_logprob"] for s in body["segments"]] == [-0.5, -1.0, -1.0]
+    # Each segment reports its window's measures, as Whisper does.
+    assert [s["avg_logprob"] for s in body["segments"]] == [-0.4, -0.4, -0.9]
+    assert [s["no_speech_prob"] for s in body["segments"]] == [0.05, 0.05, 0.3]
+    assert [s["temperature"] for s in body["segments"]] == [0.0, 0.0, 0.2]
     srt_out = _Output(bundle, route_vocab(bundle), _request("srt"))
     srt_out.take(_frame(tokens, [-0.1] * len(tokens)))
     cues = parse_srt((_render(srt_out, prepared).body or b"").decode())

@@ -152,11 +152,22 @@ class HostClient:
         prompt_ids: list[int],
         timestamps: bool,
         sampling: SamplingParams,
+        word_timestamps: bool = False,
+        audio_frames: int = 0,
     ) -> RequestStream:
         """Speech to text over log-mel ``features`` (see ``Transcribe`` for their layout and for
         what the frames carry)."""
         payload = Transcribe(
-            features, n_windows, n_mels, language, task, tuple(prompt_ids), timestamps, sampling
+            features,
+            n_windows,
+            n_mels,
+            language,
+            task,
+            tuple(prompt_ids),
+            timestamps,
+            sampling,
+            word_timestamps,
+            audio_frames,
         )
         return self.submit_task(model_path, payload)
 

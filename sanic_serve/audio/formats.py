@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sanic_serve.audio.languages import language_name
+from sanic_serve.audio.words import Word
 
 TIME_PRECISION_S = 0.02
 WINDOW_S = 30.0
@@ -56,6 +57,7 @@ class Segment:
     end_s: float
     text: str
     tokens: tuple[int, ...]
+    positions: tuple[int, ...] = ()  # where ``tokens`` stand in the whole token list
 
     @property
     def seek(self) -> int:
@@ -74,8 +76,8 @@ def split_segments(
     cues are monotonic even when the model predicts a time past the audio's end."""
     spans: list[tuple[float | None, float | None, list[int]]] = []
     start: float | None = None
-    text: list[int] = []
-    for token in token_ids:
+    text: list[int] = []  # positions of the open segment's text tokens
+    for position, token in enumerate(token_ids):
         if vocab.is_timestamp(token):
             t = vocab.seconds(token)
             if start is None and not text:
@@ -84,18 +86,19 @@ def split_segments(
                 spans.append((start, t, text))
                 start, text = None, []
         elif vocab.is_text(token):
-            text.append(token)
+            text.append(position)
     if text:
         spans.append((start, None, text))
     segments: list[Segment] = []
     previous_end_s = 0.0
-    for span_start, span_end, ids in spans:
+    for span_start, span_end, positions in spans:
+        ids = tuple(token_ids[p] for p in positions)
         words = decode(ids)
         if not words.strip():
             continue
         start_s = _clamp(span_start if span_start is not None else previous_end_s, previous_end_s, duration_s)
         end_s = _clamp(span_end if span_end is not None else duration_s, start_s, duration_s)
-        segments.append(Segment(len(segments), start_s, end_s, words, tuple(ids)))
+        segments.append(Segment(len(segments), start_s, end_s, words, ids, tuple(positions)))
         previous_end_s = end_s
     return segments
 
@@ -153,6 +156,16 @@ def compression_ratio(text: str) -> float:
     return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """What the host measured of the 30 s window a segment came from (Whisper reports the window's
+    values on each of its segments)."""
+
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float | None = None  # None: the request's
+
+
 def verbose_json(
     *,
     task: Literal["transcribe", "translate"],
@@ -161,14 +174,16 @@ def verbose_json(
     text: str,
     segments: Sequence[Segment],
     temperature: float,
-    segment_logprobs: Sequence[float | None] | None = None,
+    segment_stats: Sequence[WindowStats] | None = None,
+    words: Sequence[Word] | None = None,
 ) -> dict[str, Any]:
     """``CreateTranscriptionResponseVerboseJson`` (``CreateTranslationResponseVerboseJson`` for a
-    translation: language ``english``). ``segment_logprobs``: each segment's mean token logprob
-    when the host sent logprobs. ``no_speech_prob`` is 0.0: the host does not report it yet."""
+    translation: language ``english``). ``segment_stats``: each segment's window's measures;
+    ``words``: with word timestamps."""
     out_segments = []
     for seg in segments:
-        mean = segment_logprobs[seg.id] if segment_logprobs and seg.id < len(segment_logprobs) else None
+        stats = segment_stats[seg.id] if segment_stats and seg.id < len(segment_stats) else WindowStats()
+        mean = stats.avg_logprob
         out_segments.append(
             {
                 "id": seg.id,
@@ -177,10 +192,10 @@ def verbose_json(
                 "end": seg.end_s,
                 "text": seg.text,
                 "tokens": list(seg.tokens),
-                "temperature": float(temperature),
-                "avg_logprob": round(mean, 6) if mean is not None and math.isfinite(mean) else 0.0,
+                "temperature": float(temperature if stats.temperature is None else stats.temperature),
+                "avg_logprob": round(mean, 6) if math.isfinite(mean) else 0.0,
                 "compression_ratio": compression_ratio(seg.text),
-                "no_speech_prob": 0.0,
+                "no_speech_prob": round(stats.no_speech_prob, 6),
             }
         )
     body: dict[str, Any] = {
@@ -190,6 +205,8 @@ def verbose_json(
         "text": text,
         "segments": out_segments,
     }
+    if words is not None:
+        body["words"] = [{"word": w.word, "start": w.start_s, "end": w.end_s} for w in words]
     if task == "transcribe":  # the translation schema has no usage
         body["usage"] = duration_usage(duration_s)
     return body

@@ -133,25 +133,11 @@ def parse_audio_form(
             "`timestamp_granularities[]` needs `response_format` `verbose_json`.",
             param="timestamp_granularities[]",
         )
-    if "word" in granularities:
-        # The host does not align words yet (cross-attention alignment heads): said plainly.
-        raise InvalidRequest(
-            "Word timestamps are not supported by this server yet.",
-            param="timestamp_granularities[]",
-            code="unsupported_value",
-        )
     for item in include:
         if item != "logprobs":
             raise InvalidRequest(f"`include[]` takes `logprobs`; got `{item}`.", param="include[]")
     if include and response_format != "json":
         raise InvalidRequest("`include[]=logprobs` needs `response_format` `json`.", param="include[]")
-    if include:
-        # The host's seq2seq runner does not report token logprobs yet: refused rather than made up.
-        raise InvalidRequest(
-            "Token logprobs of transcriptions are not supported by this server yet.",
-            param="include[]",
-            code="unsupported_value",
-        )
     if stream and response_format not in ("json", "text"):
         raise InvalidRequest(f"Streaming answers `json` or `text`, not `{response_format}`.", param="stream")
     return AudioRequest(

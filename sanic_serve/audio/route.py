@@ -21,7 +21,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json, text
 
 from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingParams
-from model_host.ipc.messages import TokenFrame, request_ref
+from model_host.ipc.messages import TokenFrame, WindowResult, request_ref
 from model_host.ipc.model_kind import ModelKind
 from sanic_serve.audio.decode import AudioError, decode_audio
 from sanic_serve.audio.features import FeatureConfig, log_mel_windows
@@ -29,6 +29,7 @@ from sanic_serve.audio.formats import (
     Segment,
     TextStream,
     WhisperVocab,
+    WindowStats,
     delta_event,
     done_event,
     json_body,
@@ -45,6 +46,7 @@ from sanic_serve.audio.request import (
     Task,
     parse_audio_form,
 )
+from sanic_serve.audio.words import Word, segment_words
 from sanic_serve.config import ServerConfig
 from sanic_serve.errors import APIError, InvalidRequest, ServerError, from_host_error
 from sanic_serve.models import ModelBundle
@@ -94,6 +96,7 @@ class _Prepared:
     n_windows: int
     n_mels: int
     duration_s: float
+    audio_frames: int = 0  # feature frames that hold audio (the rest of the last window is padding)
 
 
 def _prepare(audio: bytes, model_path: str, max_audio_s: float) -> _Prepared:
@@ -102,7 +105,11 @@ def _prepare(audio: bytes, model_path: str, max_audio_s: float) -> _Prepared:
     config = _feature_config(model_path)
     features = log_mel_windows(samples, config)
     return _Prepared(
-        features.tobytes(), features.shape[0], config.n_mels, len(samples) / config.sampling_rate_hz
+        features.tobytes(),
+        features.shape[0],
+        config.n_mels,
+        len(samples) / config.sampling_rate_hz,
+        -(-len(samples) // config.hop_length),  # as the feature extractor's attention mask counts
     )
 
 
@@ -142,8 +149,7 @@ async def _handle(request: Request, task: Task) -> HTTPResponse | None:
     sampling = SamplingParams(
         max_new_tokens=MAX_NEW_TOKENS_PER_WINDOW,
         temperature=req.temperature,
-        # verbose_json's avg_logprob is measured, not made up: it asks for the sampled tokens' logprobs.
-        logprobs=0 if req.include_logprobs or req.response_format == "verbose_json" else -1,
+        logprobs=0 if req.include_logprobs else -1,
     )
     stream = client.transcribe(
         bundle.path,
@@ -155,6 +161,8 @@ async def _handle(request: Request, task: Task) -> HTTPResponse | None:
         prompt_ids=prompt_ids,
         timestamps=req.timestamps,
         sampling=sampling,
+        word_timestamps=req.word_timestamps,
+        audio_frames=prepared.audio_frames,
     )
     out = _Output(bundle, vocab, req)
     try:
@@ -191,6 +199,9 @@ class _Output:
         self.language = req.language or ""
         self.tokens: list[int] = []
         self.logprobs: list[float | None] = []  # None: the host sent none for that token
+        self.window_of: list[int] = []  # each token's 30 s window (its index in ``results``)
+        self.times: list[float | None] = []  # each token's start time, with word timestamps
+        self.results: list[WindowResult] = []
         self.started = False
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -212,7 +223,51 @@ class _Output:
                 ids, lps = ids[1:], lps[1:]
         self.tokens += ids
         self.logprobs += lps
+        self.window_of += [len(self.results)] * len(ids)
+        if frame.window is not None:  # the window's last frame: its tokens are all here
+            self._window_done(frame.window)
         return ids, lps
+
+    def _window_done(self, result: WindowResult) -> None:
+        window = len(self.results)
+        mine = [p for p in range(len(self.tokens) - 1, -1, -1) if self.window_of[p] == window][::-1]
+        self.times += [None] * (len(self.tokens) - len(self.times))
+        if len(result.token_times) == len(mine):
+            for position, time_s in zip(mine, result.token_times, strict=True):
+                self.times[position] = time_s
+        self.results.append(result)
+
+    def spans(self) -> list[tuple[float, float] | None]:
+        """Each token's (start, end): it ends where the next token of its window starts, the
+        window's last token where it starts (as ``generate``'s token timestamps pair them)."""
+        out: list[tuple[float, float] | None] = []
+        for p, start in enumerate(self.times):
+            if start is None:
+                out.append(None)
+                continue
+            following = self.times[p + 1] if p + 1 < len(self.times) else None
+            same = p + 1 < len(self.tokens) and self.window_of[p + 1] == self.window_of[p]
+            out.append((start, following if same and following is not None else start))
+        return out
+
+    def window_stats(self, segments: Sequence[Segment], temperature: float) -> list[WindowStats]:
+        stats = []
+        for seg in segments:
+            window = self.window_of[seg.positions[0]] if seg.positions else -1
+            result = self.results[window] if 0 <= window < len(self.results) else None
+            if result is None:
+                stats.append(WindowStats(temperature=temperature))
+            else:
+                stats.append(WindowStats(result.avg_logprob, result.no_speech_prob, result.temperature))
+        return stats
+
+    def words(self, segments: Sequence[Segment]) -> list[Word]:
+        spans = self.spans()
+        words: list[Word] = []
+        for seg in segments:
+            seg_spans = [spans[p] if p < len(spans) else None for p in seg.positions]
+            words += segment_words(seg.tokens, seg_spans, self.decode, self.language, seg.start_s, seg.end_s)
+        return words
 
     def logprob_entries(self, ids: Sequence[int], lps: Sequence[float | None]) -> list[dict[str, Any]]:
         """OpenAI's logprob objects for the text tokens among ``ids`` that have one (none is made up)."""
@@ -249,26 +304,10 @@ def _render(out: _Output, prepared: _Prepared) -> HTTPResponse:
         text=full,
         segments=segments,
         temperature=req.temperature,
-        segment_logprobs=_segment_means(out, segments),
+        segment_stats=out.window_stats(segments, req.temperature),
+        words=out.words(segments) if req.word_timestamps else None,
     )
     return json(body, dumps=orjson.dumps)
-
-
-def _segment_means(out: _Output, segments: Sequence[Segment]) -> list[float | None]:
-    position = 0
-    means: list[float | None] = []
-    for seg in segments:  # segments take the text tokens in order; find each one's logprobs
-        values: list[float | None] = []
-        for token in seg.tokens:
-            while position < len(out.tokens) and out.tokens[position] != token:
-                position += 1
-            if position < len(out.tokens):
-                values.append(out.logprobs[position])
-                position += 1
-        known = [v for v in values if v is not None]
-        # A mean over some tokens only would mislead: without every logprob, none (reported as 0.0).
-        means.append(sum(known) / len(known) if known and len(known) == len(values) else None)
-    return means
 
 
 async def _stream(
