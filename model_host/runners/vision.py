@@ -39,7 +39,9 @@ from model_host.vision_lm import ImagePrompt, ImagePromptError, VisionLM
 
 log = logging.getLogger(__name__)
 
-LOOK_AHEAD = 32  # waiting requests scanned per step for images to prepare
+# Waiting requests scanned per step for images to prepare: enough to fill a batch's admissions,
+# few enough that prepared pixels (megabytes an image for large models) do not pile up.
+LOOK_AHEAD = 8
 # A head whose images are still being prepared, with nothing of this model running: the loop
 # waits this long for them instead of spinning (which would take the thread's CPU).
 _IDLE_WAIT_S = 0.005
