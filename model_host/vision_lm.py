@@ -199,7 +199,7 @@ class VisionLM(CausalLM):
     def encode(self, prompt: ImagePrompt) -> None:
         """The image tokens' features: the vision encoder and projector, as ``forward`` runs them."""
         args = {k: v.to(self.device) for k, v in prompt.inputs.items() if k in self._feature_args}
-        out = self.model.model.get_image_features(**args, return_dict=True)
+        out = self.model.model.get_image_features(**args, return_dict=True)  # as the model's forward
         pooled = out.pooler_output
         features = torch.cat(list(pooled)) if isinstance(pooled, list | tuple) else pooled
         features = features.reshape(-1, features.shape[-1])
@@ -282,7 +282,13 @@ class VisionLM(CausalLM):
                 f"cannot load vision-language model from {path}: its config has no image token"
             )
         params = inspect.signature(model.forward).parameters
-        inner = model.model
+        # The base model inside the head, whose image features and positions its forward uses.
+        inner: Any = getattr(model, "model", None)
+        if not callable(getattr(inner, "get_image_features", None)):
+            raise ModelLoadError(
+                f"cannot load vision-language model from {path}: {type(model).__name__} has no "
+                "model.get_image_features, which this server feeds images through"
+            )
         rope_index = getattr(inner, "get_rope_index", None)
         return cls(
             path,
