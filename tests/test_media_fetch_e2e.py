@@ -1,7 +1,8 @@
 """Fetched images end to end on a tiny vision-language model (``tests/vision_models.py``), against
 ``hfserve start --allow-remote-media --allow-private-media --media-allow-hosts 127.0.0.1``: an image
 served by a loopback server and used by URL gives the same greedy reply as the same image inline,
-through chat, Responses ``input_image`` and Messages image blocks; a redirect from the allowed host
+through chat, Responses ``input_image`` and Messages image blocks; a stored turn's image is read
+again by a later turn that names it (``previous_response_id``); a redirect from the allowed host
 to one the allow-list does not name is refused at that hop, with no request reaching the target."""
 
 from __future__ import annotations
@@ -121,3 +122,47 @@ def test_a_redirect_to_a_host_off_the_list_is_refused_at_the_hop(
     error = reply.json()["error"]
     assert error["param"] == "input[0].content[1].image_url" and "not among the hosts" in error["message"]
     assert web.hits["/hop"] == 1 and web.hits["/target.png"] == 0
+
+
+def test_models_list_the_vision_model_with_its_image_input(fetch_server: ServerProcess, model: Path) -> None:
+    listing = httpx.get(f"{fetch_server.base_url}/v1/models", timeout=TIMEOUT_S).json()
+    entry = next(m for m in listing["data"] if m["id"] == str(model))
+    assert entry["input_modalities"] == ["text", "image"]
+
+
+def test_a_stored_turn_with_an_image_is_read_again_by_the_next_turn(
+    fetch_server: ServerProcess, model: Path
+) -> None:
+    """Turn 2 sends text only and names turn 1, whose ``input_image`` the store kept: its reply is
+    the same two-turn conversation sent whole through chat (greedy)."""
+    url = data_url(image_bytes("PNG", (120, 90), "teal"))
+    first = respond(fetch_server, model, url)
+    assert first.status_code == 200, first.text
+    said = output_text(first.json())
+    assert said
+    body = {
+        "model": str(model),
+        "input": "And what colour is it?",
+        "previous_response_id": first.json()["id"],
+        "max_output_tokens": 8,
+        "temperature": 0,
+    }
+    second = httpx.post(f"{fetch_server.base_url}/v1/responses", json=body, timeout=TIMEOUT_S)
+    assert second.status_code == 200, second.text
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": url}}],
+        },
+        {"role": "assistant", "content": said},
+        {"role": "user", "content": "And what colour is it?"},
+    ]
+    whole = httpx.post(
+        f"{fetch_server.base_url}/v1/chat/completions",
+        json={"model": str(model), "messages": messages, "max_tokens": 8, "temperature": 0},
+        timeout=TIMEOUT_S,
+    )
+    assert whole.status_code == 200, whole.text
+    assert output_text(second.json()) == whole.json()["choices"][0]["message"]["content"]
+    # The same prompt as the model read it (the host's count, the image's tokens included).
+    assert second.json()["usage"]["input_tokens"] == whole.json()["usage"]["prompt_tokens"]
