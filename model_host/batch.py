@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model_host.ipc.messages import TokenLogprob
+from model_host.kv_layer import GrowableLayer
 from model_host.sampling import SamplingBatch, score_tokens
 
 
@@ -68,7 +69,7 @@ def _joinable(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return bool(layers) and all(type(layer) in (DynamicLayer, GrowableLayer) for layer in layers)
 
 
 def _score_prompt(seq: Sequence, logits: torch.Tensor, first: int) -> None:
@@ -101,6 +102,8 @@ class DecodeBatch:
         self.lengths = attention_mask.sum(dim=-1)  # [B] real tokens per row
         self.sampling = sampling
         self.joinable = _joinable(cache)
+        if self.joinable:  # decode steps write their KV in place instead of copying the cache
+            cache.layers[:] = [GrowableLayer.adopt(layer) for layer in cache.layers]
 
     def __len__(self) -> int:
         return len(self.seqs)
