@@ -91,13 +91,18 @@ def internal_error(what: str, ref: str, code: str | None = None) -> ServerError:
     return ServerError(f"{what} (request id {ref}).", code=code)
 
 
-def from_host_error(info: ErrorInfo, ref: str = "unknown", model: str = "") -> APIError:
+def from_host_error(
+    info: ErrorInfo, ref: str = "unknown", model: str = "", prompt_param: str | None = None
+) -> APIError:
     """Map an error value that crossed from the model host to the HTTP error it means. ``ref``
-    names the request in the host's log (``request_ref``)."""
+    names the request in the host's log (``request_ref``); ``prompt_param``, the field that holds
+    the prompt (named by a prompt over the context)."""
     if info.kind is ErrorKind.MODEL_NOT_FOUND:
         return NotFound(info.message, param="model", code="model_not_found")
     if info.kind is ErrorKind.INVALID_REQUEST:
         return InvalidRequest(info.message)
+    if info.kind is ErrorKind.CONTEXT_LENGTH_EXCEEDED:
+        return InvalidRequest(info.message, param=prompt_param, code="context_length_exceeded")
     if info.kind is ErrorKind.OVERLOADED:
         return Overloaded(info.message)
     if info.kind is ErrorKind.ENGINE_DEAD:

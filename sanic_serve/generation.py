@@ -46,6 +46,7 @@ class Generation:
         keep_special_tokens: bool = False,
         images: tuple[ImageInput, ...] = (),
         prompt_text: str | None = None,
+        prompt_param: str = "messages",
     ) -> None:
         self.client = client
         self.bundle = bundle
@@ -55,6 +56,7 @@ class Generation:
         # processor expands (``Generate``); the host then says how long the prompt became.
         self.images = images
         self.prompt_text = prompt_text
+        self.prompt_param = prompt_param  # the request's field a prompt over the context is named by
         self._expanded_prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens the host took from its prefix cache
@@ -129,7 +131,7 @@ class Generation:
                     if frame.error is not None:
                         tracker.failed()
                         ref = request_ref(self.client.worker_index, stream.request_id)
-                        raise from_host_error(frame.error, ref, self.bundle.id)
+                        raise from_host_error(frame.error, ref, self.bundle.id, self.prompt_param)
                     if frame.prompt:
                         self._take_prompt_frame(frame)
                         continue

@@ -12,12 +12,14 @@ reference's tokens; a tool-call parse of a random model's output cannot hide a d
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from openai import BadRequestError, OpenAI
@@ -279,3 +281,65 @@ def test_structured_output_choices_and_tools_with_an_image(client: OpenAI, folde
     assert [c.index for c in several.choices] == [0, 1]
     assert several.usage is not None and several.usage.completion_tokens == 8
     assert several.usage.prompt_tokens > 64  # the image's tokens counted once
+
+
+# The text of a one-image prompt fits with room to spare; its image's 64 tokens nearly fill it.
+SMALL_CONTEXT = 96
+
+
+@pytest.fixture(scope="module")
+def small_context(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2-VL model with a context of ``SMALL_CONTEXT`` tokens (its rotary positions are
+    computed, not stored: the weights do not change)."""
+    folder = tmp_path_factory.mktemp("small-context") / "qwen2-vl"
+    shutil.copytree(folders["qwen2-vl"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = SMALL_CONTEXT
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_context_counts_the_images_tokens(
+    client: OpenAI, vision_server: ServerProcess, small_context: Path
+) -> None:
+    """The worker sees one placeholder per image; the host's expanded prompt is what must fit:
+    a reply that reaches the context ends with ``length`` (prompt + completion = the context), and
+    a prompt whose images alone overflow it is a 400 ``context_length_exceeded``, streamed or not."""
+    eos = Tokenizer.from_file(str(small_context / "tokenizer.json")).token_to_id("<|im_end|>")
+    one = openai_messages([("user", "What is this?", [Picture.noise(448, 448, 41)])])
+    for max_tokens in (None, 60):  # the server's default budget, and one the text alone leaves room for
+        done = client.chat.completions.create(
+            model=str(small_context),
+            messages=one,
+            temperature=0,
+            logit_bias={str(eos): -100},  # the reply runs until something stops it
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+        )
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage is not None and done.usage.prompt_tokens > 64
+        assert done.usage.total_tokens == SMALL_CONTEXT, done.usage
+    two = openai_messages(
+        [("user", "And these?", [Picture.noise(448, 448, 42), Picture.noise(448, 448, 43)])]
+    )
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(
+                model=str(small_context), messages=two, max_tokens=4, stream=stream
+            )
+        error = info.value.body
+        assert isinstance(error, dict) and error["code"] == "context_length_exceeded", error
+        assert (
+            error["param"] == "messages" and f"maximum context length is {SMALL_CONTEXT}" in error["message"]
+        )
+    content = [
+        {"type": "input_text", "text": "And these?"},
+        *({"type": "input_image", "image_url": p.url()} for p in (Picture.noise(448, 448, 44),) * 2),
+    ]
+    reply = httpx.post(
+        f"{vision_server.base_url}/v1/responses",
+        json={"model": str(small_context), "input": [{"role": "user", "content": content}]},
+        timeout=TIMEOUT_S,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+    assert reply.json()["error"]["param"] == "input"

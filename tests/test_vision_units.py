@@ -176,8 +176,9 @@ def test_a_prompt_whose_images_overflow_the_context_is_refused(
     finally:
         runner.model.max_context = context
     error = h.last(0).error
-    assert error is not None and error.kind is ErrorKind.INVALID_REQUEST
-    assert "does not fit the model's context of 40" in error.message
+    assert error is not None and error.kind is ErrorKind.CONTEXT_LENGTH_EXCEEDED
+    assert "maximum context length is 40 tokens" in error.message
+    assert "its images' tokens included" in error.message
 
 
 def test_cache_keys_stand_for_each_image() -> None:

@@ -48,6 +48,9 @@ class ErrorKind(enum.IntEnum):
     ENGINE_DEAD = 4
     INVALID_REQUEST = 5
     OVERLOADED = 6
+    # The prompt as the model reads it (a vision model's images expanded by the host's processor)
+    # leaves no room in the context: the worker's context_length_exceeded 400.
+    CONTEXT_LENGTH_EXCEEDED = 7
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):

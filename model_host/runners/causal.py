@@ -37,6 +37,10 @@ _PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 
 GENERATION_FAILED = "generation failed"  # the exception's text goes to the log, not to clients
 
 
+class ContextExceeded(str):
+    """A refusal (``_prepare``'s string) that says the prompt leaves no room in the context."""
+
+
 def _failed(seqs: list[Sequence]) -> list[StepOutput]:
     return [error_output(s.key, ErrorKind.GENERATION_FAILED, GENERATION_FAILED) for s in seqs]
 
@@ -161,7 +165,12 @@ class CausalRunner(Runner):
                 break
             if isinstance(seq, str):  # refused: the error frame says why
                 queue.pop()
-                outputs.append(error_output(head.key, ErrorKind.INVALID_REQUEST, seq))
+                kind = (
+                    ErrorKind.CONTEXT_LENGTH_EXCEEDED
+                    if isinstance(seq, ContextExceeded)
+                    else ErrorKind.INVALID_REQUEST
+                )
+                outputs.append(error_output(head.key, kind, seq))
                 continue
             todo = len(seq.prompt) - self._reuse_prefix(seq) + self._extra_cost(seq)
             if todo > budget_tokens:
@@ -209,8 +218,7 @@ class CausalRunner(Runner):
         if seq is None or isinstance(seq, str):
             return seq
         if len(seq.prompt) >= self.model.max_context:
-            context = self.model.max_context
-            return f"prompt of {len(seq.prompt)} tokens does not fit the model's context of {context}"
+            return self._over_context(len(seq.prompt), images=seq.cache_key is not None)
         vocab = self.model.vocab_size
         if not all(0 <= t < vocab for t in seq.prompt):
             return f"the prompt has token ids outside the model's vocabulary [0, {vocab})"
@@ -222,6 +230,17 @@ class CausalRunner(Runner):
                 return "the output format cannot be enforced"
         pending.prepared = seq
         return seq
+
+    def _over_context(self, prompt_tokens: int, images: bool) -> ContextExceeded:
+        """The worker checks the prompt it tokenized; only the host knows how long images make it."""
+        context = self.model.max_context
+        read = " as the model reads it, its images' tokens included" if images else ""
+        fix = " or the number or size of its images" if images else ""
+        return ContextExceeded(
+            f"This model's maximum context length is {context} tokens. However, the prompt is "
+            f"{prompt_tokens} tokens{read}, which leaves no room for a reply. Please reduce the "
+            f"length of the prompt{fix}."
+        )
 
     def _sequence(self, pending: Pending) -> Sequence | str | None:
         """The request's sequence, before the checks every prompt passes."""

@@ -182,6 +182,7 @@ async def _plan(
         # The context's images, in the order the template shows their placeholders (image_refs).
         images=images,
         prompt_text=prompt_text if images else None,
+        prompt_param="input",
     )
     output = ChoiceAssembler(
         output_parser(bundle, prompt_text, use.parsed),
