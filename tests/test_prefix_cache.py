@@ -56,6 +56,25 @@ def test_a_conversation_keeps_one_entry_and_the_budget_holds() -> None:
     assert small.match("m", list(range(300, 312))) is not None
 
 
+def test_conversations_sharing_a_system_prompt_each_find_their_own_turns() -> None:
+    # Eight conversations start with the same system prompt (the same first tokens, the same
+    # index head): each keeps an entry, and each next turn resumes from its own conversation.
+    cache = PrefixCache(capacity_bytes=1 << 22, min_tokens=4)
+    system = list(range(100, 140))
+    turns = [[*system, 1000 + i, *range(2000 + 10 * i, 2006 + 10 * i)] for i in range(8)]
+    for turn in turns:
+        cache.store("m", turn, kv(len(turn)))
+    assert len(cache) == 8
+    for turn in turns:
+        found = cache.match("m", [*turn, 7, 8, 9])
+        assert found is not None and found[0] == len(turn)
+    # a conversation's next turn replaces its own entry, and only its own
+    cache.store("m", [*turns[3], 7, 8, 9], kv(len(turns[3]) + 3))
+    assert len(cache) == 8
+    assert cache.match("m", [*turns[3], 7, 8, 9, 10])[0] == len(turns[3]) + 3  # type: ignore[index]
+    assert cache.match("m", [*turns[4], 7])[0] == len(turns[4])  # type: ignore[index]
+
+
 # --- through the real server -------------------------------------------------------------------
 
 
