@@ -283,6 +283,27 @@ def test_structured_output_choices_and_tools_with_an_image(client: OpenAI, folde
     assert several.usage.prompt_tokens > 64  # the image's tokens counted once
 
 
+def test_two_greedy_choices_with_an_image_are_the_lone_reply(
+    client: OpenAI, folders: dict[str, Path], references: dict[str, Reference]
+) -> None:
+    turns: list[Turn] = [("user", "What is this?", [Picture.noise(300, 240, 33)])]
+    expected = references["qwen2-vl"].expect(turns)
+    done = client.chat.completions.create(
+        model=str(folders["qwen2-vl"]),
+        messages=openai_messages(turns),
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        n=2,
+    )
+    assert [c.index for c in done.choices] == [0, 1]
+    for choice in done.choices:
+        assert choice.logprobs is not None
+        assert [e.token for e in choice.logprobs.content or []] == expected.pieces
+    assert done.usage is not None and done.usage.prompt_tokens == expected.prompt_tokens
+    assert done.usage.completion_tokens == 2 * len(expected.tokens)
+
+
 # The text of a one-image prompt fits with room to spare; its image's 64 tokens nearly fill it.
 SMALL_CONTEXT = 96
 

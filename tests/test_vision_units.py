@@ -199,3 +199,34 @@ def test_cache_keys_stand_for_each_image() -> None:
     # stands for all of them, so neither image alone can match.
     merged = _cache_key([9, 9, 9, 9], torch.arange(4), [a, b])
     assert merged != _cache_key([9, 9, 9, 9], torch.arange(4), [a, a]) and all(k < 0 for k in merged)
+
+
+def test_requests_with_the_same_images_share_one_preparation_and_encoding(
+    registry: ModelRegistry, runner: VisionRunner, qwen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``n`` choices of one request: the processor and the vision encoder run once for both;
+    a request with another image is prepared on its own."""
+    calls = {"prepare": 0, "encode": 0}
+
+    def counting(name: str) -> object:
+        inner = getattr(runner.model, name)
+
+        def call(*args: object) -> object:
+            calls[name] += 1
+            return inner(*args)
+
+        return call
+
+    monkeypatch.setattr(runner.model, "prepare", counting("prepare"))
+    monkeypatch.setattr(runner.model, "encode", counting("encode"))
+    h = host(registry)
+    picture, text = Picture.noise(448, 448, 51), "Two choices."
+    same = request(runner, [picture], text)
+    h.add(0, qwen, same)
+    h.add(1, qwen, same)
+    h.run()
+    assert calls == {"prepare": 1, "encode": 1}
+    assert h.tokens(0) == h.tokens(1) == reference(runner, [picture], text)
+    h.add(2, qwen, request(runner, [Picture.noise(448, 448, 52)], text))
+    h.run()
+    assert calls == {"prepare": 2, "encode": 2}

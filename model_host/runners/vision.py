@@ -11,6 +11,9 @@ A request with images differs from a text request only until its prompt is in th
   same left-padded pass as the text-only prompts admitted with it. A prompt longer than the budget
   is chunked as text prompts are; its images are encoded in the step of the first chunk that
   reaches them (an image's encoder pass is never split), and that chunk is smaller by their cost.
+- **Requests with the same images and prompt** (the ``n`` choices of one request) share one
+  preparation while they wait, and with it the image features: the processor and the vision
+  encoder run once for all of them.
 - **Decoding** is the causal runner's: rows with and without images share a batch; the only
   per-row state (multimodal rotary positions' offset) lives on each row's ``Sequence``.
 
@@ -21,6 +24,7 @@ prefix is reused only for the same images in the same places.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -55,6 +59,11 @@ class VisionRunner(CausalRunner):
     def __init__(self, model: VisionLM, prefix_cache: PrefixCache | None) -> None:
         super().__init__(model, prefix_cache)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfserve-images")
+        # Preparations by what they are made of (prompt text, images' digests), while a waiting
+        # request holds them: a request identical to one already being prepared shares its future.
+        self._preparing: weakref.WeakValueDictionary[tuple[str, tuple[bytes, ...]], Future[ImagePrompt]] = (
+            weakref.WeakValueDictionary()
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -69,7 +78,12 @@ class VisionRunner(CausalRunner):
     def _start(self, pending: Pending) -> None:
         payload = pending.request.payload
         if isinstance(payload, Generate) and payload.images and payload.prompt_text is not None:
-            pending.prepared = self._pool.submit(self.model.prepare, payload.images, payload.prompt_text)
+            key = (payload.prompt_text, tuple(image.digest for image in payload.images))
+            future = self._preparing.get(key)
+            if future is None or future.cancelled():
+                future = self._pool.submit(self.model.prepare, payload.images, payload.prompt_text)
+                self._preparing[key] = future
+            pending.prepared = future
 
     def _sequence(self, pending: Pending) -> Sequence | str | None:
         payload = pending.request.payload
@@ -93,7 +107,9 @@ class VisionRunner(CausalRunner):
         except Exception:
             log.exception("preparing the images of %s failed", request_ref(*pending.key))
             return IMAGES_FAILED
-        seq = Sequence(pending.key, self.path, prompt.ids, payload.sampling)
+        # A shared preparation is one ImagePrompt for several rows: its features are computed by
+        # the first row's prefill and read by the others (nothing else in it changes).
+        seq = Sequence(pending.key, self.path, list(prompt.ids), payload.sampling)
         seq.images, seq.rope_delta, seq.cache_key = prompt, prompt.rope_delta, prompt.cache_key
         return seq
 
