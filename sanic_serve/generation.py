@@ -164,3 +164,32 @@ class Generation:
         and its own clean-up would wait for the garbage collector."""
         if self._stream is not None:
             self.client.abort(self._stream)
+
+
+async def read_prompt(
+    client: HostClient,
+    bundle: ModelBundle,
+    prompt_token_ids: list[int],
+    images: tuple[ImageInput, ...],
+    prompt_text: str,
+    prompt_param: str = "messages",
+) -> list[int]:
+    """The prompt's ids as the model reads them, each image's placeholder expanded by the host's
+    processor, without generating anything (``Generate.count_only``): what ``/tokenize`` and
+    ``count_tokens`` answer for a prompt with images, which only the host can expand."""
+    payload = Generate(
+        tuple(prompt_token_ids), SamplingParams(max_new_tokens=1), images, prompt_text, count_only=True
+    )
+    stream = client.submit_task(bundle.path, payload)
+    ids: list[int] = []
+    try:
+        while not (stream.finished and stream.empty):
+            for frame in await stream.frames():
+                if frame.error is not None:
+                    ref = request_ref(client.worker_index, stream.request_id)
+                    raise from_host_error(frame.error, ref, bundle.id, prompt_param)
+                if frame.prompt:
+                    ids += frame.token_ids
+        return ids
+    finally:
+        client.abort(stream)

@@ -304,6 +304,41 @@ def test_two_greedy_choices_with_an_image_are_the_lone_reply(
     assert done.usage.completion_tokens == 2 * len(expected.tokens)
 
 
+def test_tokenize_and_count_tokens_expand_the_images(
+    vision_server: ServerProcess, folders: dict[str, Path], references: dict[str, Reference]
+) -> None:
+    """Only the host's processor knows how many tokens an image becomes: ``/tokenize`` answers the
+    ids the model reads and Messages' ``count_tokens`` their number, what a reply's usage bills."""
+    picture = Picture.noise(320, 200, 34, "JPEG")
+    turns: list[Turn] = [("user", "What is this?", [picture])]
+    reference = references["qwen2-vl"]
+    expected = reference.processor.apply_chat_template(
+        hf_messages(turns), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"][0]
+    # 320x200 pixels, scaled to 280x168 under the processor's pixel cap: 10x6 merged patches.
+    assert expected.count(reference.image_token_id) == 60
+    model, base = str(folders["qwen2-vl"]), vision_server.base_url
+    body = {"model": model, "messages": openai_messages(turns), "return_token_strs": True}
+    tokenized = httpx.post(f"{base}/tokenize", json=body, timeout=TIMEOUT_S)
+    assert tokenized.status_code == 200, tokenized.text
+    assert tokenized.json()["tokens"] == expected and tokenized.json()["count"] == len(expected)
+    assert tokenized.json()["token_strs"].count("<|image_pad|>") == 60
+    refused = httpx.post(f"{base}/tokenize", json={**body, "add_special_tokens": True}, timeout=TIMEOUT_S)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "add_special_tokens"
+    source = {"type": "base64", "media_type": picture.mime, "data": picture.url().split(",", 1)[1]}
+    content = [{"type": "image", "source": source}, {"type": "text", "text": "What is this?"}]
+    anthropic = {"model": model, "messages": [{"role": "user", "content": content}]}
+    counted = httpx.post(f"{base}/v1/messages/count_tokens", json=anthropic, timeout=TIMEOUT_S)
+    assert counted.status_code == 200, counted.text
+    assert counted.json() == {"input_tokens": len(expected)}
+    reply = httpx.post(
+        f"{base}/v1/messages", json={**anthropic, "max_tokens": 2, "temperature": 0}, timeout=TIMEOUT_S
+    )
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == len(expected)
+
+
 # The text of a one-image prompt fits with room to spare; its image's 64 tokens nearly fill it.
 SMALL_CONTEXT = 96
 
@@ -364,3 +399,11 @@ def test_the_context_counts_the_images_tokens(
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["code"] == "context_length_exceeded"
     assert reply.json()["error"]["param"] == "input"
+    # Counting is not limited by the context: /tokenize says how far over it the prompt is.
+    tokenized = httpx.post(
+        f"{vision_server.base_url}/tokenize",
+        json={"model": str(small_context), "messages": two},
+        timeout=TIMEOUT_S,
+    )
+    assert tokenized.status_code == 200, tokenized.text
+    assert tokenized.json()["count"] > 2 * 64 and tokenized.json()["max_model_len"] == SMALL_CONTEXT

@@ -230,3 +230,28 @@ def test_requests_with_the_same_images_share_one_preparation_and_encoding(
     h.add(2, qwen, request(runner, [Picture.noise(448, 448, 52)], text))
     h.run()
     assert calls == {"prepare": 2, "encode": 2}
+
+
+def test_a_counted_prompt_is_expanded_and_nothing_runs(
+    registry: ModelRegistry, runner: VisionRunner, qwen: str
+) -> None:
+    """``count_only``: the prompt's ids as the processor expands them, then the end with its
+    length; the model does not run, and a prompt over the context is counted all the same."""
+    h = host(registry)
+    pictures, text = [Picture.noise(448, 448, 61), Picture.noise(448, 448, 62)], "Count us."
+    asked = request(runner, pictures, text)
+    expected = runner.model.prepare(asked.images, prompt_text(2, text)).ids
+    context = runner.model.max_context
+    runner.model.max_context = 100  # the two images' 128 tokens do not fit: counted anyway
+    try:
+        h.add(
+            0, qwen, Generate(asked.prompt_token_ids, asked.sampling, asked.images, asked.prompt_text, True)
+        )
+        h.run()
+    finally:
+        runner.model.max_context = context
+    frames = [f for _, f in h.frames[(0, 0)]]
+    assert [t for f in frames if f.prompt for t in f.token_ids] == expected
+    assert frames[-1].finish_reason is FinishReason.LENGTH and frames[-1].prompt_tokens == len(expected)
+    assert not [f for f in frames if not f.prompt and f.token_ids]  # nothing generated
+    assert h.engine.num_running == 0

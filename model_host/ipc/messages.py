@@ -107,6 +107,11 @@ class Generate(msgspec.Struct, frozen=True, tag=int(Task.GENERATE), tag_field="t
     sampling: SamplingParams
     images: tuple[ImageInput, ...] = ()
     prompt_text: str | None = None
+    # Only the prompt as the model reads it is asked (``/tokenize``, ``count_tokens`` with images):
+    # the host prepares it (a vision model's processor expands the placeholders), sends its ids in
+    # prompt frames without logprobs, and finishes with ``LENGTH`` and ``prompt_tokens``; the model
+    # does not run, and the context does not limit it.
+    count_only: bool = False
 
 
 class Embed(msgspec.Struct, frozen=True, tag=int(Task.EMBED), tag_field="task"):

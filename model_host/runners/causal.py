@@ -34,6 +34,7 @@ from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, Wai
 log = logging.getLogger(__name__)
 
 _PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 alternatives
+_COUNTED_TOKENS_PER_FRAME = 4096  # ids alone: at most about 20 KB a frame
 GENERATION_FAILED = "generation failed"  # the exception's text goes to the log, not to clients
 
 
@@ -43,6 +44,22 @@ class ContextExceeded(str):
 
 def _failed(seqs: list[Sequence]) -> list[StepOutput]:
     return [error_output(s.key, ErrorKind.GENERATION_FAILED, GENERATION_FAILED) for s in seqs]
+
+
+def _counting(pending: Pending) -> bool:
+    payload = pending.request.payload
+    return isinstance(payload, Generate) and payload.count_only
+
+
+def _count_frames(key: RequestKey, prompt: list[int]) -> list[StepOutput]:
+    """A counted prompt's ids (prompt frames, no logprobs), then its end with its length."""
+    rid = key[1]
+    outputs = [
+        StepOutput(key[0], TokenFrame(rid, tuple(prompt[at : at + _COUNTED_TOKENS_PER_FRAME]), prompt=True))
+        for at in range(0, len(prompt), _COUNTED_TOKENS_PER_FRAME)
+    ]
+    end = TokenFrame(rid, (), FinishReason.LENGTH, prompt_tokens=len(prompt))
+    return [*outputs, StepOutput(key[0], end)]
 
 
 def _refs(seqs: list[Sequence]) -> str:
@@ -158,11 +175,15 @@ class CausalRunner(Runner):
         group: list[Sequence] = []
         admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
         while (head := queue.head()) is not None and head.model_path == self.path:
-            if room <= len(group) + len(admitted):
+            if room <= len(group) + len(admitted) and not _counting(head):
                 break
             seq = self._prepare(head)
             if seq is None:  # still being prepared (its images): it starts at a later step
                 break
+            if _counting(head) and isinstance(seq, Sequence):  # its length is all it asks
+                queue.pop()
+                outputs += _count_frames(head.key, seq.prompt)
+                continue
             if isinstance(seq, str):  # refused: the error frame says why
                 queue.pop()
                 kind = (
@@ -216,6 +237,8 @@ class CausalRunner(Runner):
             return pending.prepared
         seq = self._sequence(pending)
         if seq is None or isinstance(seq, str):
+            return seq
+        if _counting(pending):  # nothing will run: only the length is asked, whatever it is
             return seq
         if len(seq.prompt) >= self.model.max_context:
             return self._over_context(len(seq.prompt), images=seq.cache_key is not None)

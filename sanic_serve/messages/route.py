@@ -23,7 +23,7 @@ from sanic_serve.chat.request import ChatCompletionRequest
 from sanic_serve.chat.route import prepare
 from sanic_serve.choices import Choice, abort, merged
 from sanic_serve.errors import APIError, InvalidRequest, internal_error
-from sanic_serve.generation import Delta
+from sanic_serve.generation import Delta, read_prompt
 from sanic_serve.messages.blocks import Blocks, Event, message_id, stop_reason
 from sanic_serve.messages.errors import anthropic_body, anthropic_error, anthropic_error_response
 from sanic_serve.messages.request import (
@@ -128,10 +128,17 @@ async def create_message(request: Request) -> HTTPResponse | None:
 @bp.post("/v1/messages/count_tokens", ctx_large_body=True)
 async def count_tokens(request: Request) -> HTTPResponse:
     """The prompt exactly as ``/v1/messages`` would render it for the same body, counted; nothing
-    is submitted to the model host."""
+    is generated. With images the host's processor expands them (the model does not run), so the
+    count is the prompt as the model reads it, as a reply's usage counts it."""
     req = parse_messages_request(parse_json_body(request), counting=True)
     choices = await _prepare(request, *to_chat_with_images(req))
-    return json({"input_tokens": choices[0].gen.prompt_tokens})
+    gen = choices[0].gen
+    if gen.images and gen.prompt_text is not None:  # only the host's processor knows their tokens
+        ids = await read_prompt(
+            request.app.ctx.client, gen.bundle, gen.prompt_token_ids, gen.images, gen.prompt_text
+        )
+        return json({"input_tokens": len(ids)})
+    return json({"input_tokens": gen.prompt_tokens})
 
 
 async def _next_or_ping(

@@ -1,6 +1,9 @@
 """``POST /tokenize`` and ``POST /detokenize``, in vLLM's field names, for any model this worker
 can resolve (chat or embedding). They run on the worker with the model's own tokenizer: no round
-trip to the model host, and no admission check (they queue no work there).
+trip to the model host, and no admission check (they queue no work there), except for messages
+with images to a vision-language model: how many tokens an image becomes is the host's processor's
+to say, so the host prepares the prompt (as for a generation, admitted by its queue; the model does
+not run) and the answer is the ids the model would read.
 
 ``/tokenize`` takes a ``prompt`` string, or ``messages`` read as a chat request is: the rest of the
 body goes through the chat route's own parser and renderer (``render_request``), so the ids are
@@ -21,11 +24,13 @@ from sanic.response import HTTPResponse, json
 
 from model_host.ipc.model_kind import GENERATIVE, ModelKind
 from sanic_serve.chat.prompt import render_request
-from sanic_serve.chat.request import parse_chat_request
+from sanic_serve.chat.request import ChatCompletionRequest, parse_chat_request
+from sanic_serve.chat.route import load_images
 from sanic_serve.chat.types import image_urls, refuse_media
 from sanic_serve.errors import InvalidRequest
+from sanic_serve.generation import read_prompt
 from sanic_serve.models import ModelBundle, ModelResolver
-from sanic_serve.requests import off_the_loop, parse_json_body
+from sanic_serve.requests import admit, off_the_loop, parse_json_body
 
 bp = Blueprint("tokenize")
 
@@ -97,31 +102,63 @@ async def _bundle(request: Request, model: str | None) -> ModelBundle:
     return models.default
 
 
+def _chat_options(bundle: ModelBundle, body: dict[str, Any]) -> TokenizeChatOptions:
+    if "prompt" in body:
+        raise InvalidRequest("Give prompt or messages, not both.", param="prompt")
+    options = _parse(TokenizeChatOptions, body)
+    if options.chat_template is not None:
+        raise InvalidRequest(
+            "A chat_template of the request's own is not supported: the model's template is used.",
+            param="chat_template",
+            code="unsupported_parameter",
+        )
+    if bundle.kind not in GENERATIVE:
+        raise InvalidRequest(
+            f"The model `{bundle.id}` has no chat template: tokenize a prompt instead.", param="messages"
+        )
+    return options
+
+
+def _chat_request(bundle: ModelBundle, body: dict[str, Any]) -> ChatCompletionRequest:
+    """The messages body read as the chat route reads it; images only for a vision model."""
+    chat_body = {k: v for k, v in body.items() if k not in _TOKENIZE_ONLY}
+    req = parse_chat_request({**chat_body, "model": bundle.id})
+    refuse_media(req.messages, bundle.id, takes_images=bundle.kind is ModelKind.VISION)
+    return req
+
+
+async def tokenize_with_images(
+    request: Request, bundle: ModelBundle, body: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A vision model's messages with images: their ids as the model reads them, each image's
+    placeholder expanded by the host's processor (the model does not run; the host's queue
+    admits the request as it admits a generation). None when the body holds no images."""
+    if "messages" not in body or bundle.kind is not ModelKind.VISION:
+        return None
+    options = _chat_options(bundle, body)
+    req = _chat_request(bundle, body)
+    if not image_urls(req.messages):
+        return None
+    if options.add_special_tokens:
+        raise InvalidRequest(
+            "add_special_tokens is not supported with images: the processor reads the rendered chat as "
+            "the model does, without the tokenizer's own special tokens.",
+            param="add_special_tokens",
+            code="unsupported_parameter",
+        )
+    await admit(request, bundle.id)
+    images = await load_images(request, req)
+    prompt = await off_the_loop(request, render_request, bundle, req)
+    ids = await read_prompt(request.app.ctx.client, bundle, prompt.ids, images, prompt.text)
+    return _tokens(bundle, ids, options.return_token_strs)
+
+
 def tokenize_body(bundle: ModelBundle, body: dict[str, Any]) -> dict[str, Any]:
     if "messages" in body:
-        if "prompt" in body:
-            raise InvalidRequest("Give prompt or messages, not both.", param="prompt")
-        options = _parse(TokenizeChatOptions, body)
-        if options.chat_template is not None:
-            raise InvalidRequest(
-                "A chat_template of the request's own is not supported: the model's template is used.",
-                param="chat_template",
-                code="unsupported_parameter",
-            )
-        if bundle.kind not in GENERATIVE:
-            raise InvalidRequest(
-                f"The model `{bundle.id}` has no chat template: tokenize a prompt instead.", param="messages"
-            )
-        chat_body = {k: v for k, v in body.items() if k not in _TOKENIZE_ONLY}
-        req = parse_chat_request({**chat_body, "model": bundle.id})
-        refuse_media(req.messages, bundle.id, takes_images=bundle.kind is ModelKind.VISION)
-        images = image_urls(req.messages)
-        if images:  # how many tokens an image becomes is the host's processor's to say
-            raise InvalidRequest(
-                "/tokenize counts text only: an image's tokens are counted when the model reads it.",
-                param=images[0][1].removesuffix(".image_url"),
-                code="unsupported_content_type",
-            )
+        options = _chat_options(bundle, body)
+        req = _chat_request(bundle, body)
+        if image_urls(req.messages):  # the route asks the host (tokenize_with_images)
+            raise InvalidRequest("Messages with images are counted by the model host.", param="messages")
         prompt = render_request(bundle, req)
         ids = prompt.ids
         if options.add_special_tokens:  # vLLM's option: the tokenizer's own BOS/EOS on the rendered text
@@ -162,6 +199,9 @@ async def tokenize(request: Request) -> HTTPResponse:
     body = _json_object(request)
     model = _parse(_Fields, {"model": body.get("model")}).model
     bundle = await _bundle(request, model)
+    counted = await tokenize_with_images(request, bundle, body)
+    if counted is not None:
+        return json(counted, dumps=orjson.dumps)
     return json(await off_the_loop(request, tokenize_body, bundle, body), dumps=orjson.dumps)
 
 
