@@ -186,6 +186,28 @@ def test_other_schemes_are_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://a..b/x.png",  # an empty label: the resolver's IDNA codec fails on it
+        "http://" + "a" * 70 + ".example/x.png",  # a label over 63 characters
+        "http://exa\x00mple.com/x.png",
+        "http://ex\tample.com/x.png",
+        "http://\u2028/x.png",
+        "https://\ud800.example/x.png",
+    ],
+)
+def test_urls_the_client_or_resolver_cannot_take_are_400s(url: str) -> None:
+    err = refused(url, REMOTE)
+    assert err.code == "image_url_refused" and err.message == "The image URL is not a valid URL."
+
+
+def test_a_redirect_to_an_invalid_url_is_a_400(web: ImageServer) -> None:
+    policy = MediaPolicy(allow_remote=True, allow_private=True)
+    web.redirect("/to-invalid", "http://a..b/x.png")
+    assert refused(web.url("/to-invalid"), policy).message == "The image URL is not a valid URL."
+
+
+@pytest.mark.parametrize(
     "url", ["file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "file://localhost/etc/hosts"]
 )
 def test_local_files_are_refused_without_a_media_root(url: str) -> None:

@@ -23,6 +23,7 @@ from sanic_serve.media.errors import BytesOverLimit, FetchFailed, SourceRefused
 from sanic_serve.media.policy import MAX_REDIRECTS, MediaPolicy
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_INVALID_URL = "The image URL is not a valid URL."
 _HEADERS = {
     "Accept": "image/png, image/jpeg, image/webp, image/gif",
     "Accept-Encoding": "identity",
@@ -37,9 +38,16 @@ def check_hop(url: str, policy: OutboundPolicy) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - a bad port raises here
     except ValueError:
-        raise SourceRefused("The image URL is not a valid URL.") from None
+        raise SourceRefused(_INVALID_URL) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SourceRefused("The image URL must be an http or https URL with a host.")
+    try:
+        # What the client and the resolver will refuse later, refused here as the client's fault:
+        # control characters, a host name that is not valid IDNA (an empty or over-long label).
+        httpx2.URL(url)
+        parts.hostname.encode("idna")
+    except (httpx2.InvalidURL, UnicodeError, ValueError):
+        raise SourceRefused(_INVALID_URL) from None
     if parts.username is not None or parts.password is not None:
         raise SourceRefused("The image URL must not carry a user name or password.")
     try:
@@ -91,6 +99,8 @@ async def fetch_image_bytes(
                     url = location
     except TimeoutError:
         raise FetchFailed(f"The image URL did not answer within {policy.fetch_timeout_s:g} s.") from None
+    except (httpx2.InvalidURL, UnicodeError):  # a URL check_hop let through, refused by the client
+        raise SourceRefused(_INVALID_URL) from None
     except httpx2.HTTPError as exc:
         refused = _refusal(exc)
         if refused is not None:
