@@ -205,8 +205,11 @@ class DecodeBatch:
         if self.joinable:
             lead = int(self.attention_mask.shape[1] - self.lengths.max())
             for layer in self.cache.layers:
-                layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
-                layer.values = layer.values.index_select(0, idx)[:, :, lead:]
+                # Padding columns cut before the copy, not after; a model placed across devices
+                # (--device-map) keeps each layer's KV on that layer's device.
+                at = idx.to(layer.keys.device)
+                layer.keys = layer.keys[:, :, lead:].index_select(0, at)
+                layer.values = layer.values[:, :, lead:].index_select(0, at)
             self.attention_mask = self.attention_mask[:, lead:]
         else:
             self.cache.batch_select_indices(idx)
