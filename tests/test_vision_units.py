@@ -6,6 +6,7 @@ error frames. Greedy tokens are compared with a lone ``generate()`` on the proce
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -255,3 +256,31 @@ def test_a_counted_prompt_is_expanded_and_nothing_runs(
     assert frames[-1].finish_reason is FinishReason.LENGTH and frames[-1].prompt_tokens == len(expected)
     assert not [f for f in frames if not f.prompt and f.token_ids]  # nothing generated
     assert h.engine.num_running == 0
+
+
+def test_an_aborted_requests_preparation_is_dropped_before_it_starts(
+    registry: ModelRegistry, runner: VisionRunner, qwen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepared: list[int] = []
+    inner = runner.model.prepare
+
+    def counting(*args: object) -> object:
+        prepared.append(1)
+        return inner(*args)
+
+    monkeypatch.setattr(runner.model, "prepare", counting)
+    gate = threading.Event()
+    runner._pool.submit(gate.wait, 60)  # the preparing thread is busy: new ones queue behind
+    h = host(registry)
+    kept, dropped = [Picture.noise(200, 200, 71)], [Picture.noise(200, 200, 72)]
+    h.add(0, qwen, request(runner, kept, "Kept."))
+    h.add(1, qwen, request(runner, dropped, "Dropped."))
+    runner.look_ahead(h.engine.scheduler.waiting())
+    futures = [p.prepared for p in h.engine.scheduler.waiting()]
+    assert h.engine.abort((0, 1))
+    runner.look_ahead(h.engine.scheduler.waiting())
+    gate.set()
+    assert futures[1].cancelled() and not futures[0].cancelled()
+    h.run()
+    assert prepared == [1]
+    assert h.tokens(0) == reference(runner, kept, "Kept.")

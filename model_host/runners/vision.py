@@ -71,9 +71,20 @@ class VisionRunner(CausalRunner):
 
     # -- while requests wait ---------------------------------------------------------------------
     def look_ahead(self, waiting: Iterable[Pending]) -> None:
+        held: set[Future[ImagePrompt]] = set()
         for pending in islice(waiting, LOOK_AHEAD):
-            if pending.model_path == self.path and pending.prepared is None:
+            if pending.model_path != self.path:
+                continue
+            if pending.prepared is None:
                 self._start(pending)
+            if isinstance(pending.prepared, Future):
+                held.add(pending.prepared)
+        # A preparation that no waiting request holds any more (its requests were aborted) is
+        # dropped if it has not started. Futures are only started inside this window (requests
+        # only move towards its head), so every one still wanted is in ``held``.
+        for future in list(self._preparing.values()):
+            if future not in held:
+                future.cancel()
 
     def _start(self, pending: Pending) -> None:
         payload = pending.request.payload
@@ -92,8 +103,10 @@ class VisionRunner(CausalRunner):
             return Sequence(pending.key, self.path, list(payload.prompt_token_ids), payload.sampling)
         if payload.prompt_text is None:
             return "a request with images must carry its prompt's text"
-        if pending.prepared is None:
-            self._start(pending)
+        if pending.prepared is None or (
+            isinstance(pending.prepared, Future) and pending.prepared.cancelled()
+        ):
+            self._start(pending)  # not started yet, or dropped while another request held it
         future = pending.prepared
         assert isinstance(future, Future)
         if not future.done() and self.num_running == 0:
