@@ -115,7 +115,8 @@ def test_routing_errors(server: ServerProcess) -> None:
 
 
 def test_oversized_body_is_413(server: ServerProcess) -> None:
-    resp = post(server, raw=b'{"x": "' + b"a" * (17 * 1024 * 1024) + b'"}')
+    # Over the generation routes' limit: room for one 20 MB image as a data URL (about 27.7 MB).
+    resp = post(server, raw=b'{"x": "' + b"a" * (29 * 1024 * 1024) + b'"}')
     assert resp.status_code == 413
     assert "error" in resp.json()
 
