@@ -166,6 +166,12 @@ def test_urls_to_local_addresses_are_refused() -> None:
             assert "private" in info.value.message and info.value.error["code"] == 403
 
 
+def test_urls_the_http_client_cannot_take_are_400s() -> None:
+    # Control characters or a host name that is not valid IDNA: the client's fault, named, not a 500.
+    for url in ("http://exa\x00mple.com/mcp", "http://a..b/mcp", "http://" + "a" * 70 + ".com/mcp"):
+        assert bad({"server_url": url}, MCPSettings()).param == "tools[0].server_url"
+
+
 # -- the config file -------------------------------------------------------------------------------
 def test_config_file(tmp_path: Path) -> None:
     path = tmp_path / "mcp.json"

@@ -71,6 +71,13 @@ def split_url(url: str) -> tuple[str, int]:
         raise PolicyRefused("The MCP server URL is not a valid URL.") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PolicyRefused("The MCP server URL must be an http or https URL with a host.")
+    try:
+        # What the HTTP client and the resolver would refuse later (control characters, a host
+        # name that is not valid IDNA), refused now as the client's fault rather than a failure.
+        httpx2.URL(url)
+        parts.hostname.encode("idna")
+    except (httpx2.InvalidURL, UnicodeError, ValueError) as exc:
+        raise PolicyRefused("The MCP server URL is not a valid URL.") from exc
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
