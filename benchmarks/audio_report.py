@@ -67,8 +67,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"for one clip ({ref['one_by_one']['encoder_share']:.0%} of the one-at-a-time run) and "
         f"{ref['batched']['encoder_pass_s']:.2f} s for {ref['batched']['batch']} "
         f"({ref['batched']['encoder_share']:.0%} of the batched run); the rest is the decoder's "
-        "prompt and steps. Every clip is padded to Whisper's 30 s window, so the encoder costs the "
-        "same for a 3 s clip as for a 30 s one, and audio s / wall s grows with clip length."
+        f"prompt and steps, about {ref['batched']['decoder_step_s'] * 1000:.0f} ms per step of the batch "
+        f"({ref['batched']['decoder_positions']} positions). Every clip is padded to Whisper's 30 s "
+        "window, so the encoder costs the same for a 3 s clip as for a 30 s one, and audio s / wall s "
+        "grows with clip length."
     )
     if "error" in peer:
         lines += ["", f"`transformers serve` could not be measured: {peer['error']}"]
@@ -105,7 +107,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {label} | {run['output_throughput']:.0f} | {run['ttft_ms']['p50']:.0f} | "
             f"{run['ttft_ms']['p99']:.0f} | {run['itl_ms']['p50']:.1f} | {run['itl_ms']['p99']:.1f} |"
         )
+    stage_s = ref["batched"]["encoder_pass_s"] / ref["batched"]["batch"] / ref["encoder_layers"]
     lines += [
+        "",
+        "Under the load, each step of the host's loop also carries the speech runner's share: on a CPU "
+        "one encoder stage (a layer of one window; a pass of one clip in the batch over "
+        f"{ref['encoder_layers']} layers is {stage_s * 1000:.0f} ms here) and one decoder step of the "
+        f"transcription rows (~{ref['batched']['decoder_step_s'] * 1000:.0f} ms for "
+        f"{ref['batched']['batch']} rows in `generate()`'s batch), and every chat token waits for its step.",
         "",
         "Machine, how to reproduce, caveats: the 2-core machine is shared with other jobs, so "
         "numbers move by tens of percent between runs (compare within one run). Reproduce with "
@@ -113,8 +122,9 @@ def markdown(results: dict[str, Any]) -> str:
         "a smoke check); it needs espeak-ng and the test extra (whisper-base's packages, "
         "`transformers[serving]`, python-multipart, soxr). `transformers serve` runs without "
         "continuous batching (its transcription route refuses that mode), so it transcribes one "
-        "request at a time whatever the concurrency; it ignores `language` (it detects the "
-        "language: one more decoder step) and computes features with the processor, without an "
+        "request at a time whatever the concurrency (the two servers run at once, idle in turn, "
+        "their runs interleaved: hfserve 1, peer 1, peer 8, hfserve 8); it ignores `language` (it "
+        "detects the language: one more decoder step) and computes features with the processor, without an "
         "attention mask; its transcripts are compared stripped of the leading space it keeps.",
         "",
     ]
