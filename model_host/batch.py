@@ -234,6 +234,9 @@ class DecodeBatch:
             [_pad_left(self.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)]
         )
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if isinstance(mine, GrowableLayer):  # straight into a buffer the next steps write into
+                mine.join(theirs.keys, theirs.values, width)
+                continue
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.lengths = torch.cat([self.lengths, other.lengths])

@@ -67,6 +67,26 @@ class GrowableLayer(DynamicLayer):
         self.values = self._values_buf[:, :, :end]
         return self.keys, self.values
 
+    def join(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Append the rows ``keys``/``values`` (another batch's, [B2, H, T2, D]) below this layer's
+        rows, both left-padded to ``width`` columns, straight into a new buffer with room: one copy
+        of each side, where concatenating and then re-buffering at the next step made two."""
+        mine_k, mine_v = self.keys, self.values
+        assert mine_k is not None and mine_v is not None
+        rows = mine_k.shape[0]
+        room = max(_MIN_ROOM_TOKENS, width // 8)
+        bufs = []
+        for mine, theirs in ((mine_k, keys), (mine_v, values)):
+            batch, heads, _, dim = mine.shape
+            buf = mine.new_empty((batch + theirs.shape[0], heads, width + room, dim))
+            for part, src in ((buf[:rows], mine), (buf[rows:], theirs)):
+                pad = width - src.shape[-2]
+                part[:, :, :pad].zero_()  # masked out, but never garbage (0 x NaN is NaN)
+                part[:, :, pad:width] = src
+            bufs.append(buf)
+        self._keys_buf, self._values_buf = bufs
+        self.keys, self.values = bufs[0][:, :, :width], bufs[1][:, :, :width]
+
     def reset(self) -> None:
         self._keys_buf = self._values_buf = None
         super().reset()
