@@ -1,0 +1,98 @@
+"""Paired A/B of the model host's engine between two checkouts, in process, in CPU time.
+
+    python benchmarks/engine_ab.py OLD_CHECKOUT NEW_CHECKOUT --model FOLDER [--pairs 4]
+        [--prompt-len 40] [--concurrency 32] [--requests 64] [--new-tokens 64]
+
+Each run drives the engine as the host does (``--requests`` greedy requests, ``--concurrency`` at a
+time, a finished one replaced at once, no HTTP) in a child process started in that checkout, on
+one torch thread, and reports the CPU time of the loop: on a shared machine CPU time moves far less
+than wall time, so a change of a few percent shows. Runs alternate (old first, then new first) and
+the verdict is the median of the per-pair ratios. The tokens of both checkouts must be identical.
+Make OLD_CHECKOUT with ``git worktree add /tmp/old <commit>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+_CHILD = r"""
+import hashlib, json, sys, time
+import torch
+from model_host.engine import Engine
+from model_host.ipc.messages import AddRequest, FinishReason, Generate, SamplingParams
+from model_host.ipc.settings import HostSettings
+from model_host.registry import ModelRegistry
+
+model, prompt_len, concurrency, requests, new_tokens = sys.argv[1], *map(int, sys.argv[2:6])
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+lengths = (prompt_len + torch.randint(-5, 6, (requests,), generator=gen)).tolist()
+prompts = [tuple(torch.randint(10, 1990, (n,), generator=gen).tolist()) for n in lengths]
+engine = Engine(ModelRegistry("cpu", "float32", False), HostSettings(device="cpu", prefix_cache_mb=0), 256)
+params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+added = finished = 0
+tokens = {}
+
+def add():
+    global added
+    engine.add(AddRequest(added, 0, 0, model, Generate(prompts[added], params)))
+    added += 1
+
+with torch.inference_mode():
+    engine.registry.get(model)
+    for _ in range(min(concurrency, requests)):
+        add()
+    started = time.process_time()
+    while finished < requests:
+        for out in engine.step():
+            tokens.setdefault(out.frame.request_id, []).extend(out.frame.token_ids)
+            if out.frame.finish_reason is not FinishReason.NONE:
+                finished += 1
+                if added < requests:
+                    add()
+    cpu_s = time.process_time() - started
+digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()
+print(json.dumps({"cpu_s": cpu_s, "tokens": digest}))
+"""
+
+
+def run(checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
+    cmd = [sys.executable, "-c", _CHILD, str(args.model)]
+    cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens)]
+    out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--model", type=Path, required=True, help="a causal LM folder")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    ratios = []
+    for i in range(args.pairs):
+        order = [("old", args.old), ("new", args.new)]
+        got = {label: run(path, args) for label, path in (order if i % 2 == 0 else order[::-1])}
+        if got["old"]["tokens"] != got["new"]["tokens"]:
+            sys.exit("the two checkouts generated different tokens")
+        ratios.append(float(got["old"]["cpu_s"]) / float(got["new"]["cpu_s"]))
+        print(
+            f"pair {i}: old {got['old']['cpu_s']:.2f} s, new {got['new']['cpu_s']:.2f} s, {ratios[-1]:.3f}x"
+        )
+    print(f"new / old speed, median of {len(ratios)} pairs: {statistics.median(ratios):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
