@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -67,18 +66,6 @@ def server_level(
     base_url: str, model: str, clips: list[bytes], audio_s: float, expected: list[str], concurrency: int
 ) -> dict[str, Any]:
     return asyncio.run(transcribe_all(base_url, model, clips, concurrency, audio_s, expected))
-
-
-def guarded(peer: dict[str, Any], key: str, run: Callable[[], dict[str, Any]]) -> None:
-    """``peer[key] = run()``, unless the peer failed before; its failure is a finding to report
-    (``peer["error"]``), not a crash of the whole run."""
-    if "error" in peer:
-        return
-    try:
-        peer[key] = run()
-    except Exception as exc:
-        peer.clear()
-        peer["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
 
 
 def _transcription_load(base_url: str, model: str, clips: list[bytes], stop: Any, out: Any) -> None:

@@ -37,10 +37,11 @@ def test_quick_run_writes_its_section_and_equal_transcripts(
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith(other) and HEADING in text
     results = json.loads((tmp_path / "audio_results.json").read_text())
-    assert "error" not in results["transformers_serve"], results["transformers_serve"]
-    for runs in (results["hfserve"], results["transformers_serve"]):
-        for level in ("c1", "c8"):
-            assert runs[level]["mismatches"] == [], runs[level]["mismatches"]
+    assert results["errors"] == {}
+    for level in ("c1", "c8"):
+        assert set(results[level]) == {"generate", "hfserve", "transformers serve"}
+        for run in results[level].values():
+            assert run["mismatches"] == [] and run["audio_s_per_s"] > 0, run
     mixed = results["mixed"]
     assert mixed["transcriptions_done_during_load"] > 0 and mixed["transcript_mismatches"] == []
     assert mixed["chat_reply_mismatches"] == []
