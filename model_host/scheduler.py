@@ -140,4 +140,5 @@ def _refusal(payload: Payload) -> str | None:
             return "there is no audio"
         if len(payload.features) != payload.n_windows * payload.n_mels * WHISPER_FRAMES * 4:
             return "the features do not have the shape (n_windows, n_mels, 3000) of float32"
+        return payload.window_starts_problem()
     return None

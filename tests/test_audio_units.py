@@ -19,7 +19,7 @@ import pytest
 
 from model_host.ipc.messages import TokenFrame, TokenLogprob, WindowResult
 from sanic_serve.audio.decode import SAMPLE_RATE_HZ, AudioError, AudioTooLong, decode_audio
-from sanic_serve.audio.features import FeatureConfig, log_mel_windows
+from sanic_serve.audio.features import FeatureConfig, log_mel_chunks, log_mel_windows, quiet_cuts
 from sanic_serve.audio.formats import (
     TextStream,
     WhisperVocab,
@@ -185,17 +185,70 @@ def test_features_equal_transformers_whisper_feature_extractor(n_mels: int) -> N
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 
-def test_long_audio_is_cut_into_30_s_windows_each_featurised_alone() -> None:
+def test_long_audio_is_cut_into_chunks_each_featurised_alone() -> None:
     from transformers import WhisperFeatureExtractor
 
     audio = _signal(65.0, SAMPLE_RATE_HZ)
-    ours = log_mel_windows(audio, FeatureConfig())
-    assert ours.shape == (3, 80, 3000)
+    audio[int(27.0 * SAMPLE_RATE_HZ) : int(27.5 * SAMPLE_RATE_HZ)] = 0.0  # a pause to cut in
+    chunks = log_mel_chunks(audio, FeatureConfig())
+    assert chunks.features.shape == (3, 80, 3000) and chunks.starts[0] == 0
+    assert abs(chunks.starts[1] - 27.25 * SAMPLE_RATE_HZ) <= 320  # the middle of the pause
+    assert chunks.start_frames(FeatureConfig())[1] == chunks.starts[1] // 160
     extractor = WhisperFeatureExtractor()
-    for i in range(3):
-        window = audio[i * 480_000 : (i + 1) * 480_000]
-        expected = extractor(window, sampling_rate=SAMPLE_RATE_HZ, return_tensors="np").input_features[0]
-        np.testing.assert_allclose(ours[i], expected, atol=1e-4)
+    ends = (*chunks.starts[1:], len(audio))
+    for i, (begin, end) in enumerate(zip(chunks.starts, ends, strict=True)):
+        chunk = audio[begin:end]
+        expected = extractor(chunk, sampling_rate=SAMPLE_RATE_HZ, return_tensors="np").input_features[0]
+        np.testing.assert_allclose(chunks.features[i], expected, atol=1e-4)
+
+
+def _cover(starts: Sequence[int], n_samples: int) -> list[tuple[int, int]]:
+    """The chunks ``starts`` make, checked to cover ``[0, n_samples)`` exactly, none over 30 s."""
+    spans = list(zip(starts, (*starts[1:], n_samples), strict=True))
+    assert starts[0] == 0 and all(0 < end - begin <= 30 * SAMPLE_RATE_HZ for begin, end in spans)
+    assert all(begin % 320 == 0 for begin in starts)  # whole 0.02 s timestamp steps
+    return spans
+
+
+def test_a_cut_goes_in_the_silence_gap() -> None:
+    rng = np.random.default_rng(1)
+    audio = (0.1 * rng.standard_normal(70 * SAMPLE_RATE_HZ)).astype(np.float32)
+    audio[26 * SAMPLE_RATE_HZ : int(26.4 * SAMPLE_RATE_HZ)] = 0.0
+    starts = quiet_cuts(audio, FeatureConfig())
+    spans = _cover(starts, len(audio))
+    assert abs(starts[1] - 26.2 * SAMPLE_RATE_HZ) <= 320  # the middle of the gap
+    assert len(spans) == 3
+    # Every sample lands in exactly one chunk, in order.
+    joined = np.concatenate([audio[begin:end] for begin, end in spans])
+    np.testing.assert_array_equal(joined, audio)
+
+
+def test_without_silence_the_cut_is_the_quietest_point_and_never_past_30_s() -> None:
+    rng = np.random.default_rng(2)
+    seconds = np.arange(95 * SAMPLE_RATE_HZ) / SAMPLE_RATE_HZ
+
+    # Loud noise everywhere, softer at 22.5 s and at 48 s, softest at 31 s: past the first chunk's
+    # 30 s, so the first cut takes the dip at 22.5 s, and the second chunk's the one at 48 s.
+    def dip(at_s: float, depth: float) -> np.ndarray:
+        return depth * np.exp(-(((seconds - at_s) / 0.3) ** 2))
+
+    level = 0.3 - dip(22.5, 0.15) - dip(31.0, 0.28) - dip(48.0, 0.15)
+    audio = (level * rng.standard_normal(len(seconds))).astype(np.float32)
+    starts = quiet_cuts(audio, FeatureConfig())
+    _cover(starts, len(audio))
+    assert abs(starts[1] / SAMPLE_RATE_HZ - 22.5) < 0.2
+    assert abs(starts[2] / SAMPLE_RATE_HZ - 48.0) < 0.2
+    # Steady noise: still cut, each chunk at most 30 s.
+    steady = (0.3 * rng.standard_normal(61 * SAMPLE_RATE_HZ + 17)).astype(np.float32)
+    assert len(_cover(quiet_cuts(steady, FeatureConfig()), len(steady))) == 3
+
+
+def test_a_clip_of_at_most_30_s_is_one_chunk() -> None:
+    for seconds in (0.5, 29.0, 30.0):
+        audio = _signal(seconds, SAMPLE_RATE_HZ)
+        assert quiet_cuts(audio, FeatureConfig()) == (0,)
+        assert log_mel_windows(audio, FeatureConfig()).shape == (1, 80, 3000)
+    assert len(quiet_cuts(np.zeros(30 * SAMPLE_RATE_HZ + 1, np.float32), FeatureConfig())) == 2
 
 
 def test_feature_config_reads_the_model_folder(tmp_path: Path) -> None:
@@ -231,7 +284,6 @@ def test_segments_follow_the_timestamp_pairs_across_windows() -> None:
         (1.5, 2.4, " How are you?"),
         (31.0, 33.0, " Hello"),
     ]
-    assert [s.seek for s in segments] == [0, 0, 3000]
     assert segments[0].tokens == (1000, 1001)  # text ids only: no times, no language token
 
 
@@ -439,7 +491,7 @@ def _request(fmt: str) -> AudioRequest:
 
 def test_host_frames_become_a_verbose_json_with_the_detected_language() -> None:
     bundle = cast(ModelBundle, SimpleNamespace(tokenizer=_FakeTokenizer(), id="m"))
-    out = _Output(bundle, route_vocab(bundle), _request("verbose_json"))
+    out = _Output(bundle, route_vocab(bundle), _request("verbose_json"), (0, 2850))  # window 1: 28.5 s
     tokens = [50261, *TOKENS[1:]]  # the host detected German
     out.take(_frame(tokens[:5], [-0.5] * 5))
     out.take(_frame(tokens[5:10], [-1.0] * 5, WindowResult(-0.4, 0.05, 0.0)))  # window 0 ends at 2.4 s
@@ -453,6 +505,7 @@ def test_host_frames_become_a_verbose_json_with_the_detected_language() -> None:
     assert [s["avg_logprob"] for s in body["segments"]] == [-0.4, -0.4, -0.9]
     assert [s["no_speech_prob"] for s in body["segments"]] == [0.05, 0.05, 0.3]
     assert [s["temperature"] for s in body["segments"]] == [0.0, 0.0, 0.2]
+    assert [s["seek"] for s in body["segments"]] == [0, 0, 2850]  # the window's start in 10 ms frames
     srt_out = _Output(bundle, route_vocab(bundle), _request("srt"))
     srt_out.take(_frame(tokens, [-0.1] * len(tokens)))
     cues = parse_srt((_render(srt_out, prepared).body or b"").decode())

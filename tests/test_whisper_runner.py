@@ -35,7 +35,6 @@ from tests.host_harness import Host
 ENGLISH = "The quick brown fox jumps over the lazy dog. Today the weather is sunny and warm."
 GERMAN = "Guten Morgen, wie geht es dir heute? Das Wetter ist schön."
 TIMESTAMP_BEGIN = 50364  # <|0.00|> of whisper-base
-WINDOW_TIMESTAMPS = 1500  # 30 s in 0.02 s steps
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -107,11 +106,20 @@ def _payload(
     language: str | None = "en",
     timestamps: bool = False,
     max_new_tokens: int = 120,
+    window_starts: tuple[int, ...] = (),
 ) -> Transcribe:
     raw = windows.numpy().astype("<f4", copy=False).tobytes()
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     return Transcribe(
-        raw, windows.shape[0], windows.shape[1], language, "transcribe", (), timestamps, sampling
+        raw,
+        windows.shape[0],
+        windows.shape[1],
+        language,
+        "transcribe",
+        (),
+        timestamps,
+        sampling,
+        window_starts=window_starts,
     )
 
 
@@ -130,6 +138,23 @@ def test_transcribe_round_trips_through_the_codec() -> None:
     assert decoded.payload == payload
     wire = msgspec.msgpack.decode(encode(AddRequest(7, 1, 0, "m", payload)))
     assert wire["payload"]["task"] == Task.TRANSCRIBE and wire["payload"]["mode"] == "translate"
+    chunked = msgspec.structs.replace(payload, n_windows=2, audio_frames=5000, window_starts=(0, 2610))
+    decoded = decode_message(encode(AddRequest(7, 1, 0, "m", chunked)))
+    assert isinstance(decoded, AddRequest) and decoded.payload == chunked
+    # Each window's place in the audio: its start, and its frames of audio up to the next start.
+    assert [chunked.window_start_s(i) for i in (0, 1)] == [0.0, 26.1]
+    assert [chunked.window_audio_frames(i) for i in (0, 1)] == [2610, 2390]
+    assert payload.window_start_s(1) == 30.0 and payload.window_audio_frames(0) == 3000  # fixed cuts
+
+
+def test_window_starts_that_cannot_cut_the_audio_are_refused() -> None:
+    sampling = SamplingParams(max_new_tokens=5, temperature=0.0)
+    two = Transcribe(b"", 2, 80, None, "transcribe", (), True, sampling, audio_frames=5000)
+    assert msgspec.structs.replace(two, window_starts=(0, 2610)).window_starts_problem() is None
+    for starts in ((0,), (10, 2610), (0, 3002), (0, 2611), (0, 0)):
+        assert msgspec.structs.replace(two, window_starts=starts).window_starts_problem(), starts
+    far = msgspec.structs.replace(two, window_starts=(0, 1000))  # the last window over 30 s
+    assert far.window_starts_problem()
 
 
 def test_whisper_configs_are_seq2seq(tmp_path: Path, model_path: str) -> None:
@@ -186,15 +211,16 @@ def test_batched_tokens_equal_generate_and_each_alone(
 def test_timestamps_equal_generate_and_continue_across_windows(
     registry: ModelRegistry, model_path: str, features: dict[str, torch.Tensor], reference: Any
 ) -> None:
-    """Two windows of the same clip: the second window's tokens are the first's, with every
-    timestamp 30 s later; each window's tokens equal generate() with timestamps."""
+    """Two windows of the same clip, the second a chunk starting at 24.6 s: its tokens are the
+    first's, with every timestamp 24.6 s later; each window's tokens equal generate() with
+    timestamps."""
     host = _host(registry)
     two_windows = torch.cat([features["en"], features["en"]])
-    assert host.add(1, model_path, _payload(two_windows, timestamps=True)) is None
+    assert host.add(1, model_path, _payload(two_windows, timestamps=True, window_starts=(0, 2460))) is None
     host.run()
     expected = reference("en", timestamps=True)
     assert expected[0] == TIMESTAMP_BEGIN and expected[-1] >= TIMESTAMP_BEGIN
-    shifted = [t + WINDOW_TIMESTAMPS if t >= TIMESTAMP_BEGIN else t for t in expected]
+    shifted = [t + 1230 if t >= TIMESTAMP_BEGIN else t for t in expected]  # 24.6 s in 0.02 s steps
     assert host.tokens(1) == [_language(model_path, "en"), *expected, *shifted]
     assert host.last(1).finish_reason is FinishReason.STOP
 

@@ -154,6 +154,7 @@ class HostClient:
         sampling: SamplingParams,
         word_timestamps: bool = False,
         audio_frames: int = 0,
+        window_starts: tuple[int, ...] = (),
     ) -> RequestStream:
         """Speech to text over log-mel ``features`` (see ``Transcribe`` for their layout and for
         what the frames carry)."""
@@ -168,6 +169,7 @@ class HostClient:
             sampling,
             word_timestamps,
             audio_frames,
+            window_starts,
         )
         return self.submit_task(model_path, payload)
 

@@ -131,8 +131,11 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     Input: ``features`` are the log-mel spectrogram the worker computed (Whisper's feature
     extractor: 16 kHz mono, 25 ms windows, 10 ms hop, padded to whole 30 s windows), as float32
     bytes in C order of shape ``(n_windows, n_mels, 3000)`` (3000 frames = 30 s). ``n_mels`` is the
-    model's ``num_mel_bins`` (80 for whisper-base; a mismatch is an ``INVALID_REQUEST``). Window
-    ``i`` covers seconds ``[30 i, 30 (i + 1))`` of the audio; the last is zero-padded audio.
+    model's ``num_mel_bins`` (80 for whisper-base; a mismatch is an ``INVALID_REQUEST``). Each
+    window holds one chunk of the audio (at most 30 s, featurised alone and zero-padded to 30 s);
+    ``window_starts`` are the chunks' starts in feature frames of the audio (10 ms; the first 0,
+    increasing by at most 3000, each even so a start is a whole number of 0.02 s timestamp steps).
+    Empty: window ``i`` covers seconds ``[30 i, 30 (i + 1))`` (fixed cuts).
 
     ``language``: an ISO-639-1 code (``"en"``, ``"de"``) the host forces as the language token;
     None: the host detects it from the first window. ``task``: ``"translate"`` makes the model
@@ -147,7 +150,7 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     (``<|en|>``, given or detected); the start-of-transcript, task and no-timestamps tokens are
     not sent, nor is end-of-text. With ``timestamps``, timestamp tokens (ids from
     ``<|0.00|>`` upward, 0.02 s apart) are sent as they come, and they are **continuous across
-    windows**: the host offsets window ``i``'s timestamps by 30 s × i before sending them, so a
+    windows**: the host offsets window ``i``'s timestamps by its start (``window_start_s``), so a
     token may stand for a time past ``<|30.00|>`` (id = ``<|0.00|>`` id + round(seconds / 0.02)); the
     worker must turn any id at or above ``<|0.00|>`` into a time itself, not through the
     tokenizer. Windows are decoded one after another and the tokens of window ``i + 1`` follow those
@@ -161,7 +164,8 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     thresholds, a window's tokens are held until it passed them and all come in its last frame.
     ``word_timestamps``: the ``WindowResult`` carries a time per token, from the alignment heads;
     ``audio_frames``: feature frames that hold audio (the rest is padding the alignment ignores;
-    0: every window is full).
+    0: every window is full); a window's own are up to the next window's start
+    (``window_audio_frames``).
     """
 
     features: bytes
@@ -175,6 +179,41 @@ class Transcribe(msgspec.Struct, frozen=True, tag=int(Task.TRANSCRIBE), tag_fiel
     sampling: SamplingParams
     word_timestamps: bool = False
     audio_frames: int = 0
+    window_starts: tuple[int, ...] = ()
+
+    def window_start_frames(self, window: int) -> int:
+        """Window ``window``'s start in feature frames of the whole audio."""
+        if self.window_starts:
+            return self.window_starts[window]
+        return window * WHISPER_FRAMES
+
+    def window_start_s(self, window: int) -> float:
+        return self.window_start_frames(window) * WHISPER_WINDOW_S / WHISPER_FRAMES
+
+    def window_audio_frames(self, window: int) -> int:
+        """Feature frames of window ``window`` that hold audio (the rest is its padding)."""
+        start = self.window_start_frames(window)
+        if window + 1 < self.n_windows:
+            end = self.window_start_frames(window + 1)
+        elif self.audio_frames > 0:
+            end = self.audio_frames
+        else:
+            end = start + WHISPER_FRAMES
+        return max(1, min(WHISPER_FRAMES, end - start))
+
+    def window_starts_problem(self) -> str | None:
+        """Why ``window_starts`` (with ``audio_frames``) cannot be this audio's layout, if so."""
+        starts = self.window_starts
+        if not starts:
+            return None
+        if len(starts) != self.n_windows or starts[0] != 0:
+            return "window_starts must hold one start per window, the first 0"
+        steps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        if any(not 0 < step <= WHISPER_FRAMES for step in steps) or any(s % 2 for s in starts):
+            return "window starts must be even and increase by 1 to 3000 frames"
+        if self.audio_frames > 0 and not 0 < self.audio_frames - starts[-1] <= WHISPER_FRAMES:
+            return "the last window must hold 1 to 3000 frames of audio"
+        return None
 
 
 Payload = Generate | Embed | Transcribe

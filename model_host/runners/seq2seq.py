@@ -8,7 +8,8 @@ advances every row by one token in one decoder pass: many transcriptions share f
 
 Windows of one request are decoded one after another: when a window's text ends (``<|endoftext|>``,
 its ``max_new_tokens`` or the decoder's context), the row leaves the batch and queues for the
-encoding of its next window. Timestamps of window ``i`` are sent shifted by 30 s × i, so a
+encoding of its next window. Each window holds a chunk of the audio the worker cut at a quiet point;
+its timestamps are sent shifted by the chunk's start (``Transcribe.window_starts``), so a
 transcript's times are continuous.
 
 A finished window is measured as Whisper does (``whisper_quality``): average logprob, no-speech
@@ -31,7 +32,6 @@ import torch
 
 from model_host.ipc.messages import (
     WHISPER_FRAMES,
-    WHISPER_WINDOW_S,
     ErrorKind,
     FinishReason,
     SamplingParams,
@@ -332,11 +332,10 @@ class Seq2SeqRunner(Runner):
         times: tuple[float, ...] = ()
         if row.payload.word_timestamps and not skipped:
             assert row.encoded is not None
-            frames = WHISPER_FRAMES
-            if row.payload.audio_frames > 0:
-                frames = min(WHISPER_FRAMES, row.payload.audio_frames - row.window * WHISPER_FRAMES)
+            # The alignment ignores the window's padding, as generate() on its chunk alone does.
+            frames = row.payload.window_audio_frames(row.window)
             in_window = self.model.token_times(row.encoded, row.prefix, row.history, ended, frames)
-            offset_s = row.window * WHISPER_WINDOW_S
+            offset_s = row.payload.window_start_s(row.window)
             times = tuple(round(offset_s + t, 3) for t in in_window)
         result = WindowResult(avg_logprob, row.no_speech_prob, row.temperature, skipped, times)
         row.hit_length = row.hit_length or (not ended and not skipped)
@@ -376,7 +375,7 @@ class Seq2SeqRunner(Runner):
         begin = self.model.rules.timestamp_begin
         if token < begin or row.window == 0:
             return token
-        return token + round(row.window * WHISPER_WINDOW_S / _TIMESTAMP_S)
+        return token + round(row.payload.window_start_s(row.window) / _TIMESTAMP_S)
 
     def _keep(self, indices: list[int]) -> None:
         self._rows = [self._rows[i] for i in indices]

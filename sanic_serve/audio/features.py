@@ -3,9 +3,14 @@
 ``transformers``' ``WhisperFeatureExtractor`` has a numpy path, but importing it imports torch,
 which the workers never do; this is the same computation (periodic Hann window, centred
 reflect-padded STFT, slaney mel filter bank, ``log10`` floored 8 below the maximum, scaled by
-``(x + 4) / 4``), read from the model folder's ``preprocessor_config.json``. The audio is cut into
-whole 30 s windows (the last zero-padded) and each window is featurised on its own, the layout the
-host's ``Transcribe`` payload takes: float32 of shape ``(n_windows, n_mels, 3000)``.
+``(x + 4) / 4``), read from the model folder's ``preprocessor_config.json``.
+
+Audio longer than one 30 s window is cut into chunks of at most 30 s at quiet points (``quiet_cuts``:
+the quietest short stretch in the last seconds before each chunk's 30 s limit), so a word spoken
+across a fixed 30 s mark is neither lost nor doubled. Each chunk is featurised on its own, zero-padded
+to a whole window as a short clip is (a chunk's features are those of that chunk alone), the layout
+the host's ``Transcribe`` payload takes: float32 of shape ``(n_windows, n_mels, 3000)``, with each
+window's start in feature frames (``window_starts``) so the host keeps timestamps continuous.
 """
 
 from __future__ import annotations
@@ -101,17 +106,88 @@ def log_mel_window(samples: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-def n_windows(n_samples: int, config: FeatureConfig) -> int:
-    return max(1, -(-n_samples // config.window_samples))
+# Cuts fall on 20 ms frame boundaries: a whole number of timestamp steps (0.02 s), so the host
+# shifts a chunk's timestamp tokens exactly, and a whole number of feature frames (10 ms) for ``seek``.
+CUT_FRAME_S = 0.02
+# Quietness is the mean energy over this stretch centred on the cut: long enough to span a short
+# pause between words, short enough to fit in one.
+QUIET_STRETCH_S = 0.16
+# Where a cut is searched: this far after the chunk's start up to the window's length.
+SEARCH_FROM_S = 20.0
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Audio cut for the encoder: ``features`` ``(n_windows, n_mels, window_frames)`` and each
+    window's first sample (``starts``, the first 0)."""
+
+    features: np.ndarray
+    starts: tuple[int, ...]
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.features.shape[0])
+
+    def start_frames(self, config: FeatureConfig) -> tuple[int, ...]:
+        """Each window's start in feature frames (every cut is a whole number of them)."""
+        return tuple(start // config.hop_length for start in self.starts)
+
+
+def quiet_cuts(samples: np.ndarray, config: FeatureConfig) -> tuple[int, ...]:
+    """Chunk starts (sample offsets, the first 0) cutting ``samples`` into chunks of at most one
+    window. While more than a window is left, the next cut goes in the quietest stretch (lowest mean
+    energy over ``QUIET_STRETCH_S``) between ``SEARCH_FROM_S`` and the window's length after the
+    chunk's start; among equally quiet places (digital silence), the middle of the longest run of
+    them. Audio of at most one window is one chunk."""
+    frame = max(1, round(CUT_FRAME_S * config.sampling_rate_hz))
+    window_frames = config.window_samples // frame
+    if len(samples) <= config.window_samples or window_frames < 1:
+        return (0,)
+    n_frames = -(-len(samples) // frame)
+    padded = np.zeros(n_frames * frame, np.float64)
+    padded[: len(samples)] = samples
+    energy = np.mean(padded.reshape(n_frames, frame) ** 2, axis=1)
+    half = max(1, round(QUIET_STRETCH_S / CUT_FRAME_S) // 2)
+    # quiet[b]: mean energy of frames [b - half, b + half), the stretch centred on the boundary
+    # before frame b (the audio's edges repeat their frame's energy).
+    summed = np.concatenate([[0.0], np.cumsum(np.pad(energy, half, mode="edge"))])
+    quiet = (summed[2 * half :] - summed[: -2 * half]) / (2 * half)
+    search_from = min(window_frames, max(1, round(SEARCH_FROM_S / CUT_FRAME_S)))
+    starts = [0]
+    start = 0
+    while len(samples) - start * frame > config.window_samples:
+        low, high = start + search_from, start + window_frames  # boundaries, both ends allowed
+        cut = low + _quietest(quiet[low : high + 1])
+        starts.append(cut * frame)
+        start = cut
+    return tuple(starts)
+
+
+def _quietest(quiet: np.ndarray) -> int:
+    """The index of the quietest value; among ties, the middle of the longest run of them (the
+    latest run if several are as long)."""
+    is_min = quiet <= quiet.min() * (1 + 1e-9) + 1e-20
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_min.astype(np.int8), [0]])))
+    runs = edges.reshape(-1, 2)  # [first, past-last) of each run of minima
+    lengths = runs[:, 1] - runs[:, 0]
+    best = runs[len(lengths) - 1 - int(np.argmax(lengths[::-1]))]
+    return int((best[0] + best[1] - 1) // 2)
+
+
+def log_mel_chunks(samples: np.ndarray, config: FeatureConfig) -> Chunks:
+    """Audio of any length cut at ``quiet_cuts``, each chunk featurised alone, zero-padded to a
+    whole window as a single short clip is."""
+    starts = quiet_cuts(samples, config)
+    ends = (*starts[1:], len(samples))
+    out = np.empty((len(starts), config.n_mels, config.window_frames), np.float32)
+    window = np.zeros(config.window_samples, np.float32)
+    for i, (begin, end) in enumerate(zip(starts, ends, strict=True)):
+        window[:] = 0.0
+        window[: end - begin] = samples[begin:end]
+        out[i] = log_mel_window(window, config)
+    return Chunks(out, starts)
 
 
 def log_mel_windows(samples: np.ndarray, config: FeatureConfig) -> np.ndarray:
-    """Audio of any length -> float32 ``(n_windows, n_mels, window_frames)``, window ``i`` covering
-    seconds ``[30 i, 30 (i + 1))``."""
-    count = n_windows(len(samples), config)
-    padded = np.zeros(count * config.window_samples, np.float32)
-    padded[: len(samples)] = samples
-    out = np.empty((count, config.n_mels, config.window_frames), np.float32)
-    for i in range(count):
-        out[i] = log_mel_window(padded[i * config.window_samples : (i + 1) * config.window_samples], config)
-    return out
+    """Features of ``log_mel_chunks`` alone: float32 ``(n_windows, n_mels, window_frames)``."""
+    return log_mel_chunks(samples, config).features

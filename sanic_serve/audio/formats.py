@@ -2,7 +2,9 @@
 
 The host sends the decoder's tokens as they come (see ``model_host.ipc.messages.Transcribe``): text
 tokens (ids below end-of-text), special tokens (ignored here) and timestamp tokens, whose ids from
-``<|0.00|>`` upward stand for multiples of 0.02 s, already continuous across 30 s windows. A pair
+``<|0.00|>`` upward stand for multiples of 0.02 s, already continuous across windows (each window
+is a chunk of the audio of at most 30 s, cut at a quiet point, and the host shifts its times by the
+chunk's start). A pair
 of timestamps brackets a segment's text; a segment left open at the end closes at the audio's end.
 
 One text rule serves every format and the stream alike: the transcript is the decoded text tokens
@@ -22,8 +24,6 @@ from sanic_serve.audio.languages import language_name
 from sanic_serve.audio.words import Word
 
 TIME_PRECISION_S = 0.02
-WINDOW_S = 30.0
-FRAMES_PER_WINDOW = 3000  # a segment's ``seek`` is its window's offset in mel frames, as OpenAI's
 # The encoder's output positions per 30 s window: the "audio tokens" a usage object counts.
 AUDIO_TOKENS_PER_WINDOW = 1500
 
@@ -58,10 +58,6 @@ class Segment:
     text: str
     tokens: tuple[int, ...]
     positions: tuple[int, ...] = ()  # where ``tokens`` stand in the whole token list
-
-    @property
-    def seek(self) -> int:
-        return int(self.start_s // WINDOW_S) * FRAMES_PER_WINDOW
 
 
 def transcript_text(token_ids: Sequence[int], vocab: WhisperVocab, decode: Decode) -> str:
@@ -158,12 +154,14 @@ def compression_ratio(text: str) -> float:
 
 @dataclass(frozen=True)
 class WindowStats:
-    """What the host measured of the 30 s window a segment came from (Whisper reports the window's
-    values on each of its segments)."""
+    """What the host measured of the window a segment came from (Whisper reports the window's
+    values on each of its segments), and the window's ``seek``: its start in mel frames of the audio
+    (10 ms), as OpenAI's."""
 
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
     temperature: float | None = None  # None: the request's
+    seek: int = 0
 
 
 def verbose_json(
@@ -187,7 +185,7 @@ def verbose_json(
         out_segments.append(
             {
                 "id": seg.id,
-                "seek": seg.seek,
+                "seek": stats.seek,
                 "start": seg.start_s,
                 "end": seg.end_s,
                 "text": seg.text,

@@ -21,7 +21,8 @@ DEFAULT_MAX_AUDIO_S = 3600.0
 # Fields of the spec this server does not implement (gpt-transcribe's and the diarizing model's),
 # and on translations the fields only transcriptions have: refused with a 400 naming the field
 # rather than silently ignored. Any other unknown field is accepted, as on the other routes.
-# ``chunking_strategy`` is an accepted no-op: long audio is always cut in 30 s windows here.
+# ``chunking_strategy`` is an accepted no-op: long audio is always cut at quiet points into chunks
+# of at most 30 s here.
 _TRANSCRIBE_ONLY = ("language", "include", "timestamp_granularities", "stream")
 _REFUSED: dict[Task, frozenset[str]] = {
     "transcribe": frozenset({"languages", "keywords", "known_speaker_names", "known_speaker_references"}),

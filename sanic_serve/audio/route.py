@@ -24,7 +24,7 @@ from model_host.ipc import FinishReason, HostClient, RequestStream, SamplingPara
 from model_host.ipc.messages import TokenFrame, WindowResult, request_ref
 from model_host.ipc.model_kind import ModelKind
 from sanic_serve.audio.decode import AudioError, decode_audio
-from sanic_serve.audio.features import FeatureConfig, log_mel_windows
+from sanic_serve.audio.features import FeatureConfig, log_mel_chunks
 from sanic_serve.audio.formats import (
     Segment,
     TextStream,
@@ -97,19 +97,21 @@ class _Prepared:
     n_mels: int
     duration_s: float
     audio_frames: int = 0  # feature frames that hold audio (the rest of the last window is padding)
+    window_starts: tuple[int, ...] = (0,)  # each window's chunk start in feature frames (10 ms)
 
 
 def _prepare(audio: bytes, model_path: str, max_audio_s: float) -> _Prepared:
-    """Decode and featurise (runs in a thread)."""
+    """Decode, cut at quiet points and featurise (runs in a thread)."""
     samples = decode_audio(audio, max_duration_s=max_audio_s)
     config = _feature_config(model_path)
-    features = log_mel_windows(samples, config)
+    chunks = log_mel_chunks(samples, config)
     return _Prepared(
-        features.tobytes(),
-        features.shape[0],
+        chunks.features.tobytes(),
+        chunks.n_windows,
         config.n_mels,
         len(samples) / config.sampling_rate_hz,
         -(-len(samples) // config.hop_length),  # as the feature extractor's attention mask counts
+        chunks.start_frames(config),
     )
 
 
@@ -163,8 +165,9 @@ async def _handle(request: Request, task: Task) -> HTTPResponse | None:
         sampling=sampling,
         word_timestamps=req.word_timestamps,
         audio_frames=prepared.audio_frames,
+        window_starts=prepared.window_starts,
     )
-    out = _Output(bundle, vocab, req)
+    out = _Output(bundle, vocab, req, prepared.window_starts)
     try:
         if req.stream:
             await _stream(request, client, stream, out, prepared, len(prompt_ids))
@@ -194,12 +197,19 @@ class _Output:
     """The tokens of one transcription as they arrive: the language token first, then the text and
     timestamp tokens (with their logprobs when asked)."""
 
-    def __init__(self, bundle: ModelBundle, vocab: WhisperVocab, req: AudioRequest) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        vocab: WhisperVocab,
+        req: AudioRequest,
+        window_starts: Sequence[int] = (0,),
+    ) -> None:
         self.bundle, self.vocab, self.req = bundle, vocab, req
+        self.window_starts = tuple(window_starts)  # each window's start in feature frames
         self.language = req.language or ""
         self.tokens: list[int] = []
         self.logprobs: list[float | None] = []  # None: the host sent none for that token
-        self.window_of: list[int] = []  # each token's 30 s window (its index in ``results``)
+        self.window_of: list[int] = []  # each token's window (its index in ``results``)
         self.times: list[float | None] = []  # each token's start time, with word timestamps
         self.results: list[WindowResult] = []
         self.started = False
@@ -255,10 +265,11 @@ class _Output:
         for seg in segments:
             window = self.window_of[seg.positions[0]] if seg.positions else -1
             result = self.results[window] if 0 <= window < len(self.results) else None
+            seek = self.window_starts[window] if 0 <= window < len(self.window_starts) else 0
             if result is None:
-                stats.append(WindowStats(temperature=temperature))
+                stats.append(WindowStats(temperature=temperature, seek=seek))
             else:
-                stats.append(WindowStats(result.avg_logprob, result.no_speech_prob, result.temperature))
+                stats.append(WindowStats(result.avg_logprob, result.no_speech_prob, result.temperature, seek))
         return stats
 
     def words(self, segments: Sequence[Segment]) -> list[Word]:
