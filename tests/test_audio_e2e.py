@@ -312,6 +312,91 @@ def test_a_75_s_clip_is_one_continuous_transcript(
     assert _words(body["text"]).count("fox") >= 8, body["text"]  # the sentence is heard throughout
 
 
+PAUSE_S = 0.4  # between the sentences of the long clip
+LONG_SENTENCES = (*SENTENCES, *SENTENCES[:3])  # about 36 s spoken
+
+
+@pytest.fixture(scope="module")
+def sentences_over_30_s(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, float]:
+    """``LONG_SENTENCES`` with short pauses, led by enough silence that one sentence's middle is at
+    30 s (a fixed 30 s cut would split it): the FLAC file, that sentence's index and the clip's length."""
+    import io
+
+    import soundfile as sf
+
+    folder = tmp_path_factory.mktemp("long")
+    spoken, rates_hz = [], set()
+    for i, sentence in enumerate(LONG_SENTENCES):
+        samples, rate_hz = sf.read(io.BytesIO(espeak(sentence, "en", folder / f"{i}.wav")), dtype="float32")
+        spoken.append(samples)
+        rates_hz.add(rate_hz)
+    assert len(rates_hz) == 1
+    pause = np.zeros(int(PAUSE_S * rate_hz), np.float32)
+    starts, t = [], 0
+    for samples in spoken:
+        starts.append(t)
+        t += len(samples) + len(pause)
+    middles_s = [(start + len(s) / 2) / rate_hz for start, s in zip(starts, spoken, strict=True)]
+    straddling = max(i for i, m in enumerate(middles_s) if m <= 30.0)
+    lead = np.zeros(int((30.0 - middles_s[straddling]) * rate_hz), np.float32)
+    clip = np.concatenate([lead, *(np.concatenate([s, pause]) for s in spoken)])
+    begin_s = (len(lead) + starts[straddling]) / rate_hz
+    assert begin_s < 29.5 and begin_s + len(spoken[straddling]) / rate_hz > 30.5
+    # FLAC: lossless (the pauses stay silent) and under the module's 1 MB upload limit.
+    return encode_soundfile(clip, rate_hz, "FLAC"), straddling, len(clip) / rate_hz
+
+
+def test_sentences_across_30_s_are_each_heard_once_with_continuous_times(
+    whisper_server: ServerProcess, model: Path, sentences_over_30_s: tuple[bytes, int, float]
+) -> None:
+    """Audio over 30 s is cut at a quiet point, not at 30 s: the sentence spoken across 30 s is
+    heard whole and once, every sentence is heard, and segment and word times run forward over
+    the whole clip."""
+    flac, straddling, length_s = sentences_over_30_s
+    reply = httpx.post(
+        f"{whisper_server.base_url}/v1/audio/transcriptions",
+        files={"file": ("long.flac", flac, "audio/flac")},
+        data={
+            "model": str(model),
+            "response_format": "verbose_json",
+            "language": "en",
+            "timestamp_granularities[]": ["word", "segment"],
+        },
+        timeout=600,
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    validate("CreateTranscriptionResponseVerboseJson", body)
+    assert body["duration"] == pytest.approx(length_s, abs=0.01)
+    spoken = " ".join(LONG_SENTENCES)
+    rate = word_error_rate(body["text"], spoken)
+    assert rate < 0.15, (rate, body["text"])
+    # The straddling sentence, aligned word by word against what was heard: at most one word of it
+    # misheard (whisper-base hears espeak-ng's "jumps" as "dumps"), none dropped or doubled (a word
+    # doubled at a cut is an insertion inside the sentence or at its edges).
+    ref, hyp = words(spoken), words(body["text"])
+    first = sum(len(words(x)) for x in LONG_SENTENCES[:straddling])
+    last = first + len(words(LONG_SENTENCES[straddling]))
+    wrong = 0
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False).get_opcodes():
+        if tag == "insert" and first <= i1 <= last:
+            wrong += j2 - j1
+        elif tag in ("replace", "delete"):
+            wrong += max(0, min(i2, last) - max(i1, first))
+    assert wrong <= 1, (LONG_SENTENCES[straddling], body["text"])
+    segments = body["segments"]
+    assert all(a["start"] <= a["end"] <= b["start"] for a, b in zip(segments, segments[1:], strict=False))
+    assert segments[0]["start"] < 5.0 and segments[-1]["end"] > length_s - 5.0
+    assert any(s["seek"] > 0 for s in segments) and sorted(s["seek"] for s in segments) == [
+        s["seek"] for s in segments
+    ]
+    # The second window starts at its chunk's start (a quiet point before 30 s), not at 3000 frames.
+    assert all(s["seek"] < 3000 for s in segments), [s["seek"] for s in segments]
+    times = [(w["start"], w["end"]) for w in body["words"]]
+    assert all(a[0] <= a[1] <= b[0] + 1e-9 for a, b in zip(times, times[1:], strict=False))
+    assert times[-1][1] > length_s - 5.0
+
+
 # -- word timestamps, logprobs, acceptance 1 (fast variant; the 10 sentences are in test_audio_acceptance)
 @pytest.fixture(scope="module")
 def reference(model: Path) -> Reference:
