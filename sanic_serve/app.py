@@ -33,6 +33,7 @@ from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.lifecycle import HOST_PROCESS_NAME, install_lifecycle, start_main, stop_main
 from sanic_serve.messages import route as messages
+from sanic_serve.messages.errors import anthropic_body, is_messages_path
 from sanic_serve.models import ModelResolver
 from sanic_serve.responses import background as background_responses
 from sanic_serve.responses import route as responses
@@ -171,6 +172,10 @@ def create_app(config: ServerConfig, run_host: HostEntry | None = None) -> Sanic
             return _internal_error(request, exc, status)
         if status == 408:  # the headers did not arrive in time (Sanic's REQUEST_TIMEOUT)
             return error_response(RequestTimedOut(config.request_timeout_s))
+        if is_messages_path(request.path):
+            # A refusal made before routing (a body over the limit, judged on its Content-Length)
+            # never reaches the Messages blueprint's handler: it is answered in Anthropic's shape here.
+            return json(anthropic_body(str(exc), status), status=status)
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
         return json(error_body(str(exc), "invalid_request_error", None, code), status=status)
 
