@@ -468,10 +468,11 @@ def test_logprobs_in_json_and_in_the_stream(client: OpenAI, model: Path, speech:
 def test_sentences_equal_generate_and_french_is_detected(
     client: OpenAI, model: Path, reference: Reference, tmp_path: Path
 ) -> None:
-    """Acceptance 1, fast: three sentences equal generate() greedy with a word error rate under
-    0.30; French without a language is detected and answered in French."""
+    """Acceptance 1, fast: a sentence equals generate() greedy with a word error rate under 0.30;
+    French without a language is detected and answered in French. (Ten sentences: the slow
+    acceptance module.)"""
     rates = []
-    for i, sentence in enumerate(SENTENCES[:3]):
+    for i, sentence in enumerate(SENTENCES[:1]):
         wav = espeak(sentence, "en", tmp_path / f"{i}.wav")
         heard = client.audio.transcriptions.create(model=str(model), file=("s.wav", wav), language="en").text
         assert heard == reference.text(wav, language="en")
