@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,9 @@ class Repl:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
+        # Ctrl-C stops a reply: a process started with SIGINT ignored (Python keeps an inherited
+        # SIG_IGN) would never see it, so the default handler is put back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.console.print(
             f"hfserve chat: {escape(self.session.base_url)}, model "
             f"{escape(self.session.resolve_model())}. !help for commands."
