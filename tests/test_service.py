@@ -343,9 +343,18 @@ def test_sigterm_waits_for_a_background_response(cache_dir: Path, demo_model: Pa
         assert queued.status_code == 200, queued.text
         response_id = queued.json()["id"]
         srv.wait_for(lambda s: s["running"] >= 1, 60)  # generating, with no request open
-        srv.proc.send_signal(signal.SIGTERM)
+        # Freeze the host so the run cannot finish before the stop begins (400 tokens of the demo
+        # model take well under a second on a quiet machine); it thaws once the drain has counted it.
+        (host,) = srv.titled("hfserve: model-host")
+        os.kill(host.pid, signal.SIGSTOP)
+        try:
+            retrieved = httpx.get(f"{srv.base_url}/v1/responses/{response_id}", timeout=30)
+            assert retrieved.json()["status"] == "in_progress", retrieved.text
+            srv.proc.send_signal(signal.SIGTERM)
+            _wait(lambda: "draining 1 request(s)" in srv.log_text(), 30, "the drain to count the run")
+        finally:
+            os.kill(host.pid, signal.SIGCONT)
         assert srv.proc.wait(180) == 0  # a busy machine may take a while for 400 tokens
-        assert "draining 1 request(s)" in srv.log_text()
     store = ResponseStore(db, max_bytes=64 * 1024 * 1024)
     try:
         stored = store.get(response_id)
