@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 
+from benchmarks.sse_client import stream_chat
 from cli.bench import RequestResult, percentiles, summarize
 
 DEMO = "hfserve-demo"
@@ -101,33 +101,8 @@ async def _chat(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    started = time.perf_counter()
-    stamps: list[float] = []
-    parts: list[str] = []
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            return RequestResult(False, error=f"HTTP {resp.status_code}"), ""
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = orjson.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                if content := (choice.get("delta") or {}).get("content"):
-                    stamps.append(time.perf_counter())
-                    parts.append(content)
-    end = time.perf_counter()
-    result = RequestResult(
-        ok=bool(usage),
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        output_tokens=int(usage.get("completion_tokens", 0)),
-        ttft_s=(stamps[0] if stamps else end) - started,
-        e2e_s=end - started,
-        itl_s=[b - a for a, b in zip(stamps, stamps[1:], strict=False)],
-        error="" if usage else "no usage",
-    )
-    return result, "".join(parts)
+    stream = await stream_chat(client, url, body)
+    return stream.request_result(), stream.text
 
 
 def chat_rounds(base_url: str, rounds: int, tokens: int) -> dict[str, Any]:

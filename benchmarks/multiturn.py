@@ -11,36 +11,21 @@ import time
 from typing import Any
 
 import httpx
-import orjson
+
+from benchmarks.sse_client import stream_chat
 
 
 async def _turn(
     client: httpx.AsyncClient, url: str, body: dict[str, Any]
 ) -> tuple[float | None, str, str | None, dict[str, Any]]:
     """One streamed reply: (seconds to its first content, its text, an error or None, its usage)."""
-    started = time.perf_counter()
-    first: float | None = None
-    parts: list[str] = []
-    usage: dict[str, Any] = {}
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                return None, "", f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}", usage
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = orjson.loads(line[6:])
-                if "error" in chunk:
-                    return None, "", str(chunk["error"]), usage
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        first = first if first is not None else time.perf_counter() - started
-                        parts.append(text)
+        stream = await stream_chat(client, url, body)
     except httpx.HTTPError as exc:
-        return None, "", f"{type(exc).__name__}: {exc}", usage
-    return (first if first is not None else time.perf_counter() - started), "".join(parts), None, usage
+        return None, "", f"{type(exc).__name__}: {exc}", {}
+    if stream.error is not None:
+        return None, "", stream.error, stream.usage
+    return stream.ttft_s, stream.text, None, stream.usage
 
 
 async def _conversations(

@@ -31,12 +31,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_benchmarks import free_port, start_server, stop_server  # noqa: E402
+from benchmarks.sse_client import stream_chat  # noqa: E402
 from cli.bench import RequestResult, summarize  # noqa: E402
 
 HEADING = "# Images: a vision-language model at c=8"
@@ -125,29 +125,7 @@ async def one(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    started = time.perf_counter()
-    stamps: list[float] = []
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            return RequestResult(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = orjson.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
-                stamps.append(time.perf_counter())
-    end = time.perf_counter()
-    return RequestResult(
-        ok=bool(usage),
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        output_tokens=int(usage.get("completion_tokens", 0)),
-        ttft_s=(stamps[0] if stamps else end) - started,
-        e2e_s=end - started,
-        itl_s=[b - a for a, b in zip(stamps, stamps[1:], strict=False)],
-        error="" if usage else "no usage",
-    )
+    return (await stream_chat(client, url, body)).request_result()
 
 
 async def through_server(base_url: str, model: str, images: list[bytes], output_len: int) -> dict[str, Any]:
