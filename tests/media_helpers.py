@@ -1,7 +1,8 @@
 """Images and a loopback HTTP server for the media tests: real files of each format (made with
 Pillow), crafted bad ones (a pixel bomb, a cut PNG), and ``ImageServer``, which serves images,
 redirects, endless and slow bodies, and counts every request per path, so a test can say that no
-request reached it."""
+request reached it; ``web_fixture`` gives a test module one of those as its ``web`` fixture, and
+``ask_about_images`` asks ``/v1/responses`` about images."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 from PIL import Image
+
+from tests.server import ServerProcess
+
+PROMPT = "What is in the picture?"
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 12), color: str = "red") -> bytes:
@@ -66,6 +75,21 @@ def truncated_png() -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def input_image(url: str) -> dict[str, Any]:
+    """A Responses ``input_image`` content part."""
+    return {"type": "input_image", "image_url": url}
+
+
+def ask_about_images(
+    server: ServerProcess, model: str | Path, *parts: dict[str, Any], timeout_s: float, **options: Any
+) -> httpx.Response:
+    """``/v1/responses`` with one user turn: ``PROMPT`` and then ``parts``; ``options`` (such as
+    ``max_output_tokens``) join the body."""
+    content = [{"type": "input_text", "text": PROMPT}, *parts]
+    body = {"model": str(model), "input": [{"role": "user", "content": content}], **options}
+    return httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=timeout_s)
 
 
 Route = Callable[[BaseHTTPRequestHandler], None]
@@ -173,3 +197,11 @@ class ImageServer:
 
         self.routes[path] = route
         return self.url(path)
+
+
+@pytest.fixture(scope="module", name="web")
+def web_fixture() -> Iterator[ImageServer]:
+    """The ``web`` fixture of each test module that imports this: one ``ImageServer`` per module."""
+    server = ImageServer()
+    yield server
+    server.close()

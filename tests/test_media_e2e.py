@@ -14,13 +14,24 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.media_helpers import ImageServer, bomb_png, data_url, image_bytes, noise_png, truncated_png
+from tests.media_helpers import (
+    ImageServer,
+    ask_about_images,
+    bomb_png,
+    data_url,
+    image_bytes,
+    input_image,
+    noise_png,
+    truncated_png,
+    web_fixture,  # noqa: F401 - the module's ``web`` fixture
+)
 from tests.server import ServerProcess
 
 MAX_IMAGE_MB = 0.05  # 52 KB: an oversized image is cheap to send
@@ -41,23 +52,13 @@ def vision_folder(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def web() -> Iterator[ImageServer]:
-    server = ImageServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def media_server(cache_dir: Path, demo_model: Path) -> Iterator[ServerProcess]:
     args = ("--allow-remote-media", "--max-image-mb", str(MAX_IMAGE_MB), "--media-timeout-s", "5")
     with ServerProcess.start(cache_dir, workers=1, args=args) as srv:
         yield srv
 
 
-def respond(server: ServerProcess, model: str, *parts: dict[str, Any]) -> httpx.Response:
-    content = [{"type": "input_text", "text": "What is in the picture?"}, *parts]
-    body = {"model": model, "input": [{"role": "user", "content": content}], "max_output_tokens": 4}
-    return httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=TIMEOUT_S)
+respond = partial(ask_about_images, timeout_s=TIMEOUT_S, max_output_tokens=4)
 
 
 def refused(reply: httpx.Response, param: str, status: int = 400) -> dict[str, Any]:
@@ -66,10 +67,6 @@ def refused(reply: httpx.Response, param: str, status: int = 400) -> dict[str, A
     assert error["param"] == param, error
     assert error["message"] and "Traceback" not in error["message"] and "Errno" not in error["message"]
     return dict(error)
-
-
-def image(url: str) -> dict[str, Any]:
-    return {"type": "input_image", "image_url": url}
 
 
 def still_serving(server: ServerProcess) -> None:
@@ -89,7 +86,8 @@ def test_models_say_what_they_read(media_server: ServerProcess) -> None:
 def test_a_text_model_refuses_images_naming_the_part(media_server: ServerProcess, web: ImageServer) -> None:
     url = web.image("/text-model.png", image_bytes("PNG"))
     error = refused(
-        respond(media_server, "hfserve-demo", image(data_url(image_bytes("PNG")))), "input[0].content[1]"
+        respond(media_server, "hfserve-demo", input_image(data_url(image_bytes("PNG")))),
+        "input[0].content[1]",
     )
     assert "takes no images" in error["message"] and error["code"] == "unsupported_content_type"
     body = {
@@ -118,12 +116,13 @@ def test_urls_to_loopback_are_refused_without_a_request(
     model = str(vision_folder)
     for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "127.0.0.2"):
         error = refused(
-            respond(media_server, model, image(web.url("/cat.png", host))), "input[0].content[1].image_url"
+            respond(media_server, model, input_image(web.url("/cat.png", host))),
+            "input[0].content[1].image_url",
         )
         assert error["code"] == "image_url_refused" and "--allow-private-media" in error["message"], host
     # the redirect route is never even asked for: its first hop is loopback too
     web.redirect("/hop", web.url("/cat.png"))
-    refused(respond(media_server, model, image(web.url("/hop"))), "input[0].content[1].image_url")
+    refused(respond(media_server, model, input_image(web.url("/hop"))), "input[0].content[1].image_url")
     assert web.hits["/cat.png"] == 0 and web.hits["/hop"] == 0
     still_serving(media_server)
 
@@ -143,7 +142,7 @@ def test_urls_to_loopback_are_refused_without_a_request(
 def test_bad_images_are_refused_naming_the_part(
     media_server: ServerProcess, vision_folder: Path, url: str, status: int, code: str
 ) -> None:
-    parts = [image(data_url(image_bytes("PNG"))), image(url)]  # the second one is at fault
+    parts = [input_image(data_url(image_bytes("PNG"))), input_image(url)]  # the second one is at fault
     error = refused(
         respond(media_server, str(vision_folder), *parts), "input[0].content[2].image_url", status
     )

@@ -14,24 +14,25 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.media_helpers import ImageServer, data_url, image_bytes
+from tests.media_helpers import (
+    PROMPT,
+    ImageServer,
+    ask_about_images,
+    data_url,
+    image_bytes,
+    input_image,
+    web_fixture,  # noqa: F401 - the module's ``web`` fixture
+)
+from tests.responses_helpers import output_text
 from tests.server import ServerProcess
 from tests.vision_models import build_vision_model
 
 TIMEOUT_S = 120
-PROMPT = "What is in the picture?"
 
 
 @pytest.fixture(scope="module")
 def model(cache_dir: Path) -> Path:
     return build_vision_model(cache_dir, "qwen2-vl")
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[ImageServer]:
-    server = ImageServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +63,8 @@ def chat(server: ServerProcess, model: Path, url: str) -> str:
 
 
 def respond(server: ServerProcess, model: Path, url: str) -> httpx.Response:
-    content = [{"type": "input_text", "text": PROMPT}, {"type": "input_image", "image_url": url}]
-    body = {
-        "model": str(model),
-        "input": [{"role": "user", "content": content}],
-        "max_output_tokens": 8,
-        "temperature": 0,
-    }
-    return httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=TIMEOUT_S)
-
-
-def output_text(response: dict[str, Any]) -> str:
-    return "".join(
-        part["text"]
-        for item in response["output"]
-        if item["type"] == "message"
-        for part in item["content"]
-        if part["type"] == "output_text"
-    )
+    options = {"max_output_tokens": 8, "temperature": 0}
+    return ask_about_images(server, model, input_image(url), timeout_s=TIMEOUT_S, **options)
 
 
 def message(server: ServerProcess, model: Path, source: dict[str, Any]) -> str:

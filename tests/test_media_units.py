@@ -11,7 +11,6 @@ import hashlib
 import ipaddress
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.media_helpers import (
     image_bytes,
     noise_png,
     truncated_png,
+    web_fixture,  # noqa: F401 - the module's ``web`` fixture
 )
 
 PARAM = "messages[1].content[0].image_url"
@@ -52,13 +52,6 @@ def refused(
     assert body["type"] == "invalid_request_error" and body["message"]
     assert "Traceback" not in body["message"] and "Errno" not in body["message"]
     return err
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[ImageServer]:
-    server = ImageServer()
-    yield server
-    server.close()
 
 
 class StandIn(httpcore2.AsyncNetworkBackend):
