@@ -2,6 +2,7 @@
 
     python benchmarks/engine_ab.py OLD_CHECKOUT NEW_CHECKOUT --model FOLDER [--pairs 4]
         [--prompt-len 40] [--concurrency 32] [--requests 64] [--new-tokens 64]
+        [--workload steady|multiturn]
 
 Each run drives the engine as the host does (``--requests`` greedy requests, ``--concurrency`` at a
 time, a finished one replaced at once, no HTTP) in a child process started in that checkout, on
@@ -9,6 +10,11 @@ one torch thread, and reports the CPU time of the loop: on a shared machine CPU 
 than wall time, so a change of a few percent shows. Runs alternate (old first, then new first) and
 the verdict is the median of the per-pair ratios. The tokens of both checkouts must be identical.
 Make OLD_CHECKOUT with ``git worktree add /tmp/old <commit>``.
+
+``--workload multiturn`` measures scheduling instead: 8 conversations of 6 turns that share a
+1,000-token system prompt (the multi-turn benchmark's shape, prefix cache on), each next turn added
+the moment the last one ends. Besides the loop's CPU time it reports the time to first token (CPU
+seconds of the loop from a request's arrival to its first token) of turn 1 and of turns 2-6.
 """
 
 from __future__ import annotations
@@ -61,7 +67,67 @@ print(json.dumps({"cpu_s": cpu_s, "tokens": digest}))
 """
 
 
+_MULTITURN_CHILD = r"""
+import hashlib, json, statistics, sys, time
+import torch
+from model_host.engine import Engine
+from model_host.ipc.messages import AddRequest, FinishReason, Generate, SamplingParams
+from model_host.ipc.settings import HostSettings
+from model_host.prefix_cache import PrefixCache
+from model_host.registry import ModelRegistry
+
+model, conversations, turns, new_tokens = sys.argv[1], *map(int, sys.argv[2:5])
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+system = torch.randint(10, 1990, (1000,), generator=gen).tolist()
+users = [
+    [torch.randint(10, 1990, (20,), generator=gen).tolist() for _ in range(turns)]
+    for _ in range(conversations)
+]
+registry = ModelRegistry("cpu", "float32", False, PrefixCache(512 * 1024 * 1024))
+engine = Engine(registry, HostSettings(device="cpu"), 256)
+params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+history = {c: list(system) for c in range(conversations)}
+turn_of, arrived, first, tokens = {}, {}, {}, {}
+
+def add(c, t):
+    rid = c * turns + t
+    history[c] += users[c][t]
+    turn_of[rid], arrived[rid] = t, time.process_time()
+    engine.add(AddRequest(rid, 0, 0, model, Generate(tuple(history[c]), params)))
+
+with torch.inference_mode():
+    engine.registry.get(model)
+    started = time.process_time()
+    for c in range(conversations):
+        add(c, 0)
+    while len(first) < conversations * turns or engine.has_work():
+        for out in engine.step():
+            rid = out.frame.request_id
+            if out.frame.token_ids and rid not in first:
+                first[rid] = time.process_time()
+            tokens.setdefault(rid, []).extend(out.frame.token_ids)
+            if out.frame.finish_reason is not FinishReason.NONE:
+                c, t = divmod(rid, turns)
+                history[c] += tokens[rid]
+                if t + 1 < turns:
+                    add(c, t + 1)
+    cpu_s = time.process_time() - started
+ttft = {rid: first[rid] - arrived[rid] for rid in first}
+digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()
+print(json.dumps({
+    "cpu_s": cpu_s, "tokens": digest,
+    "ttft_turn1_p50_s": statistics.median(v for r, v in ttft.items() if turn_of[r] == 0),
+    "ttft_later_p50_s": statistics.median(v for r, v in ttft.items() if turn_of[r] > 0),
+}))
+"""
+
+
 def run(checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
+    if args.workload == "multiturn":
+        cmd = [sys.executable, "-c", _MULTITURN_CHILD, str(args.model), "8", "6", "32"]
+        out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
     cmd = [sys.executable, "-c", _CHILD, str(args.model)]
     cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens)]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
@@ -80,6 +146,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--workload", choices=("steady", "multiturn"), default="steady")
     args = parser.parse_args()
     ratios = []
     for i in range(args.pairs):
@@ -91,6 +158,10 @@ def main() -> None:
         print(
             f"pair {i}: old {got['old']['cpu_s']:.2f} s, new {got['new']['cpu_s']:.2f} s, {ratios[-1]:.3f}x"
         )
+        for label in ("old", "new"):
+            ttfts = {k: v for k, v in got[label].items() if k.startswith("ttft")}
+            if ttfts:
+                print(f"  {label}: " + ", ".join(f"{k} {float(v):.3f}" for k, v in ttfts.items()))
     print(f"new / old speed, median of {len(ratios)} pairs: {statistics.median(ratios):.3f}x")
 
 

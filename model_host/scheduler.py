@@ -50,6 +50,19 @@ class Scheduler:
     def pop(self) -> Pending:
         return self._waiting.popleft()
 
+    def window(self, model_path: str, limit: int) -> list[Pending]:
+        found: list[Pending] = []
+        for pending in self._waiting:
+            if pending.model_path != model_path or len(found) >= limit:
+                break
+            found.append(pending)
+        return found
+
+    def remove(self, pending: Pending) -> None:
+        # By identity: a dataclass compares field by field, payloads (images, audio) included.
+        at = next(i for i, p in enumerate(self._waiting) if p is pending)
+        del self._waiting[at]
+
     def account(self, prompt_tokens: int, cached_tokens: int) -> None:
         self.prompt_tokens_total += prompt_tokens
         self.cached_tokens_total += cached_tokens
@@ -80,7 +93,7 @@ class Scheduler:
     def abort(self, key: RequestKey) -> bool:
         for pending in self._waiting:
             if pending.key == key:
-                self._waiting.remove(pending)
+                self.remove(pending)
                 return True
         return False
 

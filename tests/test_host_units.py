@@ -23,7 +23,7 @@ from model_host.ipc.messages import Embed, ErrorKind, FinishReason, Generate, Pa
 from model_host.ipc.settings import HostSettings
 from model_host.prefix_cache import PrefixCache
 from model_host.registry import ModelRegistry
-from model_host.runners.causal import CausalRunner
+from model_host.runners.causal import MAX_PASSED_OVER, CausalRunner
 from model_host.runners.embedding import EmbeddingRunner
 from model_host.scheduler import LOAD_FAILED
 from tests.host_harness import CLS, DEMO_STOP, MINILM, SEP, Host, encoded, generate, prompt, sentence, vectors
@@ -101,13 +101,61 @@ def test_requests_start_in_arrival_order(make_host: HostFactory, demo: str) -> N
     assert all(host.last(rid).finish_reason is FinishReason.LENGTH for rid in range(5))
 
 
-def test_a_long_prompt_at_the_head_is_not_overtaken(make_host: HostFactory, demo: str) -> None:
+def test_a_short_prompt_starts_beside_a_chunked_long_one(
+    make_host: HostFactory, demo: str, reference: Callable[..., list[int]]
+) -> None:
     host = make_host(budget_tokens=8)
-    host.add(0, demo, generate(prompt(20, 0), 3, stop=()))  # three chunks of 8
-    host.add(1, demo, generate(prompt(3, 1), 3, stop=()))  # fits at once, but arrived later
+    long_prompt, short_prompt = prompt(20, 0), prompt(3, 1)
+    host.add(0, demo, generate(long_prompt, 3, stop=()))  # chunked: 5, 8 and 7 tokens
+    host.add(1, demo, generate(short_prompt, 3, stop=()))  # arrived later, takes 3 of step 1's budget
     host.run()
+    assert host.steps_of(1)[0] == 1
+    # The long prompt kept the rest of each step: it starts no later than it did alone (3 steps).
     assert host.steps_of(0)[0] == 3
-    assert host.steps_of(1)[0] > host.steps_of(0)[0]
+    assert host.tokens(0) == reference(long_prompt, 3, False)
+    assert host.tokens(1) == reference(short_prompt, 3, False)
+
+
+def test_a_chunked_prompt_keeps_half_of_every_step(make_host: HostFactory, demo: str) -> None:
+    host = make_host(budget_tokens=8, max_batch_size=16)
+    host.add(0, demo, generate(prompt(24, 0), 2, stop=()))
+    for rid in range(1, 9):  # a crowd of short prompts behind it
+        host.add(rid, demo, generate(prompt(2, rid), 2, stop=()))
+    host.run()
+    # The shorts share half of each step (4 tokens: two of them a step); the long prompt gets the
+    # other half at least, so its 24 tokens take 6 steps, however many shorts wait.
+    assert [host.steps_of(rid)[0] for rid in range(1, 9)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert host.steps_of(0)[0] <= 6
+
+
+def test_a_request_is_passed_over_a_bounded_number_of_times(make_host: HostFactory, demo: str) -> None:
+    host = make_host(budget_tokens=8, max_batch_size=32)
+    host.add(0, demo, generate(prompt(40, 0), 1, stop=()))  # chunked over many steps
+    host.add(1, demo, generate(prompt(6, 1), 1, stop=()))  # fits a step, but not the half left to it
+    for rid in range(2, 20):
+        host.add(rid, demo, generate(prompt(1, rid), 1, stop=()))
+    host.run()
+    first = {rid: host.steps_of(rid)[0] for rid in range(20)}
+    # Younger one-token prompts went past request 1 for MAX_PASSED_OVER steps, then waited for it.
+    assert sorted(r for r in range(2, 20) if first[r] < first[1]) == list(range(2, 2 + 4 * MAX_PASSED_OVER))
+    assert first[1] <= first[0] + 1  # it started once the chunked prompt left it the room
+
+
+def test_the_group_pays_for_its_padding(
+    make_host: HostFactory, demo: str, reference: Callable[..., list[int]]
+) -> None:
+    host = make_host(budget_tokens=32)
+    cases = [(prompt(28, 0), 4), (prompt(3, 1), 4), (prompt(26, 2), 4)]
+    for rid, (ids, n) in enumerate(cases):
+        host.add(rid, demo, generate(ids, n, stop=()))
+    host.step()
+    # 28 + 3 tokens would fit, but the pair is prefilled padded to 28: 56 tokens of work. The
+    # short one waits a step, and the 26-token one two: beside the short one it would cost 52.
+    assert host.in_step(1) == [(0, 0)]
+    host.run()
+    assert [host.steps_of(rid)[0] for rid in range(3)] == [1, 2, 3]
+    for rid, (ids, n) in enumerate(cases):
+        assert host.tokens(rid) == reference(ids, n, False)
 
 
 def test_backpressure_counts_requests_beyond_free_slots(make_host: HostFactory, demo: str) -> None:
@@ -239,7 +287,7 @@ def _check_against_reference(host: Host, reference: Callable[..., list[int]]) ->
 def test_greedy_batch_equals_lone_generate(
     make_host: HostFactory, demo: str, reference: Callable[..., list[int]]
 ) -> None:
-    host = make_host()
+    host = make_host(budget_tokens=6 * 44)  # room for all six padded to the longest (44 tokens)
     for rid, case in enumerate(_CASES):
         host.add(rid, demo, _request(case))
     host.step()

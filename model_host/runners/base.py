@@ -42,6 +42,7 @@ class Pending:
     request: AddRequest
     prepared: Any = None
     arrived_s: float = field(default_factory=time.monotonic)  # when it joined the queue
+    passed_over: int = 0  # steps in which a younger request of its model started before it
 
     @property
     def key(self) -> RequestKey:
@@ -60,6 +61,13 @@ class WaitingQueue(Protocol):
 
     def pop(self) -> Pending:
         """Take the head: it has started (or failed, with the error in the runner's outputs)."""
+
+    def window(self, model_path: str, limit: int) -> list[Pending]:
+        """Up to ``limit`` requests from the head, oldest first, ending before the first request for
+        another model (models take turns in arrival order; within one, a runner may choose)."""
+
+    def remove(self, pending: Pending) -> None:
+        """Take ``pending``, wherever it is in the queue (it started, or failed)."""
 
     def account(self, prompt_tokens: int, cached_tokens: int) -> None:
         """Count a started request's input tokens, and those a cache spared computing."""

@@ -28,14 +28,19 @@ from model_host.ipc.messages import (
     request_ref,
 )
 from model_host.ipc.model_kind import ModelKind
-from model_host.prefix_cache import PrefixCache
+from model_host.prefix_cache import Layers, PrefixCache
 from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, WaitingQueue, error_output
 
 log = logging.getLogger(__name__)
 
 _PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 alternatives
 _COUNTED_TOKENS_PER_FRAME = 4096  # ids alone: at most about 20 KB a frame
-GENERATION_FAILED = "generation failed"  # the exception's text goes to the log, not to clients
+GENERATION_FAILED = "generation failed"
+# Waiting requests of this model looked at each step, and how often one may be passed over by younger
+# ones that fit the step when it does not: a short prompt starts beside a long one, and a request
+# passed over this many times holds back everything younger until it has started.
+ADMIT_WINDOW = 32
+MAX_PASSED_OVER = 4  # the exception's text goes to the log, not to clients
 
 
 class ContextExceeded(str):
@@ -167,49 +172,73 @@ class CausalRunner(Runner):
     # -- admission -------------------------------------------------------------------------------
     @torch.inference_mode()
     def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:
-        """New prompts are prefilled together; a prompt whose start is in the prefix cache is
-        prefilled on its own, from there; a prompt over the budget is chunked across steps."""
+        """Start what fits this step, oldest first. New prompts are prefilled together, left-padded
+        (their padded size is what they cost); a prompt whose start is in the prefix cache is
+        prefilled on its own, from there; a prompt over the budget is chunked across steps.
+
+        A request that does not fit this step (a prompt over what is left, one that would pad the
+        group, a second long prompt while one is chunked) lets younger ones past, at most
+        ``MAX_PASSED_OVER`` times. A chunked prompt keeps at least half of each step's budget, and
+        prompts behind it take the rest: a long first turn no longer holds back every short
+        request (a cached next turn, a chat line) for all of its chunks."""
         outputs: list[StepOutput] = []
-        if self._chunking is not None:
-            return self._join(self._continue_chunking(budget_tokens, outputs), outputs)
-        group: list[Sequence] = []
         admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
-        while (head := queue.head()) is not None and head.model_path == self.path:
-            if room <= len(group) + len(admitted) and not _counting(head):
+        group: list[Sequence] = []
+        width = 0  # the group's longest prompt: the group is prefilled padded to it
+        spent = 0  # budget taken by prompts other than the chunked one
+        chunk_share = max(1, budget_tokens // 2)
+        cap = budget_tokens - chunk_share if self._chunking is not None else budget_tokens
+        started = 0  # batch slots taken this step
+        for pending in queue.window(self.path, ADMIT_WINDOW):
+            if room <= started and not _counting(pending):
                 break
-            seq = self._prepare(head)
+            seq = self._prepare(pending)
             if seq is None:  # still being prepared (its images): it starts at a later step
-                break
-            if _counting(head) and isinstance(seq, Sequence):  # its length is all it asks
-                queue.pop()
-                outputs += _count_frames(head.key, seq.prompt)
+                continue
+            if _counting(pending) and isinstance(seq, Sequence):  # its length is all it asks
+                queue.remove(pending)
+                outputs += _count_frames(pending.key, seq.prompt)
                 continue
             if isinstance(seq, str):  # refused: the error frame says why
-                queue.pop()
+                queue.remove(pending)
                 kind = (
                     ErrorKind.CONTEXT_LENGTH_EXCEEDED
                     if isinstance(seq, ContextExceeded)
                     else ErrorKind.INVALID_REQUEST
                 )
-                outputs.append(error_output(head.key, kind, seq))
+                outputs.append(error_output(pending.key, kind, seq))
                 continue
-            todo = len(seq.prompt) - self._reuse_prefix(seq) + self._extra_cost(seq)
-            if todo > budget_tokens:
-                if group or admitted:
-                    break
-                self._chunking = self._take(queue, seq)
-                return self._join(self._continue_chunking(budget_tokens, outputs), outputs)
-            budget_tokens -= todo
-            if seq.prefilled:
-                admitted += self._prefill_rest(self._take(queue, seq), outputs)
+            found = self._prefix_match(seq)
+            reused = found[0] if found is not None else 0
+            todo = len(seq.prompt) - reused + self._extra_cost(seq, reused)
+            if todo > budget_tokens:  # only in chunks, one such prompt at a time
+                if self._chunking is None and spent <= budget_tokens - chunk_share:
+                    self._use_prefix(seq, found)
+                    self._chunking = self._take(queue, pending, seq)
+                    cap, started = budget_tokens - chunk_share, started + 1
+                    continue
             else:
-                group.append(self._take(queue, seq))
+                cost = todo if reused else (len(group) + 1) * max(width, todo) - len(group) * width
+                if spent + cost <= cap:
+                    spent, started = spent + cost, started + 1
+                    self._use_prefix(seq, found)
+                    if reused:
+                        admitted += self._prefill_rest(self._take(queue, pending, seq), outputs)
+                    else:
+                        group.append(self._take(queue, pending, seq))
+                        width = max(width, todo)
+                    continue
+            pending.passed_over += 1
+            if pending.passed_over > MAX_PASSED_OVER:
+                break  # nothing younger may start before it any more
         if group:
             try:
                 admitted.append(DecodeBatch.prefill(self.model, group))
             except Exception:
                 log.exception("prefill failed for %s", _refs(group))
                 outputs += _failed(group)
+        if self._chunking is not None:
+            admitted += self._continue_chunking(budget_tokens - spent, outputs)
         return self._join(admitted, outputs)
 
     def _join(
@@ -273,29 +302,35 @@ class CausalRunner(Runner):
             return "this model takes no images"
         return Sequence(pending.key, self.path, list(payload.prompt_token_ids), payload.sampling)
 
-    def _extra_cost(self, seq: Sequence) -> int:
-        """Work of admitting ``seq`` besides its prompt tokens, in tokens of the prefill budget."""
+    def _extra_cost(self, seq: Sequence, start: int) -> int:
+        """Work of admitting ``seq`` from prompt position ``start`` besides its prompt tokens, in
+        tokens of the prefill budget."""
         return 0
 
     @staticmethod
-    def _take(queue: WaitingQueue, seq: Sequence) -> Sequence:
-        seq.queued_s = time.monotonic() - queue.pop().arrived_s
+    def _take(queue: WaitingQueue, pending: Pending, seq: Sequence) -> Sequence:
+        queue.remove(pending)
+        seq.queued_s = time.monotonic() - pending.arrived_s
         queue.account(len(seq.prompt), seq.cached_tokens)
         return seq
 
-    def _reuse_prefix(self, seq: Sequence) -> int:
-        """Start ``seq`` from the longest prefix of its prompt in the prefix cache; returns how
-        many prompt tokens that covers. Prompt logprobs need every position's logits: no reuse."""
-        if seq.prefilled or self.prefix_cache is None or seq.wants_prompt_logprobs:
-            return seq.prefilled
-        found = self.prefix_cache.match(seq.model_path, seq.prompt_key)
+    def _prefix_match(self, seq: Sequence) -> tuple[int, Layers] | None:
+        """The longest prefix of ``seq``'s prompt in the prefix cache (views of the entry, nothing
+        copied while the request may still wait). Prompt logprobs need every position's logits: no
+        reuse."""
+        if self.prefix_cache is None or seq.wants_prompt_logprobs:
+            return None
+        return self.prefix_cache.match(seq.model_path, seq.prompt_key)
+
+    @staticmethod
+    def _use_prefix(seq: Sequence, found: tuple[int, Layers] | None) -> None:
+        """Start ``seq`` from a prefix found in the cache: the entry's KV is copied for it."""
         if found is not None:
             from transformers.cache_utils import DynamicCache
 
             seq.prefilled, layers = found
             seq.cached_tokens = seq.prefilled
             seq.prefill_cache = DynamicCache(ddp_cache_data=layers)  # copies: the entry stays intact
-        return seq.prefilled
 
     def _prefill_rest(
         self, seq: Sequence, outputs: list[StepOutput]

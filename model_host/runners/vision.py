@@ -127,9 +127,9 @@ class VisionRunner(CausalRunner):
         return seq
 
     # -- admission -------------------------------------------------------------------------------
-    def _extra_cost(self, seq: Sequence) -> int:
+    def _extra_cost(self, seq: Sequence, start: int) -> int:
         prompt: ImagePrompt | None = seq.images
-        return prompt.encoder_tokens if prompt is not None and prompt.needs_encoding(seq.prefilled) else 0
+        return prompt.encoder_tokens if prompt is not None and prompt.needs_encoding(start) else 0
 
     def _continue_chunking(
         self, budget_tokens: int, outputs: list[StepOutput]
