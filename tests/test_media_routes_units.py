@@ -11,7 +11,8 @@ import pytest
 from model_host.ipc.model_kind import ModelKind
 from sanic_serve.errors import APIError, InvalidRequest
 from sanic_serve.media import MediaPolicy
-from sanic_serve.messages.request import anthropic_names, parse_messages_request, to_chat_with_images
+from sanic_serve.messages.request import parse_messages_request
+from sanic_serve.messages.translate import anthropic_names, to_chat_with_images
 from sanic_serve.responses.images import context_images, image_refs
 from sanic_serve.responses.items import prepare_context, to_messages
 from sanic_serve.responses.request import parse_responses_request

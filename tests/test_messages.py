@@ -498,7 +498,8 @@ def test_too_large_body_is_an_anthropic_413(server: ServerProcess) -> None:
 
 
 def test_conversation_maps_onto_chat_messages() -> None:
-    from sanic_serve.messages.request import parse_messages_request, to_chat
+    from sanic_serve.messages.request import parse_messages_request
+    from sanic_serve.messages.translate import to_chat
 
     body = {
         "model": MODEL,

@@ -1,6 +1,6 @@
 """``POST /v1/messages`` (stream and non-stream) and ``POST /v1/messages/count_tokens``.
 
-The request becomes an OpenAI chat request (``sanic_serve.messages.request``) and runs through
+The request becomes an OpenAI chat request (``sanic_serve.messages.translate``) and runs through
 chat's own ``prepare``: the same template, tool offer, forced-call grammar and sampling, so a
 Messages reply is token for token the chat reply to the same conversation.
 """
@@ -26,12 +26,8 @@ from sanic_serve.errors import APIError, InvalidRequest, internal_error
 from sanic_serve.generation import Delta, read_prompt
 from sanic_serve.messages.blocks import Blocks, Event, message_id, stop_reason
 from sanic_serve.messages.errors import anthropic_body, anthropic_error, anthropic_error_response
-from sanic_serve.messages.request import (
-    anthropic_names,
-    image_param,
-    parse_messages_request,
-    to_chat_with_images,
-)
+from sanic_serve.messages.request import parse_messages_request
+from sanic_serve.messages.translate import anthropic_names, image_param, to_chat_with_images
 from sanic_serve.requests import parse_json_body
 
 log = logging.getLogger(__name__)
