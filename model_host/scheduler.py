@@ -3,7 +3,9 @@
 Requests wait in one FIFO queue, whatever their model. Each step the scheduler chooses the one runner
 that may start new requests: a runner still part-way through a long admission first, else the runner
 of the request at the head of the queue (loading its model on first use). That runner takes what fits
-the step's prefill budget and free batch slots from the head. A request the host cannot serve (its
+the step's prefill budget and free batch slots from the head, up to the first request for another
+model; a causal runner may start a younger request past one that does not fit the step, a bounded
+number of times (:mod:`model_host.runners.causal`). A request the host cannot serve (its
 model does not load, its model does another task) leaves the queue with an error frame.
 """
 
