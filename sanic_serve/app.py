@@ -42,6 +42,7 @@ from sanic_serve.routes import health, loading, models, tokenize
 
 log = logging.getLogger("hfserve")
 
+
 def worker_index() -> int:
     """Sanic names server processes ``Sanic-Server-<n>-<i>``; ``n`` is stable across restarts."""
     match = re.search(r"Server-(\d+)-", os.environ.get("SANIC_WORKER_NAME", ""))
