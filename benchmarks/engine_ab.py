@@ -35,21 +35,17 @@ from model_host.ipc.settings import HostSettings
 from model_host.registry import ModelRegistry
 
 model, prompt_len, concurrency, requests, new_tokens = sys.argv[1], *map(int, sys.argv[2:6])
-step_target_s = float(sys.argv[6])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 lengths = (prompt_len + torch.randint(-5, 6, (requests,), generator=gen)).tolist()
 prompts = [tuple(torch.randint(10, 1990, (n,), generator=gen).tolist()) for n in lengths]
-pacing = {"step_target_s": step_target_s} if step_target_s else {}  # older checkouts have no pacer
-registry = ModelRegistry("cpu", "float32", False)
-engine = Engine(registry, HostSettings(device="cpu", prefix_cache_mb=0), 256, **pacing)
+engine = Engine(ModelRegistry("cpu", "float32", False), HostSettings(device="cpu", prefix_cache_mb=0), 256)
 params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
 added = finished = 0
-tokens, arrived, stamps = {}, {}, {}
+tokens = {}
 
 def add():
     global added
-    arrived[added] = time.process_time()
     engine.add(AddRequest(added, 0, 0, model, Generate(prompts[added], params)))
     added += 1
 
@@ -59,24 +55,15 @@ with torch.inference_mode():
         add()
     started = time.process_time()
     while finished < requests:
-        outs = engine.step()
-        now = time.process_time()
-        for out in outs:
+        for out in engine.step():
             tokens.setdefault(out.frame.request_id, []).extend(out.frame.token_ids)
-            if out.frame.token_ids:
-                stamps.setdefault(out.frame.request_id, []).append(now)
             if out.frame.finish_reason is not FinishReason.NONE:
                 finished += 1
                 if added < requests:
                     add()
     cpu_s = time.process_time() - started
 digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()
-ttft = sorted(stamps[r][0] - arrived[r] for r in stamps)
-itl = sorted(b - a for r in stamps for a, b in zip(stamps[r], stamps[r][1:]))
-print(json.dumps({
-    "cpu_s": cpu_s, "tokens": digest,
-    "ttft_p50_s": ttft[len(ttft) // 2], "itl_p99_s": itl[int(len(itl) * 0.99)],
-}))
+print(json.dumps({"cpu_s": cpu_s, "tokens": digest}))
 """
 
 
@@ -136,14 +123,13 @@ print(json.dumps({
 """
 
 
-def run(label: str, checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
+def run(checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
     if args.workload == "multiturn":
         cmd = [sys.executable, "-c", _MULTITURN_CHILD, str(args.model), "8", "6", "32"]
         out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
     cmd = [sys.executable, "-c", _CHILD, str(args.model)]
     cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens)]
-    cmd.append(str((args.new_step_target_ms if label == "new" else args.old_step_target_ms) / 1000))
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -161,13 +147,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--workload", choices=("steady", "multiturn"), default="steady")
-    parser.add_argument("--old-step-target-ms", type=float, default=0.0, help="0: a fixed budget")
-    parser.add_argument("--new-step-target-ms", type=float, default=0.0, help="pacer A/B: one checkout twice")
     args = parser.parse_args()
     ratios = []
     for i in range(args.pairs):
         order = [("old", args.old), ("new", args.new)]
-        got = {label: run(label, path, args) for label, path in (order if i % 2 == 0 else order[::-1])}
+        got = {label: run(path, args) for label, path in (order if i % 2 == 0 else order[::-1])}
         if got["old"]["tokens"] != got["new"]["tokens"]:
             sys.exit("the two checkouts generated different tokens")
         ratios.append(float(got["old"]["cpu_s"]) / float(got["new"]["cpu_s"]))
@@ -175,7 +159,7 @@ def main() -> None:
             f"pair {i}: old {got['old']['cpu_s']:.2f} s, new {got['new']['cpu_s']:.2f} s, {ratios[-1]:.3f}x"
         )
         for label in ("old", "new"):
-            ttfts = {k: v for k, v in got[label].items() if k.startswith(("ttft", "itl"))}
+            ttfts = {k: v for k, v in got[label].items() if k.startswith("ttft")}
             if ttfts:
                 print(f"  {label}: " + ", ".join(f"{k} {float(v):.3f}" for k, v in ttfts.items()))
     print(f"new / old speed, median of {len(ratios)} pairs: {statistics.median(ratios):.3f}x")

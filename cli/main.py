@@ -112,13 +112,6 @@ def start(
         min=0,
         help="Prompt tokens prefilled per step; longer prompts are chunked. 0: 256 on CPU, 4096 on GPU.",
     ),
-    step_target_ms: float | None = typer.Option(
-        _HOST.step_target_ms,
-        min=0,
-        help="Aim for steps of this many ms while streams run: the prompt tokens admitted per step shrink "
-        "to fit, so running streams keep their pace. Default: 120 on CPU, off on GPU. 0: off.",
-        show_default=False,
-    ),
     max_queue: int = typer.Option(
         _HOST.max_queue, min=0, help="Requests waiting to start, all workers together; more get 429."
     ),
@@ -222,7 +215,7 @@ def start(
     try:
         check_port(host, port)
         check_device(device)
-        check_placement(device, device_map, tp, idle_unload_s, step_target_ms)
+        check_placement(device, device_map, tp, idle_unload_s)
         api_keys = load_api_keys(api_key, api_key_file)
         model_id, model_path, pinned = resolve_model_arg(model)
         db_path = check_responses_db(responses_db, responses_max_mb)
@@ -259,7 +252,6 @@ def start(
             torch_threads=torch_threads,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
-            step_target_ms=step_target_ms,
             max_queue=max_queue,
             prefix_cache_mb=prefix_cache_mb,
             idle_unload_s=idle_unload_s,

@@ -136,13 +136,7 @@ def check_device(device: str) -> None:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def check_placement(
-    device: str,
-    device_map: str,
-    tp_size: int,
-    idle_unload_s: float = 0.0,
-    step_target_ms: float | None = None,
-) -> None:
+def check_placement(device: str, device_map: str, tp_size: int, idle_unload_s: float = 0.0) -> None:
     """``--device-map`` and ``--tp``: each possible here, and not both. A device map needs
     accelerate; tensor parallelism needs ``tp_size`` CUDA devices (or ``--device cpu``, where the
     ranks talk over gloo: slow, but it runs the same path anywhere)."""
@@ -161,8 +155,6 @@ def check_placement(
         return
     if idle_unload_s:  # a clock deciding an unload would differ between the ranks
         raise ConfigError("--idle-unload-s cannot be used with --tp: the ranks must unload together")
-    if step_target_ms:  # so would a clock sizing each step's admissions
-        raise ConfigError("--step-target-ms cannot be used with --tp: the ranks must admit alike")
     if device == "cpu":
         return
     if device != "auto" and device != "cuda":

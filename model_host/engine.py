@@ -15,7 +15,6 @@ import time
 
 from model_host.ipc.messages import AddRequest, ErrorKind, request_ref
 from model_host.ipc.settings import HostSettings
-from model_host.pacer import StepPacer
 from model_host.registry import ModelRegistry
 from model_host.runners.base import RequestKey, StepOutput, error_output
 from model_host.scheduler import Scheduler
@@ -26,16 +25,9 @@ __all__ = ["Engine", "RequestKey", "StepOutput"]
 
 
 class Engine:
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        settings: HostSettings,
-        prefill_budget_tokens: int,
-        step_target_s: float = 0.0,
-    ) -> None:
+    def __init__(self, registry: ModelRegistry, settings: HostSettings, prefill_budget_tokens: int) -> None:
         self.registry = registry
-        self.scheduler = Scheduler(settings)
-        self.pacer = StepPacer(prefill_budget_tokens, step_target_s)
+        self.scheduler = Scheduler(settings, prefill_budget_tokens)
         self.aborted_total = 0
 
     # -- counters --------------------------------------------------------------------------------
@@ -105,19 +97,11 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        decoded = self.num_running > 0
-        started_s = time.perf_counter()
         for runner in self.registry.runners():  # running requests advance: one token each
             outputs += runner.step()
-        decode_s = time.perf_counter() - started_s
         for runner in self.registry.runners():  # work that waiting requests can start on
             runner.look_ahead(self.scheduler.waiting())
         # New requests start: the runner of the queue's head (or one mid-way through a long
-        # prompt) takes what fits the step's budget and free slots. The streams still running
-        # wait for this admission before their next token: the pacer sizes it for them.
-        budget = self.pacer.budget_tokens(decoding=self.num_running > 0)
-        admit_started_s = time.perf_counter()
-        outputs += self.scheduler.admit(self.registry.runners(), self.registry.get, self.num_running, budget)
-        admit_s = time.perf_counter() - admit_started_s
-        self.pacer.observe(decode_s, decoded, admit_s, self.scheduler.admitted_tokens)
+        # prompt) takes what fits the step's budget and free slots.
+        outputs += self.scheduler.admit(self.registry.runners(), self.registry.get, self.num_running)
         return outputs

@@ -124,10 +124,7 @@ class ModelHost:
             _seconds_from_env("HFSERVE_HOST_LOAD_STALL_S", LOAD_STALL_S),
         )
         self.registry.on_load_start = self.progress.loading
-        device_type = self.registry.device.type
-        self.engine = Engine(
-            self.registry, settings, settings.prefill_budget(device_type), settings.step_target_s(device_type)
-        )
+        self.engine = Engine(self.registry, settings, settings.prefill_budget(self.registry.device.type))
         self.settings = settings
         self.epoch = 0
         self._published_models: tuple[str, ...] = ()

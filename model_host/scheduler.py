@@ -37,10 +37,10 @@ LOAD_FAILED = "the model could not be loaded"
 
 
 class Scheduler:
-    def __init__(self, settings: HostSettings) -> None:
+    def __init__(self, settings: HostSettings, prefill_budget_tokens: int) -> None:
         self.max_batch_size = settings.max_batch_size
         self.max_queue = settings.max_queue
-        self.admitted_tokens = 0  # tokens of computation of the last admission (0: none, or unknown)
+        self.budget_tokens = prefill_budget_tokens
         self._waiting: deque[Pending] = deque()
         self.prompt_tokens_total = 0  # prompt tokens admitted, every kind
         self.cached_tokens_total = 0  # of which taken from a prefix cache instead of computed
@@ -112,12 +112,11 @@ class Scheduler:
 
     # -- the step --------------------------------------------------------------------------------
     def admit(
-        self, runners: Iterable[Runner], load: Callable[[str], Runner], num_running: int, budget_tokens: int
+        self, runners: Iterable[Runner], load: Callable[[str], Runner], num_running: int
     ) -> list[StepOutput]:
-        """Let one runner start what fits this step's ``budget_tokens`` of prompt work; returns the
-        frames of what it started and of the requests that could not be served."""
+        """Let one runner start what fits this step; returns the frames of what it started and of
+        the requests that could not be served."""
         outputs: list[StepOutput] = []
-        self.admitted_tokens = 0
         room = self.max_batch_size - num_running
         owner = next((r for r in runners if r.prefilling), None)
         while owner is None and self._waiting and room > 0:
@@ -136,9 +135,7 @@ class Scheduler:
                 continue
             owner = runner
         if owner is not None and (owner.prefilling or room > 0):
-            owner.admitted_tokens = 0
-            outputs += owner.admit(self, budget_tokens, room)
-            self.admitted_tokens = owner.admitted_tokens
+            outputs += owner.admit(self, self.budget_tokens, room)
         return outputs
 
 

@@ -26,10 +26,6 @@ def config_error_exit(env: Mapping[str, str] | None = None) -> int:
     return int(value) if value.isdigit() and 1 <= int(value) <= 255 else 1
 
 
-# The step target by device, where one is on by default (see ``HostSettings.step_target_s``).
-DEFAULT_STEP_TARGET_S = {"cpu": 0.12}
-
-
 @dataclass(frozen=True)
 class HostSettings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -50,9 +46,6 @@ class HostSettings:
     prefix_cache_mb: int = 1024  # KV kept for prompts that start like earlier ones; 0: off
     # Models loaded on demand (not preloaded) that served nothing for this long are unloaded; 0: never.
     idle_unload_s: float = 0.0
-    # A step that decodes running streams and admits new prompts aims at this duration: the prefill
-    # budget shrinks to fit (model_host/pacer.py). None: by device; 0: off (a fixed budget).
-    step_target_ms: float | None = None
 
     def prefill_budget(self, device_type: str) -> int:
         """``max_batch_tokens``, or the default for the device. Measured on a 2-core CPU
@@ -62,12 +55,3 @@ class HostSettings:
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return 4096 if device_type == "cuda" else 256
-
-    def step_target_s(self, device_type: str) -> float:
-        """``step_target_ms`` in seconds, or the default for the device; 0 (a fixed budget) under
-        tensor parallelism, whose ranks must not decide by a clock."""
-        if self.tp_size > 1:
-            return 0.0
-        if self.step_target_ms is not None:
-            return self.step_target_ms / 1000
-        return DEFAULT_STEP_TARGET_S.get(device_type, 0.0)

@@ -81,9 +81,6 @@ class Runner(abc.ABC):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # Tokens of computation the last ``admit`` did (prompt tokens, padding, encoder work), for
-        # the step pacer's estimate of what a token costs; 0 where a kind does not say.
-        self.admitted_tokens = 0
 
     @abc.abstractmethod
     def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:

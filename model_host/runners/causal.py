@@ -238,11 +238,7 @@ class CausalRunner(Runner):
                 log.exception("prefill failed for %s", _refs(group))
                 outputs += _failed(group)
         if self._chunking is not None:
-            before = self._chunking.prefilled
-            chunk = self._chunking
             admitted += self._continue_chunking(budget_tokens - spent, outputs)
-            spent += chunk.prefilled - before
-        self.admitted_tokens = spent
         return self._join(admitted, outputs)
 
     def _join(
