@@ -2,13 +2,16 @@
 
     python benchmarks/engine_ab.py OLD_CHECKOUT NEW_CHECKOUT --model FOLDER [--pairs 4]
         [--prompt-len 40] [--concurrency 32] [--requests 64] [--new-tokens 64]
-        [--workload steady|multiturn]
+        [--workload steady|multiturn] [--old-budget 256] [--new-budget 256]
 
 Each run drives the engine as the host does (``--requests`` greedy requests, ``--concurrency`` at a
 time, a finished one replaced at once, no HTTP) in a child process started in that checkout, on
 one torch thread, and reports the CPU time of the loop: on a shared machine CPU time moves far less
 than wall time, so a change of a few percent shows. Runs alternate (old first, then new first) and
 the verdict is the median of the per-pair ratios. The tokens of both checkouts must be identical.
+Each run also reports the time to first token (p50) and between tokens (p99), in CPU seconds of
+the loop. ``--old-budget``/``--new-budget`` set each side's prefill budget (tokens per step): one
+checkout passed twice compares two budgets.
 Make OLD_CHECKOUT with ``git worktree add /tmp/old <commit>``.
 
 ``--workload multiturn`` measures scheduling instead: 8 conversations of 6 turns that share a
@@ -34,18 +37,20 @@ from model_host.ipc.messages import AddRequest, FinishReason, Generate, Sampling
 from model_host.ipc.settings import HostSettings
 from model_host.registry import ModelRegistry
 
-model, prompt_len, concurrency, requests, new_tokens = sys.argv[1], *map(int, sys.argv[2:6])
+model, prompt_len, concurrency, requests, new_tokens, budget = sys.argv[1], *map(int, sys.argv[2:7])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 lengths = (prompt_len + torch.randint(-5, 6, (requests,), generator=gen)).tolist()
 prompts = [tuple(torch.randint(10, 1990, (n,), generator=gen).tolist()) for n in lengths]
-engine = Engine(ModelRegistry("cpu", "float32", False), HostSettings(device="cpu", prefix_cache_mb=0), 256)
+registry = ModelRegistry("cpu", "float32", False)
+engine = Engine(registry, HostSettings(device="cpu", prefix_cache_mb=0), budget)
 params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
 added = finished = 0
-tokens = {}
+tokens, arrived, stamps = {}, {}, {}
 
 def add():
     global added
+    arrived[added] = time.process_time()
     engine.add(AddRequest(added, 0, 0, model, Generate(prompts[added], params)))
     added += 1
 
@@ -55,15 +60,24 @@ with torch.inference_mode():
         add()
     started = time.process_time()
     while finished < requests:
-        for out in engine.step():
+        outs = engine.step()
+        now = time.process_time()
+        for out in outs:
             tokens.setdefault(out.frame.request_id, []).extend(out.frame.token_ids)
+            if out.frame.token_ids:
+                stamps.setdefault(out.frame.request_id, []).append(now)
             if out.frame.finish_reason is not FinishReason.NONE:
                 finished += 1
                 if added < requests:
                     add()
     cpu_s = time.process_time() - started
 digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()
-print(json.dumps({"cpu_s": cpu_s, "tokens": digest}))
+ttft = sorted(stamps[r][0] - arrived[r] for r in stamps)
+itl = sorted(b - a for r in stamps for a, b in zip(stamps[r], stamps[r][1:]))
+print(json.dumps({
+    "cpu_s": cpu_s, "tokens": digest,
+    "ttft_p50_s": ttft[len(ttft) // 2], "itl_p99_s": itl[int(len(itl) * 0.99)],
+}))
 """
 
 
@@ -76,7 +90,7 @@ from model_host.ipc.settings import HostSettings
 from model_host.prefix_cache import PrefixCache
 from model_host.registry import ModelRegistry
 
-model, conversations, turns, new_tokens = sys.argv[1], *map(int, sys.argv[2:5])
+model, conversations, turns, new_tokens, budget = sys.argv[1], *map(int, sys.argv[2:6])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 system = torch.randint(10, 1990, (1000,), generator=gen).tolist()
@@ -85,7 +99,7 @@ users = [
     for _ in range(conversations)
 ]
 registry = ModelRegistry("cpu", "float32", False, PrefixCache(512 * 1024 * 1024))
-engine = Engine(registry, HostSettings(device="cpu"), 256)
+engine = Engine(registry, HostSettings(device="cpu"), budget)
 params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
 history = {c: list(system) for c in range(conversations)}
 turn_of, arrived, first, tokens = {}, {}, {}, {}
@@ -123,13 +137,13 @@ print(json.dumps({
 """
 
 
-def run(checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
+def run(label: str, checkout: Path, args: argparse.Namespace) -> dict[str, float | str]:
+    budget = str(args.new_budget if label == "new" else args.old_budget)
     if args.workload == "multiturn":
-        cmd = [sys.executable, "-c", _MULTITURN_CHILD, str(args.model), "8", "6", "32"]
-        out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-    cmd = [sys.executable, "-c", _CHILD, str(args.model)]
-    cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens)]
+        cmd = [sys.executable, "-c", _MULTITURN_CHILD, str(args.model), "8", "6", "32", budget]
+    else:
+        cmd = [sys.executable, "-c", _CHILD, str(args.model)]
+        cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens, budget)]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -147,11 +161,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--workload", choices=("steady", "multiturn"), default="steady")
+    parser.add_argument("--old-budget", type=int, default=256, help="prefill tokens per step, old side")
+    parser.add_argument("--new-budget", type=int, default=256, help="prefill tokens per step, new side")
     args = parser.parse_args()
     ratios = []
     for i in range(args.pairs):
         order = [("old", args.old), ("new", args.new)]
-        got = {label: run(path, args) for label, path in (order if i % 2 == 0 else order[::-1])}
+        got = {label: run(label, path, args) for label, path in (order if i % 2 == 0 else order[::-1])}
         if got["old"]["tokens"] != got["new"]["tokens"]:
             sys.exit("the two checkouts generated different tokens")
         ratios.append(float(got["old"]["cpu_s"]) / float(got["new"]["cpu_s"]))
@@ -159,7 +175,7 @@ def main() -> None:
             f"pair {i}: old {got['old']['cpu_s']:.2f} s, new {got['new']['cpu_s']:.2f} s, {ratios[-1]:.3f}x"
         )
         for label in ("old", "new"):
-            ttfts = {k: v for k, v in got[label].items() if k.startswith("ttft")}
+            ttfts = {k: v for k, v in got[label].items() if k.startswith(("ttft", "itl"))}
             if ttfts:
                 print(f"  {label}: " + ", ".join(f"{k} {float(v):.3f}" for k, v in ttfts.items()))
     print(f"new / old speed, median of {len(ratios)} pairs: {statistics.median(ratios):.3f}x")
