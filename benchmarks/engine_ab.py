@@ -2,7 +2,7 @@
 
     python benchmarks/engine_ab.py OLD_CHECKOUT NEW_CHECKOUT --model FOLDER [--pairs 4]
         [--prompt-len 40] [--concurrency 32] [--requests 64] [--new-tokens 64]
-        [--workload steady|multiturn] [--old-budget 256] [--new-budget 256]
+        [--workload steady|mixed|multiturn] [--old-budget 256] [--new-budget 256]
 
 Each run drives the engine as the host does (``--requests`` greedy requests, ``--concurrency`` at a
 time, a finished one replaced at once, no HTTP) in a child process started in that checkout, on
@@ -14,7 +14,9 @@ the loop. ``--old-budget``/``--new-budget`` set each side's prefill budget (toke
 checkout passed twice compares two budgets.
 Make OLD_CHECKOUT with ``git worktree add /tmp/old <commit>``.
 
-``--workload multiturn`` measures scheduling instead: 8 conversations of 6 turns that share a
+``--workload mixed`` makes every fourth prompt 16 times longer (chunked over several steps) and
+reports the time to first token of the short ones apart. ``--workload multiturn`` measures
+scheduling too: 8 conversations of 6 turns that share a
 1,000-token system prompt (the multi-turn benchmark's shape, prefix cache on), each next turn added
 the moment the last one ends. Besides the loop's CPU time it reports the time to first token (CPU
 seconds of the loop from a request's arrival to its first token) of turn 1 and of turns 2-6.
@@ -37,10 +39,13 @@ from model_host.ipc.messages import AddRequest, FinishReason, Generate, Sampling
 from model_host.ipc.settings import HostSettings
 from model_host.registry import ModelRegistry
 
-model, prompt_len, concurrency, requests, new_tokens, budget = sys.argv[1], *map(int, sys.argv[2:7])
+model = sys.argv[1]
+prompt_len, concurrency, requests, new_tokens, budget, long_every = map(int, sys.argv[2:8])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 lengths = (prompt_len + torch.randint(-5, 6, (requests,), generator=gen)).tolist()
+if long_every:  # every long_every-th prompt is long: 16x the others
+    lengths = [n * 16 if i % long_every == 0 else n for i, n in enumerate(lengths)]
 prompts = [tuple(torch.randint(10, 1990, (n,), generator=gen).tolist()) for n in lengths]
 registry = ModelRegistry("cpu", "float32", False)
 engine = Engine(registry, HostSettings(device="cpu", prefix_cache_mb=0), budget)
@@ -73,10 +78,12 @@ with torch.inference_mode():
     cpu_s = time.process_time() - started
 digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()
 ttft = sorted(stamps[r][0] - arrived[r] for r in stamps)
+short = sorted(stamps[r][0] - arrived[r] for r in stamps if not long_every or r % long_every)
 itl = sorted(b - a for r in stamps for a, b in zip(stamps[r], stamps[r][1:]))
 print(json.dumps({
     "cpu_s": cpu_s, "tokens": digest,
-    "ttft_p50_s": ttft[len(ttft) // 2], "itl_p99_s": itl[int(len(itl) * 0.99)],
+    "ttft_p50_s": ttft[len(ttft) // 2], "ttft_short_p50_s": short[len(short) // 2],
+    "itl_p99_s": itl[int(len(itl) * 0.99)],
 }))
 """
 
@@ -144,6 +151,7 @@ def run(label: str, checkout: Path, args: argparse.Namespace) -> dict[str, float
     else:
         cmd = [sys.executable, "-c", _CHILD, str(args.model)]
         cmd += [str(v) for v in (args.prompt_len, args.concurrency, args.requests, args.new_tokens, budget)]
+        cmd.append("4" if args.workload == "mixed" else "0")
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -160,7 +168,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--workload", choices=("steady", "multiturn"), default="steady")
+    parser.add_argument("--workload", choices=("steady", "mixed", "multiturn"), default="steady")
     parser.add_argument("--old-budget", type=int, default=256, help="prefill tokens per step, old side")
     parser.add_argument("--new-budget", type=int, default=256, help="prefill tokens per step, new side")
     args = parser.parse_args()
