@@ -210,7 +210,8 @@ class CausalRunner(Runner):
                 continue
             found = self._prefix_match(seq)
             reused = found[0] if found is not None else 0
-            todo = len(seq.prompt) - reused + self._extra_cost(seq, reused)
+            extra = self._extra_cost(seq, reused)  # not padded: an image encoder's own pass
+            todo = len(seq.prompt) - reused + extra
             if todo > budget_tokens:  # only in chunks, one such prompt at a time
                 if self._chunking is None and spent <= budget_tokens - chunk_share:
                     self._use_prefix(seq, found)
@@ -218,7 +219,8 @@ class CausalRunner(Runner):
                     cap, started = budget_tokens - chunk_share, started + 1
                     continue
             else:
-                cost = todo if reused else (len(group) + 1) * max(width, todo) - len(group) * width
+                padded = (len(group) + 1) * max(width, todo - extra) - len(group) * width + extra
+                cost = todo if reused else padded
                 if spent + cost <= cap:
                     spent, started = spent + cost, started + 1
                     self._use_prefix(seq, found)
@@ -226,7 +228,7 @@ class CausalRunner(Runner):
                         admitted += self._prefill_rest(self._take(queue, pending, seq), outputs)
                     else:
                         group.append(self._take(queue, pending, seq))
-                        width = max(width, todo)
+                        width = max(width, todo - extra)
                     continue
             pending.passed_over += 1
             if pending.passed_over > MAX_PASSED_OVER:
