@@ -149,6 +149,11 @@ class Generation:
                         self.finish_reason = (
                             "length" if frame.finish_reason is FinishReason.LENGTH else "stop"
                         )
+                        # Bytes of a character the end cut off: U+FFFD, as a decode of the ids shows.
+                        text += self._stop.feed(self._detok.finish())
+                        if self._stop.matched is not None:
+                            self.finish_reason = "stop"
+                            break
                         text += self._stop.flush()
                         break
                 if text or entries or self.finish_reason is not None:

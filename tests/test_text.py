@@ -53,3 +53,38 @@ def test_detokenizer_skips_special_tokens(demo_model: Path) -> None:
     tok = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
     ids = tok.encode("Hi there", add_special_tokens=False).ids + [tok.token_to_id("<|im_end|>")]
     assert IncrementalDetokenizer(tok).feed(ids) == "Hi there"
+
+
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "model_host" / "demo" / "model" / "tokenizer.json"
+
+
+def _stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    return [detok.feed([i]) for i in ids] + [detok.finish()]
+
+
+def test_stray_bytes_come_out_as_a_decode_shows_them() -> None:
+    """A byte-level token that starts a character no later token completes (a model emitting stray
+    bytes) was held back for ever: a stream of them produced no text at all."""
+    tok = Tokenizer.from_file(str(DEMO_TOKENIZER))
+    stray = tok.token_to_id("Í")  # the byte 0xCD: the first of a two-byte character
+    cases = [
+        [stray] * 10,
+        [stray] * 6 + tok.encode(" wörld 日本 more").ids + [stray] * 2,
+        [0, 1, 2, 0, 1, 2, *tok.encode(" hi").ids],  # special tokens, skipped
+        tok.encode("héllo wörld 日本").ids,
+    ]
+    for ids in cases:
+        parts = _stream(IncrementalDetokenizer(tok), ids)
+        assert "".join(parts) == tok.decode(ids, skip_special_tokens=True), parts
+    # Stray bytes are held no longer than a character's four: they stream, not all at the end.
+    parts = _stream(IncrementalDetokenizer(tok), [stray] * 10)
+    assert [i for i, p in enumerate(parts) if p] == [4, 8, 10]
+    assert parts[4] == "\ufffd" * 5
+
+
+def test_a_character_cut_off_by_the_end_is_released_by_finish() -> None:
+    tok = Tokenizer.from_file(str(DEMO_TOKENIZER))
+    ids = tok.encode("ok 日").ids[:-1]  # the last character's final byte never comes
+    detok = IncrementalDetokenizer(tok)
+    assert detok.feed(ids) == "ok "
+    assert detok.finish() == tok.decode(ids)[len("ok ") :] != ""
