@@ -73,6 +73,29 @@ class CausalLM:
         # Placed across devices, the logits come off the last one; the batch lives on the first.
         return logits.to(self.device), out[self.cache_arg]
 
+    def packed_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, layout: Any, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """A mixed step's forward (``model_host.packed``): one packed row, attention switched to the
+        packed implementation for this call only; returns the logits at ``keep`` ([K, V])."""
+        from model_host.packed import IMPLEMENTATION
+
+        config = self.model.config
+        usual = config._attn_implementation_internal
+        config._attn_implementation_internal = IMPLEMENTATION
+        try:
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask={"full_attention": layout},
+                use_cache=True,
+                logits_to_keep=keep,
+                **{self.cache_arg: cache},
+            )
+        finally:
+            config._attn_implementation_internal = usual
+        return out.logits[0].to(self.device)
+
     def prompt_inputs(
         self, seqs: list[Any], ids: torch.Tensor, positions: torch.Tensor, start: int = 0
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:

@@ -3,7 +3,9 @@
 The host's loop goes round four phases: take new requests off the pipes (``add``, ``abort``),
 schedule, run, publish the frames. ``step`` is the middle two: every runner advances what it runs
 (a decode step for each causal batch), then the scheduler lets one runner start new requests within
-the step's prefill budget and free batch slots (see :mod:`model_host.scheduler`). Limits,
+the step's prefill budget and free batch slots (see :mod:`model_host.scheduler`). A causal runner
+that may admit keeps its decode for the admission's forward (a mixed step, :mod:`model_host.packed`)
+and runs it alone in ``end_step`` if nothing was admitted to share it. Limits,
 backpressure, aborts, unloading and the way out of a failed step are written here once for every
 kind of model.
 """
@@ -97,11 +99,14 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
+        running = self.num_running
         for runner in self.registry.runners():  # running requests advance: one token each
-            outputs += runner.step()
+            outputs += runner.step(admitting=self.scheduler.may_admit(runner, running))
         for runner in self.registry.runners():  # work that waiting requests can start on
             runner.look_ahead(self.scheduler.waiting())
         # New requests start: the runner of the queue's head (or one mid-way through a long
         # prompt) takes what fits the step's budget and free slots.
         outputs += self.scheduler.admit(self.registry.runners(), self.registry.get, self.num_running)
+        for runner in self.registry.runners():  # a decode left to share a forward with admission
+            outputs += runner.end_step()
         return outputs

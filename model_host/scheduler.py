@@ -111,6 +111,14 @@ class Scheduler:
         return {p.model_path for p in self._waiting}
 
     # -- the step --------------------------------------------------------------------------------
+    def may_admit(self, runner: Runner, num_running: int) -> bool:
+        """Whether ``runner`` may start requests this step: it is part-way through a long prompt,
+        or the queue's head is for its model and a batch slot is free."""
+        if runner.prefilling:
+            return True
+        head = self.head()
+        return head is not None and head.model_path == runner.path and num_running < self.max_batch_size
+
     def admit(
         self, runners: Iterable[Runner], load: Callable[[str], Runner], num_running: int
     ) -> list[StepOutput]:

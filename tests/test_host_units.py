@@ -302,6 +302,9 @@ def test_greedy_staggered_equals_lone_generate(
     # Requests join a running batch whose rows are longer or shorter than theirs (padding on
     # either side of the join), and leave it while others run on.
     host = make_host()
+    runner = host.engine.registry.get(demo)
+    assert isinstance(runner, CausalRunner)
+    mixed_before = runner.mixed_steps
     arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5]}  # step -> requests that arrive before it
     while host.engine.has_work() or host.steps < max(arrivals):
         for rid in arrivals.get(host.steps, []):
@@ -309,6 +312,8 @@ def test_greedy_staggered_equals_lone_generate(
         host.step()
     _check_against_reference(host, reference)
     assert host.steps_of(5)[0] == 8 and host.steps_of(0)[-1] > 8  # 5 joined while 0 still ran
+    # The joins in steps 2, 3 and 7 each ran in one forward with the running rows' decode.
+    assert runner.mixed_steps - mixed_before == 3
 
 
 def test_prompt_over_the_budget_is_chunked(

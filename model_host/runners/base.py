@@ -90,8 +90,10 @@ class Runner(abc.ABC):
         still busy with an earlier admission (``prefilling``) goes on with that instead."""
 
     @abc.abstractmethod
-    def step(self) -> list[StepOutput]:
-        """Advance every running request by one step (one token, one batch of vectors)."""
+    def step(self, admitting: bool = False) -> list[StepOutput]:
+        """Advance every running request by one step (one token, one batch of vectors).
+        ``admitting``: this runner may start new requests in this step's admission (it may leave
+        work for it, to do in ``end_step``)."""
 
     @abc.abstractmethod
     def abort(self, key: RequestKey) -> bool:
@@ -114,6 +116,11 @@ class Runner(abc.ABC):
 
     def has_work(self) -> bool:
         return self.num_running > 0
+
+    def end_step(self) -> list[StepOutput]:
+        """After admission: work of this step that ``step`` left for it (a causal runner's decode
+        that no admitted prompt shared a forward with); most kinds have none."""
+        return []
 
     def look_ahead(self, waiting: Iterable[Pending]) -> None:  # noqa: B027 (optional: most kinds do nothing)
         """See the waiting queue (oldest first) before admission, to start preparing this model's

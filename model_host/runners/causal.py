@@ -5,6 +5,8 @@ token. ``admit`` prefills a group of new prompts together, within the step's tok
 group joins the running batch. Requests leave the batch the moment they finish or are aborted. A
 prompt longer than the budget is prefilled in chunks, one per step (``prefilling``), so it never
 stalls the others for long; a prompt whose start is in the prefix cache is prefilled from there.
+When the model allows it, a step that admits a group of new prompts runs the running batch's
+decode in the same forward (a mixed step, :mod:`model_host.packed`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from model_host.ipc.messages import (
     request_ref,
 )
 from model_host.ipc.model_kind import ModelKind
+from model_host.packed import packed_step, packing_works
 from model_host.prefix_cache import Layers, PrefixCache
 from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, WaitingQueue, error_output
 
@@ -75,9 +78,17 @@ class CausalRunner(Runner):
     kind: ClassVar[ModelKind] = ModelKind.CAUSAL
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.GENERATE})
 
+    packs_steps: ClassVar[bool] = True  # may run mixed steps (model_host.packed), when the model can
+
     def __init__(self, model: CausalLM, prefix_cache: PrefixCache | None) -> None:
         super().__init__(model.path)
         self.model = model
+        # Mixed steps: a step that admits new prompts runs the batch's decode in the same forward.
+        # The decode waits (``_deferred``) for admission, and ``end_step`` runs it alone if
+        # nothing was admitted to pack it with.
+        self._packs = self.packs_steps and packing_works(model)
+        self._deferred: DecodeBatch | None = None
+        self.mixed_steps = 0  # steps whose decode shared a forward with new prompts
         self.prefix_cache = prefix_cache
         self._batches: list[DecodeBatch] = []
         self._chunking: Sequence | None = None
@@ -108,7 +119,7 @@ class CausalRunner(Runner):
     def drop_all(self) -> list[RequestKey]:
         keys = self.keys()
         self._batches.clear()
-        self._chunking = None
+        self._chunking = self._deferred = None
         return keys
 
     def close(self) -> None:
@@ -123,8 +134,11 @@ class CausalRunner(Runner):
 
     # -- running requests ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[StepOutput]:
+    def step(self, admitting: bool = False) -> list[StepOutput]:
         outputs: list[StepOutput] = []
+        if admitting and self._packs and len(self._batches) == 1 and self._batches[0].joinable:
+            self._deferred = self._batches[0]  # decoded with the prompts admitted, or in end_step
+            return outputs
         for batch in list(self._batches):
             try:
                 sampled = batch.sample(batch.decode())
@@ -135,6 +149,44 @@ class CausalRunner(Runner):
                 continue
             outputs += self._emit(batch, *sampled)
         return outputs
+
+    @torch.inference_mode()
+    def end_step(self) -> list[StepOutput]:
+        batch, self._deferred = self._deferred, None
+        if batch is None or batch not in self._batches:
+            return []
+        try:
+            sampled = batch.sample(batch.decode())
+        except Exception:
+            log.exception("decode step failed for %s", _refs(batch.seqs))
+            self._batches.remove(batch)
+            return _failed(batch.seqs)
+        return self._emit(batch, *sampled)
+
+    def _prefill_group(
+        self, group: list[Sequence], outputs: list[StepOutput]
+    ) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        """New prompts prefilled together: in the same forward as the deferred decode when the
+        step has one and no prompt needs more than its last logits, else on their own."""
+        batch = self._deferred
+        if batch is None or any(s.wants_prompt_logprobs for s in group):
+            try:
+                return [DecodeBatch.prefill(self.model, group)]
+            except Exception:
+                log.exception("prefill failed for %s", _refs(group))
+                outputs += _failed(group)
+                return []
+        self._deferred = None
+        try:
+            decoded, joining = packed_step(batch, group)
+        except Exception:
+            log.exception("mixed step failed for %s", _refs(batch.seqs + group))
+            self._batches.remove(batch)
+            outputs += _failed(batch.seqs + group)
+            return []
+        self.mixed_steps += 1
+        outputs += self._emit(batch, *batch.sample(decoded))
+        return [joining]
 
     def _emit(
         self, batch: DecodeBatch, tokens: list[int], logprobs: list[TokenLogprob | None]
@@ -234,13 +286,11 @@ class CausalRunner(Runner):
             if pending.passed_over > MAX_PASSED_OVER:
                 break  # nothing younger may start before it any more
         if group:
-            try:
-                admitted.append(DecodeBatch.prefill(self.model, group))
-            except Exception:
-                log.exception("prefill failed for %s", _refs(group))
-                outputs += _failed(group)
+            admitted += self._prefill_group(group, outputs)
         if self._chunking is not None:
             admitted += self._continue_chunking(budget_tokens - spent, outputs)
+        if admitted:  # the running rows take this step's token before new rows join them
+            outputs += self.end_step()
         return self._join(admitted, outputs)
 
     def _join(

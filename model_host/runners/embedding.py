@@ -71,7 +71,7 @@ class EmbeddingRunner(Runner):
         self._jobs.clear()
         del self.model
 
-    def step(self) -> list[StepOutput]:
+    def step(self, admitting: bool = False) -> list[StepOutput]:
         return []  # nothing runs between admissions: every row is encoded in the step that takes it
 
     def admit(self, queue: WaitingQueue, budget_tokens: int, room: int) -> list[StepOutput]:

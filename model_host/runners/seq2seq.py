@@ -253,7 +253,7 @@ class Seq2SeqRunner(Runner):
         return outputs
 
     # -- the step --------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
+    def step(self, admitting: bool = False) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         if self._rows:
             try:

@@ -54,6 +54,7 @@ IMAGES_FAILED = "the images could not be prepared"
 
 class VisionRunner(CausalRunner):
     kind: ClassVar[ModelKind] = ModelKind.VISION
+    packs_steps: ClassVar[bool] = False  # prompts go in as embeddings, positions per row's images
     model: VisionLM
 
     def __init__(self, model: VisionLM, prefix_cache: PrefixCache | None) -> None:

@@ -1,0 +1,245 @@
+"""Mixed steps: a running batch's decode and a group of new prompts in one forward pass.
+
+On a CPU a decode step of 32 rows costs a third of a 256-token prefill (it reads every weight
+for little arithmetic), so a step that admits prompts pays for reading the weights twice. Packing
+both into one forward lets the decode rows ride on the prefill's matrix products (measured in
+docs/design.md). The forward takes one row of tokens: the decode rows' last tokens first, then
+every new prompt's tokens, each with its own position. Two pieces make attention right for each:
+
+- ``PackedCache.update`` writes the decode rows' new keys and values into the batch's cache (the
+  in-place layer, as a decode step does) and lays the prompts' out left-padded, as a batched
+  prefill would have made them, for the new rows' cache;
+- ``packed_attention`` (registered with ``transformers`` as an attention implementation, switched
+  on for the packed forward only) runs one attention call for the decode rows over their cache and
+  one causal call for the prompts over their own keys, and puts the outputs back in packed order.
+
+Only models whose attention layers all read the whole context (no sliding windows, no recurrent
+state) and whose forward hands the cache's ``update`` result to the attention function take part;
+``PackedStep.check`` compares a packed step with the separate forwards when the model loads, and a
+model that does not give the same logits keeps the separate forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION = "hfserve_packed"
+
+
+@dataclass
+class PackedLayout:
+    """Where each token of the packed row belongs. Passed to the attention function as its
+    ``attention_mask`` (the model hands masks to attention untouched when given a mapping)."""
+
+    decode_rows: int
+    decode_mask: torch.Tensor  # [B, 1, 1, T] bool: each decode row's real cache columns
+    prompt_rows: int
+    width: int  # the longest prompt: the prompts' attention runs padded to it
+    slots: torch.Tensor  # [S] where each prompt token sits in the flattened [G * W] padded layout
+    prompt_mask: torch.Tensor  # [G, 1, W, W] bool: causal over each prompt's real tokens
+    real: torch.Tensor  # [G, W] bool: the prompts' real (not padding) columns
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """[H, S, D] prompt part of the packed row -> [G, H, W, D], left-padded with zeros."""
+        heads, _, dim = packed.shape
+        out = packed.new_zeros((heads, self.prompt_rows * self.width, dim))
+        out[:, self.slots] = packed
+        return out.view(heads, self.prompt_rows, self.width, dim).transpose(0, 1)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[G, H, W, D] -> [S, H, D], the prompt tokens in packed order."""
+        rows, heads, width, dim = padded.shape
+        return padded.transpose(1, 2).reshape(rows * width, heads, dim)[self.slots]
+
+
+def layout_for(decode_mask_2d: torch.Tensor, prompt_lengths: list[int]) -> PackedLayout:
+    device = decode_mask_2d.device
+    width = max(prompt_lengths)
+    slots = torch.cat(
+        [
+            torch.arange(g * width + width - n, (g + 1) * width, device=device)
+            for g, n in enumerate(prompt_lengths)
+        ]
+    )
+    lengths = torch.tensor(prompt_lengths, device=device)
+    real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [G, W]
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    # A padding query attends to itself only: a row with nothing to attend to would be NaN.
+    mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+    return PackedLayout(
+        decode_rows=decode_mask_2d.shape[0],
+        decode_mask=decode_mask_2d.bool()[:, None, None, :],
+        prompt_rows=len(prompt_lengths),
+        width=width,
+        slots=slots,
+        prompt_mask=mask[:, None],
+        real=real,
+    )
+
+
+class PackedCache(DynamicCache):
+    """The cache a packed forward writes: the running batch's layers for the decode rows, and new
+    left-padded layers for the prompts (``prompt_layers``, the new rows' cache afterwards)."""
+
+    def __init__(self, batch_cache: Any, layout: PackedLayout) -> None:
+        super().__init__()
+        self.batch_cache = batch_cache
+        self.layout = layout
+        self.prompt_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(  # type: ignore[override]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.layout.decode_rows
+        # [1, H, N, D] -> the decode rows' column [B, H, 1, D], appended in place
+        keys, values = self.batch_cache.layers[layer_idx].update(
+            key_states[0, :, :rows].transpose(0, 1)[:, :, None],
+            value_states[0, :, :rows].transpose(0, 1)[:, :, None],
+        )
+        prompt_keys = self.layout.pad(key_states[0, :, rows:])
+        prompt_values = self.layout.pad(value_states[0, :, rows:])
+        self.prompt_layers.append((prompt_keys, prompt_values))
+        return (keys, prompt_keys), (values, prompt_values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions and masks are given: nothing asks
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a packed row: query [1, Hq, N, D]; ``key``/``value`` as ``PackedCache``
+    returned them; returns [1, N, Hq, D] as ``transformers``' attention functions do."""
+    layout: PackedLayout = attention_mask
+    (decode_keys, prompt_keys), (decode_values, prompt_values) = key, value
+    rows = layout.decode_rows
+    q = query[0]  # [Hq, N, D]
+    out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))  # [N, Hq, D]
+    gqa = q.shape[0] != decode_keys.shape[1]
+    decoded = F.scaled_dot_product_attention(
+        q[:, :rows].transpose(0, 1)[:, :, None],  # [B, Hq, 1, D]
+        decode_keys,
+        decode_values,
+        attn_mask=layout.decode_mask,
+        scale=scaling,
+        enable_gqa=gqa,
+    )
+    out[:rows] = decoded[:, :, 0]
+    prompted = F.scaled_dot_product_attention(
+        layout.pad(q[:, rows:]),  # [G, Hq, W, D]
+        prompt_keys,
+        prompt_values,
+        attn_mask=layout.prompt_mask,
+        scale=scaling,
+        enable_gqa=gqa,
+    )
+    out[rows:] = layout.unpad(prompted)
+    return out[None], None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, packed_attention)
+
+
+def packed_step(batch: Any, seqs: list[Any]) -> tuple[torch.Tensor, tuple[Any, torch.Tensor]]:
+    """One forward for ``batch``'s decode step and the prefill of ``seqs``' prompts; returns the
+    decode rows' logits [B, V], and the new rows' batch with their last-position logits [G, V]."""
+    from model_host.batch import DecodeBatch
+    from model_host.sampling import SamplingBatch
+
+    model, device = batch.model, batch.model.device
+    rows, lengths = len(batch.seqs), [len(s.prompt) for s in seqs]
+    tokens = [s.generated[-1] for s in batch.seqs] + [t for s in seqs for t in s.prompt]
+    ids = torch.tensor([tokens], device=device)
+    positions = torch.cat([batch.lengths, *(torch.arange(n, device=device) for n in lengths)])[None]
+    batch.attention_mask = torch.cat(
+        [batch.attention_mask, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=-1
+    )
+    layout = layout_for(batch.attention_mask, lengths)
+    cache = PackedCache(batch.cache, layout)
+    ends = rows + torch.tensor(lengths, device=device).cumsum(0) - 1
+    keep = torch.cat([torch.arange(rows, device=device), ends])
+    logits = model.packed_forward(ids, positions, cache, layout, keep)
+    batch.lengths = batch.lengths + 1
+    width = layout.width
+    mask = (
+        torch.arange(width, device=device)[None, :] >= width - torch.tensor(lengths, device=device)[:, None]
+    ).long()
+    sampling = SamplingBatch.build(
+        [s.params for s in seqs],
+        [s.prompt for s in seqs],
+        logits.shape[-1],
+        device,
+        [s.matcher for s in seqs],
+    )
+    new = DecodeBatch(model, seqs, DynamicCache(ddp_cache_data=cache.prompt_layers), mask, sampling)
+    return logits[:rows], (new, logits[rows:])
+
+
+def packing_works(model: Any) -> bool:
+    """Whether packed steps give this model's logits: a packed step is compared with the separate
+    decode and prefill it replaces (and the step after it, which reads the cache it wrote), on a
+    few tokens, when the model loads. Any error or difference keeps the separate forwards."""
+    import torch.distributed as dist
+
+    from model_host.batch import DecodeBatch, Sequence
+    from model_host.ipc.messages import SamplingParams
+
+    placed = {str(d) for d in (getattr(model.model, "hf_device_map", None) or {}).values()}
+    if len(placed) > 1 or (dist.is_available() and dist.is_initialized()):
+        return False  # layers on several devices, or ranks that must decide alike: not yet
+    register()
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=())
+    vocab = min(int(model.vocab_size), 1000)
+    gen = torch.Generator().manual_seed(0)
+    running = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (3, 9, 5)]
+    arriving = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (4, 11)]
+
+    def seqs(prompts: list[list[int]], first: int) -> list[Any]:
+        return [Sequence((-1, first + i), model.path, list(p), params) for i, p in enumerate(prompts)]
+
+    results = []
+    try:
+        with torch.inference_mode():
+            for packed in (False, True):
+                batch, logits = DecodeBatch.prefill(model, seqs(running, 0))
+                batch.sample(logits)
+                if not batch.joinable:
+                    return False
+                batch.sample(batch.decode())
+                new = seqs(arriving, len(running))
+                if packed:
+                    decoded, (joining, first) = packed_step(batch, new)
+                else:
+                    decoded, (joining, first) = batch.decode(), DecodeBatch.prefill(model, new)
+                batch.sample(decoded)
+                joining.sample(first)
+                batch.concatenate(joining)
+                results.append((decoded, first, batch.decode()))
+    except Exception as exc:  # a model whose forward does not take the packed row
+        log.info("%s: mixed steps off (%s: %s)", model.path, type(exc).__name__, exc)
+        return False
+    tolerance = 1e-3 if next(model.model.parameters()).dtype == torch.float32 else 5e-2
+    for ref, got in zip(results[0], results[1], strict=True):
+        scale = max(1.0, float(ref.abs().max()))
+        if ref.shape != got.shape or float((ref - got).abs().max()) > tolerance * scale:
+            log.info("%s: mixed steps off (their logits differ from separate forwards)", model.path)
+            return False
+    return True

@@ -1,0 +1,78 @@
+"""Mixed steps (model_host/packed.py): one forward for a batch's decode and new prompts' prefill.
+
+The engine-level fidelity (greedy tokens equal a lone ``generate()`` with mixed steps in play) is in
+``test_host_units.py`` and, end to end, ``test_batching.py``; here the packed forward itself, and the
+load-time check that turns it off for a model it does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model_host.batch import DecodeBatch, Sequence
+from model_host.causal_lm import CausalLM
+from model_host.ipc.messages import SamplingParams
+from model_host.packed import packed_step, packing_works
+from model_host.registry import ModelRegistry
+from model_host.runners.causal import CausalRunner
+
+_GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=())
+
+
+def _seqs(path: str, prompts: list[list[int]], first: int) -> list[Sequence]:
+    return [Sequence((0, first + i), path, list(p), _GREEDY) for i, p in enumerate(prompts)]
+
+
+def test_a_packed_step_gives_the_separate_forwards_logits_and_cache(demo_model: Path) -> None:
+    registry = ModelRegistry("cpu", "float32", False)
+    runner = registry.get(str(demo_model))
+    assert isinstance(runner, CausalRunner) and runner._packs
+    model, path = runner.model, str(demo_model)
+    gen = torch.Generator().manual_seed(1)
+    running = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (2, 17, 6, 9)]
+    arriving = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (1, 23, 8)]
+    results = []
+    with torch.inference_mode():
+        for packed in (False, True):
+            batch, logits = DecodeBatch.prefill(model, _seqs(path, running, 0))
+            batch.sample(logits)
+            for _ in range(3):
+                batch.sample(batch.decode())
+            new = _seqs(path, arriving, 10)
+            if packed:
+                decoded, (joining, first) = packed_step(batch, new)
+            else:
+                decoded, (joining, first) = batch.decode(), DecodeBatch.prefill(model, new)
+            batch.sample(decoded)
+            joining.sample(first)
+            batch.concatenate(joining)
+            after = []  # the steps that read the cache the packed step wrote
+            for _ in range(3):
+                after.append(batch.decode())
+                batch.sample(after[-1])
+            results.append((decoded, first, *after, [s.generated for s in batch.seqs]))
+    for ref, got in zip(results[0][:-1], results[1][:-1], strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert results[0][-1] == results[1][-1]  # every row's greedy tokens, three steps on
+    registry.unload(path)
+
+
+def test_a_model_the_packed_row_does_not_fit_keeps_separate_forwards() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=0,  # every layer slides: its mask is not the packed one
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    loaded = CausalLM("sliding", model, torch.device("cpu"), max_context=64)
+    assert not packing_works(loaded)
