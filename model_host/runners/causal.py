@@ -12,7 +12,6 @@ decode in the same forward (a mixed step, :mod:`model_host.packed`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import ClassVar
 
@@ -33,45 +32,23 @@ from model_host.ipc.model_kind import ModelKind
 from model_host.packed import packed_step, packing_works
 from model_host.prefix_cache import Layers, PrefixCache
 from model_host.runners.base import Pending, RequestKey, Runner, StepOutput, WaitingQueue, error_output
+from model_host.runners.causal_frames import (
+    ContextExceeded,
+    count_frames,
+    counting,
+    failed,
+    over_context,
+    prompt_frames,
+    refs,
+)
 
 log = logging.getLogger(__name__)
 
-_PROMPT_TOKENS_PER_FRAME = 256  # about 14 KB of prompt logprobs per frame at 5 alternatives
-_COUNTED_TOKENS_PER_FRAME = 4096  # ids alone: at most about 20 KB a frame
-GENERATION_FAILED = "generation failed"
 # Waiting requests of this model looked at each step, and how often one may be passed over by younger
 # ones that fit the step when it does not: a short prompt starts beside a long one, and a request
 # passed over this many times holds back everything younger until it has started.
 ADMIT_WINDOW = 32
-MAX_PASSED_OVER = 4  # the exception's text goes to the log, not to clients
-
-
-class ContextExceeded(str):
-    """A refusal (``_prepare``'s string) that says the prompt leaves no room in the context."""
-
-
-def _failed(seqs: list[Sequence]) -> list[StepOutput]:
-    return [error_output(s.key, ErrorKind.GENERATION_FAILED, GENERATION_FAILED) for s in seqs]
-
-
-def _counting(pending: Pending) -> bool:
-    payload = pending.request.payload
-    return isinstance(payload, Generate) and payload.count_only
-
-
-def _count_frames(key: RequestKey, prompt: list[int]) -> list[StepOutput]:
-    """A counted prompt's ids (prompt frames, no logprobs), then its end with its length."""
-    rid = key[1]
-    outputs = [
-        StepOutput(key[0], TokenFrame(rid, tuple(prompt[at : at + _COUNTED_TOKENS_PER_FRAME]), prompt=True))
-        for at in range(0, len(prompt), _COUNTED_TOKENS_PER_FRAME)
-    ]
-    end = TokenFrame(rid, (), FinishReason.LENGTH, prompt_tokens=len(prompt))
-    return [*outputs, StepOutput(key[0], end)]
-
-
-def _refs(seqs: list[Sequence]) -> str:
-    return ", ".join(request_ref(*s.key) for s in seqs)
+MAX_PASSED_OVER = 4
 
 
 class CausalRunner(Runner):
@@ -143,8 +120,8 @@ class CausalRunner(Runner):
             try:
                 sampled = batch.sample(batch.decode())
             except Exception:  # a failing forward ends that batch's requests, not the host
-                log.exception("decode step failed for %s", _refs(batch.seqs))
-                outputs += _failed(batch.seqs)
+                log.exception("decode step failed for %s", refs(batch.seqs))
+                outputs += failed(batch.seqs)
                 self._batches.remove(batch)
                 continue
             outputs += self._emit(batch, *sampled)
@@ -158,9 +135,9 @@ class CausalRunner(Runner):
         try:
             sampled = batch.sample(batch.decode())
         except Exception:
-            log.exception("decode step failed for %s", _refs(batch.seqs))
+            log.exception("decode step failed for %s", refs(batch.seqs))
             self._batches.remove(batch)
-            return _failed(batch.seqs)
+            return failed(batch.seqs)
         return self._emit(batch, *sampled)
 
     def _prefill_group(
@@ -173,16 +150,16 @@ class CausalRunner(Runner):
             try:
                 return [DecodeBatch.prefill(self.model, group)]
             except Exception:
-                log.exception("prefill failed for %s", _refs(group))
-                outputs += _failed(group)
+                log.exception("prefill failed for %s", refs(group))
+                outputs += failed(group)
                 return []
         self._deferred = None
         try:
             decoded, joining = packed_step(batch, group)
         except Exception:
-            log.exception("mixed step failed for %s", _refs(batch.seqs + group))
+            log.exception("mixed step failed for %s", refs(batch.seqs + group))
             self._batches.remove(batch)
-            outputs += _failed(batch.seqs + group)
+            outputs += failed(batch.seqs + group)
             return []
         self.mixed_steps += 1
         outputs += self._emit(batch, *batch.sample(decoded))
@@ -242,14 +219,14 @@ class CausalRunner(Runner):
         cap = budget_tokens - chunk_share if self._chunking is not None else budget_tokens
         started = 0  # batch slots taken this step
         for pending in queue.window(self.path, ADMIT_WINDOW):
-            if room <= started and not _counting(pending):
+            if room <= started and not counting(pending):
                 break
             seq = self._prepare(pending)
             if seq is None:  # still being prepared (its images): it starts at a later step
                 continue
-            if _counting(pending) and isinstance(seq, Sequence):  # its length is all it asks
+            if counting(pending) and isinstance(seq, Sequence):  # its length is all it asks
                 queue.remove(pending)
-                outputs += _count_frames(pending.key, seq.prompt)
+                outputs += count_frames(pending.key, seq.prompt)
                 continue
             if isinstance(seq, str):  # refused: the error frame says why
                 queue.remove(pending)
@@ -298,7 +275,7 @@ class CausalRunner(Runner):
     ) -> list[StepOutput]:
         """The first token of each newly prefilled request; then its batch joins a running one."""
         for batch, logits in admitted:
-            outputs += self._prompt_frames(batch)
+            outputs += prompt_frames(batch)
             logits = self._end_empty_requests(batch, logits, outputs)
             if len(batch):
                 outputs += self._emit(batch, *batch.sample(logits))
@@ -319,7 +296,7 @@ class CausalRunner(Runner):
         seq = self._sequence(pending)
         if seq is None or isinstance(seq, str):
             return seq
-        if _counting(pending):  # nothing will run: only the length is asked, whatever it is
+        if counting(pending):  # nothing will run: only the length is asked, whatever it is
             return seq
         if len(seq.prompt) >= self.model.max_context:
             return self._over_context(len(seq.prompt), images=seq.cache_key is not None)
@@ -336,15 +313,7 @@ class CausalRunner(Runner):
         return seq
 
     def _over_context(self, prompt_tokens: int, images: bool) -> ContextExceeded:
-        """The worker checks the prompt it tokenized; only the host knows how long images make it."""
-        context = self.model.max_context
-        read = " as the model reads it, its images' tokens included" if images else ""
-        fix = " or the number or size of its images" if images else ""
-        return ContextExceeded(
-            f"This model's maximum context length is {context} tokens. However, the prompt is "
-            f"{prompt_tokens} tokens{read}, which leaves no room for a reply. Please reduce the "
-            f"length of the prompt{fix}."
-        )
+        return over_context(self.model.max_context, prompt_tokens, images)
 
     def _sequence(self, pending: Pending) -> Sequence | str | None:
         """The request's sequence, before the checks every prompt passes."""
@@ -391,7 +360,7 @@ class CausalRunner(Runner):
             done = DecodeBatch.prefill_chunk(self.model, seq, len(seq.prompt) - seq.prefilled)
         except Exception:
             log.exception("prefill after a cached prefix failed for %s", request_ref(*seq.key))
-            outputs += _failed([seq])
+            outputs += failed([seq])
             return []
         assert done is not None  # the whole rest fits this step
         return [done]
@@ -406,29 +375,12 @@ class CausalRunner(Runner):
         except Exception:
             log.exception("chunked prefill failed for %s", request_ref(*seq.key))
             self._chunking = None
-            outputs += _failed([seq])
+            outputs += failed([seq])
             return []
         if done is None:
             return []
         self._chunking = None
         return [done]
-
-    @staticmethod
-    def _prompt_frames(batch: DecodeBatch) -> list[StepOutput]:
-        """Prompt logprobs, for the requests that asked, in frames of bounded size."""
-        outputs: list[StepOutput] = []
-        for seq in batch.seqs:
-            if not seq.wants_prompt_logprobs:
-                continue
-            records = [TokenLogprob(math.nan), *seq.prompt_logprobs]  # nothing predicts token 0
-            seq.prompt_logprobs = []
-            for at in range(0, len(seq.prompt), _PROMPT_TOKENS_PER_FRAME):
-                part = slice(at, at + _PROMPT_TOKENS_PER_FRAME)
-                frame = TokenFrame(
-                    seq.key[1], tuple(seq.prompt[part]), logprobs=tuple(records[part]), prompt=True
-                )
-                outputs.append(StepOutput(seq.key[0], frame))
-        return outputs
 
     def _end_empty_requests(
         self, batch: DecodeBatch, logits: torch.Tensor, outputs: list[StepOutput]

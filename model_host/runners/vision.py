@@ -38,7 +38,8 @@ from model_host.ipc.messages import Generate, request_ref
 from model_host.ipc.model_kind import ModelKind
 from model_host.prefix_cache import PrefixCache
 from model_host.runners.base import Pending, StepOutput
-from model_host.runners.causal import CausalRunner, _failed
+from model_host.runners.causal import CausalRunner
+from model_host.runners.causal_frames import failed
 from model_host.vision_lm import ImagePrompt, ImagePromptError, VisionLM
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class VisionRunner(CausalRunner):
                 except Exception:
                     log.exception("encoding the images of %s failed", request_ref(*seq.key))
                     self._chunking = None
-                    outputs += _failed([seq])
+                    outputs += failed([seq])
                     return []
                 budget_tokens -= prompt.encoder_tokens
                 if budget_tokens <= 0:
