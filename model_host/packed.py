@@ -22,7 +22,7 @@ model that does not give the same logits keeps the separate forwards.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,10 @@ class PackedLayout:
     slots: torch.Tensor  # [S] where each prompt token sits in the flattened [G * W] padded layout
     prompt_mask: torch.Tensor  # [G, 1, W, W] bool: causal over each prompt's real tokens
     real: torch.Tensor  # [G, W] bool: the prompts' real (not padding) columns
+    # Prompts continued from a cache of their own (a chunk of a long prompt, the rest of a prompt
+    # whose start was in the prefix cache), after the new prompts: each one's span in the packed
+    # row, its cache, and its causal mask over that cache and its new tokens.
+    continued: list[tuple[slice, Any, torch.Tensor]] = field(default_factory=list)
 
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         """[H, S, D] prompt part of the packed row -> [G, H, W, D], left-padded with zeros."""
@@ -62,13 +66,12 @@ class PackedLayout:
 
 def layout_for(decode_mask_2d: torch.Tensor, prompt_lengths: list[int]) -> PackedLayout:
     device = decode_mask_2d.device
-    width = max(prompt_lengths)
-    slots = torch.cat(
-        [
-            torch.arange(g * width + width - n, (g + 1) * width, device=device)
-            for g, n in enumerate(prompt_lengths)
-        ]
-    )
+    width = max(prompt_lengths, default=1)
+    spans = [
+        torch.arange(g * width + width - n, (g + 1) * width, device=device)
+        for g, n in enumerate(prompt_lengths)
+    ]
+    slots = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long, device=device)
     lengths = torch.tensor(prompt_lengths, device=device)
     real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [G, W]
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
@@ -97,17 +100,23 @@ class PackedCache(DynamicCache):
 
     def update(  # type: ignore[override]
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         rows = self.layout.decode_rows
         # [1, H, N, D] -> the decode rows' column [B, H, 1, D], appended in place
         keys, values = self.batch_cache.layers[layer_idx].update(
             key_states[0, :, :rows].transpose(0, 1)[:, :, None],
             value_states[0, :, :rows].transpose(0, 1)[:, :, None],
         )
-        prompt_keys = self.layout.pad(key_states[0, :, rows:])
-        prompt_values = self.layout.pad(value_states[0, :, rows:])
+        fresh = slice(rows, rows + int(self.layout.slots.shape[0]))
+        prompt_keys = self.layout.pad(key_states[0, :, fresh])
+        prompt_values = self.layout.pad(value_states[0, :, fresh])
         self.prompt_layers.append((prompt_keys, prompt_values))
-        return (keys, prompt_keys), (values, prompt_values)
+        continued = [
+            cache.update(key_states[:, :, span], value_states[:, :, span], layer_idx)
+            for span, cache, _ in self.layout.continued
+        ]
+        continued_keys, continued_values = [k for k, _ in continued], [v for _, v in continued]
+        return (keys, prompt_keys, continued_keys), (values, prompt_values, continued_values)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions and masks are given: nothing asks
@@ -126,7 +135,8 @@ def packed_attention(
     """Attention for a packed row: query [1, Hq, N, D]; ``key``/``value`` as ``PackedCache``
     returned them; returns [1, N, Hq, D] as ``transformers``' attention functions do."""
     layout: PackedLayout = attention_mask
-    (decode_keys, prompt_keys), (decode_values, prompt_values) = key, value
+    decode_keys, prompt_keys, continued_keys = key
+    decode_values, prompt_values, continued_values = value
     rows = layout.decode_rows
     q = query[0]  # [Hq, N, D]
     out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))  # [N, Hq, D]
@@ -140,15 +150,22 @@ def packed_attention(
         enable_gqa=gqa,
     )
     out[:rows] = decoded[:, :, 0]
-    prompted = F.scaled_dot_product_attention(
-        layout.pad(q[:, rows:]),  # [G, Hq, W, D]
-        prompt_keys,
-        prompt_values,
-        attn_mask=layout.prompt_mask,
-        scale=scaling,
-        enable_gqa=gqa,
-    )
-    out[rows:] = layout.unpad(prompted)
+    fresh = slice(rows, rows + int(layout.slots.shape[0]))
+    if layout.prompt_rows:
+        prompted = F.scaled_dot_product_attention(
+            layout.pad(q[:, fresh]),  # [G, Hq, W, D]
+            prompt_keys,
+            prompt_values,
+            attn_mask=layout.prompt_mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        out[fresh] = layout.unpad(prompted)
+    for (span, _, mask), keys, values in zip(layout.continued, continued_keys, continued_values, strict=True):
+        attended = F.scaled_dot_product_attention(
+            q[None, :, span], keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa
+        )  # [1, Hq, L, D]
+        out[span] = attended[0].transpose(0, 1)
     return out[None], None
 
 
@@ -158,39 +175,63 @@ def register() -> None:
     AttentionInterface.register(IMPLEMENTATION, packed_attention)
 
 
-def packed_step(batch: Any, seqs: list[Any]) -> tuple[torch.Tensor, tuple[Any, torch.Tensor]]:
-    """One forward for ``batch``'s decode step and the prefill of ``seqs``' prompts; returns the
-    decode rows' logits [B, V], and the new rows' batch with their last-position logits [G, V]."""
+def packed_step(
+    batch: Any, seqs: list[Any], continued: tuple[tuple[Any, int], ...] = ()
+) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]:
+    """One forward for ``batch``'s decode step, the prefill of the new prompts ``seqs``, and the next
+    ``n`` tokens of each ``(seq, n)`` in ``continued`` (prompts with a cache of their own: a chunk
+    of a long prompt, the rest of a prompt found in the prefix cache). Returns the decode rows'
+    logits [B, V], and a batch with last-position logits for the new prompts (one batch) and for
+    each continued prompt that is now whole."""
     from model_host.batch import DecodeBatch
     from model_host.sampling import SamplingBatch
 
     model, device = batch.model, batch.model.device
     rows, lengths = len(batch.seqs), [len(s.prompt) for s in seqs]
     tokens = [s.generated[-1] for s in batch.seqs] + [t for s in seqs for t in s.prompt]
-    ids = torch.tensor([tokens], device=device)
-    positions = torch.cat([batch.lengths, *(torch.arange(n, device=device) for n in lengths)])[None]
+    positions = [batch.lengths, *(torch.arange(n, device=device) for n in lengths)]
     batch.attention_mask = torch.cat(
         [batch.attention_mask, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=-1
     )
     layout = layout_for(batch.attention_mask, lengths)
+    keep = [*range(rows), *(rows + int(e) - 1 for e in torch.tensor(lengths, dtype=torch.long).cumsum(0))]
+    for seq, n in continued:
+        start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + n)
+        at = len(tokens)
+        tokens += seq.prompt[start:end]
+        positions.append(torch.arange(start, end, device=device))
+        if seq.prefill_cache is None:
+            seq.prefill_cache = DynamicCache()
+        causal = torch.ones((end - start, end), dtype=torch.bool, device=device).tril(diagonal=start)
+        layout.continued.append((slice(at, len(tokens)), seq.prefill_cache, causal))
+        keep.append(len(tokens) - 1)
+    ids = torch.tensor([tokens], device=device)
     cache = PackedCache(batch.cache, layout)
-    ends = rows + torch.tensor(lengths, device=device).cumsum(0) - 1
-    keep = torch.cat([torch.arange(rows, device=device), ends])
-    logits = model.packed_forward(ids, positions, cache, layout, keep)
+    at_keep = torch.tensor(keep, device=device)
+    logits = model.packed_forward(ids, torch.cat(positions)[None], cache, layout, at_keep)
     batch.lengths = batch.lengths + 1
-    width = layout.width
-    mask = (
-        torch.arange(width, device=device)[None, :] >= width - torch.tensor(lengths, device=device)[:, None]
-    ).long()
-    sampling = SamplingBatch.build(
-        [s.params for s in seqs],
-        [s.prompt for s in seqs],
-        logits.shape[-1],
-        device,
-        [s.matcher for s in seqs],
-    )
-    new = DecodeBatch(model, seqs, DynamicCache(ddp_cache_data=cache.prompt_layers), mask, sampling)
-    return logits[:rows], (new, logits[rows:])
+    done: list[tuple[Any, torch.Tensor]] = []
+    if seqs:
+        params, prompts, matchers = (
+            [s.params for s in seqs],
+            [s.prompt for s in seqs],
+            [s.matcher for s in seqs],
+        )
+        sampling = SamplingBatch.build(params, prompts, logits.shape[-1], device, matchers)
+        new = DecodeBatch(
+            model, seqs, DynamicCache(ddp_cache_data=cache.prompt_layers), layout.real.long(), sampling
+        )
+        done.append((new, logits[rows : rows + len(seqs)]))
+    for i, (seq, n) in enumerate(continued):
+        seq.prefilled = min(len(seq.prompt), seq.prefilled + n)
+        if seq.prefilled < len(seq.prompt):
+            continue  # a chunk of a long prompt: more next step
+        mask = torch.ones((1, seq.prefilled), dtype=torch.long, device=device)
+        sampling = SamplingBatch.build([seq.params], [seq.prompt], logits.shape[-1], device, [seq.matcher])
+        own, seq.prefill_cache = seq.prefill_cache, None
+        at = rows + len(seqs) + i
+        done.append((DecodeBatch(model, [seq], own, mask, sampling), logits[at : at + 1]))
+    return logits[:rows], done
 
 
 def packing_works(model: Any) -> bool:
@@ -211,6 +252,7 @@ def packing_works(model: Any) -> bool:
     gen = torch.Generator().manual_seed(0)
     running = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (3, 9, 5)]
     arriving = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (4, 11)]
+    chunked = [torch.randint(1, vocab, (12,), generator=gen).tolist()]  # 5 tokens in, 7 to come
 
     def seqs(prompts: list[list[int]], first: int) -> list[Any]:
         return [Sequence((-1, first + i), model.path, list(p), params) for i, p in enumerate(prompts)]
@@ -225,14 +267,19 @@ def packing_works(model: Any) -> bool:
                     return False
                 batch.sample(batch.decode())
                 new = seqs(arriving, len(running))
+                (rest,) = seqs(chunked, 10)
+                DecodeBatch.prefill_chunk(model, rest, 5)  # a prompt part-way in, with its own cache
                 if packed:
-                    decoded, (joining, first) = packed_step(batch, new)
+                    decoded, done = packed_step(batch, new, ((rest, 7),))
                 else:
-                    decoded, (joining, first) = batch.decode(), DecodeBatch.prefill(model, new)
+                    decoded, whole = batch.decode(), DecodeBatch.prefill_chunk(model, rest, 7)
+                    assert whole is not None
+                    done = [DecodeBatch.prefill(model, new), whole]
                 batch.sample(decoded)
-                joining.sample(first)
-                batch.concatenate(joining)
-                results.append((decoded, first, batch.decode()))
+                for joining, first in done:
+                    joining.sample(first)
+                    batch.concatenate(joining)
+                results.append((decoded, *(first for _, first in done), batch.decode()))
     except Exception as exc:  # a model whose forward does not take the packed row
         log.info("%s: mixed steps off (%s: %s)", model.path, type(exc).__name__, exc)
         return False

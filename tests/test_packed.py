@@ -32,6 +32,7 @@ def test_a_packed_step_gives_the_separate_forwards_logits_and_cache(demo_model: 
     gen = torch.Generator().manual_seed(1)
     running = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (2, 17, 6, 9)]
     arriving = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (1, 23, 8)]
+    chunked = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (30, 40)]
     results = []
     with torch.inference_mode():
         for packed in (False, True):
@@ -40,18 +41,34 @@ def test_a_packed_step_gives_the_separate_forwards_logits_and_cache(demo_model: 
             for _ in range(3):
                 batch.sample(batch.decode())
             new = _seqs(path, arriving, 10)
+            # Prompts with a cache of their own: one finishes its last chunk (19 of 30 tokens in),
+            # one takes a middle chunk (9 of 40 in, 10 more) and is not whole yet.
+            finishing, middle = _seqs(path, chunked, 20)
+            DecodeBatch.prefill_chunk(model, finishing, 19)
+            DecodeBatch.prefill_chunk(model, middle, 9)
             if packed:
-                decoded, (joining, first) = packed_step(batch, new)
+                decoded, done = packed_step(batch, new, ((finishing, 11), (middle, 10)))
             else:
-                decoded, (joining, first) = batch.decode(), DecodeBatch.prefill(model, new)
+                decoded = batch.decode()
+                done = [DecodeBatch.prefill(model, new), DecodeBatch.prefill_chunk(model, finishing, 11)]
+                assert DecodeBatch.prefill_chunk(model, middle, 10) is None
+            assert len(done) == 2 and middle.prefilled == 19
             batch.sample(decoded)
+            for joining, first in done:
+                joining.sample(first)
+                batch.concatenate(joining)
+            firsts = [first for _, first in done]
+            rest_of_middle = DecodeBatch.prefill_chunk(model, middle, 21)  # its last chunk, apart
+            assert rest_of_middle is not None
+            joining, first = rest_of_middle
+            firsts.append(first)
             joining.sample(first)
             batch.concatenate(joining)
             after = []  # the steps that read the cache the packed step wrote
             for _ in range(3):
                 after.append(batch.decode())
                 batch.sample(after[-1])
-            results.append((decoded, first, *after, [s.generated for s in batch.seqs]))
+            results.append((decoded, *firsts, *after, [s.generated for s in batch.seqs]))
     for ref, got in zip(results[0][:-1], results[1][:-1], strict=True):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert results[0][-1] == results[1][-1]  # every row's greedy tokens, three steps on

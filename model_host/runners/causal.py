@@ -140,30 +140,50 @@ class CausalRunner(Runner):
             return failed(batch.seqs)
         return self._emit(batch, *sampled)
 
-    def _prefill_group(
-        self, group: list[Sequence], outputs: list[StepOutput]
+    def _prefill(
+        self, group: list[Sequence], rests: list[Sequence], chunk_tokens: int, outputs: list[StepOutput]
     ) -> list[tuple[DecodeBatch, torch.Tensor]]:
-        """New prompts prefilled together: in the same forward as the deferred decode when the
-        step has one and no prompt needs more than its last logits, else on their own."""
-        batch = self._deferred
-        if batch is None or any(s.wants_prompt_logprobs for s in group):
+        """This step's prompt work: the new prompts together, the rest of each prompt found in the
+        prefix cache, the next chunk of a long prompt. With a deferred decode (and no prompt that
+        needs every position's logits) all of it shares one forward with the decode: a mixed
+        step; otherwise each part runs its own forward."""
+        batch, chunk = self._deferred, self._chunking
+        work = group + rests + ([chunk] if chunk is not None else [])
+        if batch is None or not work or any(s.wants_prompt_logprobs for s in work):
+            return self._prefill_apart(group, rests, chunk_tokens, outputs)
+        self._deferred = None
+        continued = tuple((s, len(s.prompt) - s.prefilled) for s in rests)
+        if chunk is not None:
+            continued += ((chunk, chunk_tokens),)
+        try:
+            decoded, done = packed_step(batch, group, continued)
+        except Exception:
+            log.exception("mixed step failed for %s", refs(batch.seqs + work))
+            self._batches.remove(batch)
+            self._chunking = None
+            outputs += failed(batch.seqs + work)
+            return []
+        if chunk is not None and chunk.prefilled >= len(chunk.prompt):
+            self._chunking = None
+        self.mixed_steps += 1
+        outputs += self._emit(batch, *batch.sample(decoded))
+        return done
+
+    def _prefill_apart(
+        self, group: list[Sequence], rests: list[Sequence], chunk_tokens: int, outputs: list[StepOutput]
+    ) -> list[tuple[DecodeBatch, torch.Tensor]]:
+        admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
+        if group:
             try:
-                return [DecodeBatch.prefill(self.model, group)]
+                admitted.append(DecodeBatch.prefill(self.model, group))
             except Exception:
                 log.exception("prefill failed for %s", refs(group))
                 outputs += failed(group)
-                return []
-        self._deferred = None
-        try:
-            decoded, joining = packed_step(batch, group)
-        except Exception:
-            log.exception("mixed step failed for %s", refs(batch.seqs + group))
-            self._batches.remove(batch)
-            outputs += failed(batch.seqs + group)
-            return []
-        self.mixed_steps += 1
-        outputs += self._emit(batch, *batch.sample(decoded))
-        return [joining]
+        for seq in rests:
+            admitted += self._prefill_rest(seq, outputs)
+        if self._chunking is not None:
+            admitted += self._continue_chunking(chunk_tokens, outputs)
+        return admitted
 
     def _emit(
         self, batch: DecodeBatch, tokens: list[int], logprobs: list[TokenLogprob | None]
@@ -211,8 +231,8 @@ class CausalRunner(Runner):
         prompts behind it take the rest: a long first turn no longer holds back every short
         request (a cached next turn, a chat line) for all of its chunks."""
         outputs: list[StepOutput] = []
-        admitted: list[tuple[DecodeBatch, torch.Tensor]] = []
-        group: list[Sequence] = []
+        group: list[Sequence] = []  # new prompts, prefilled together
+        rests: list[Sequence] = []  # prompts whose start is in the prefix cache: the rest of each
         width = 0  # the group's longest prompt: the group is prefilled padded to it
         spent = 0  # budget taken by prompts other than the chunked one
         chunk_share = max(1, budget_tokens // 2)
@@ -254,7 +274,7 @@ class CausalRunner(Runner):
                     spent, started = spent + cost, started + 1
                     self._use_prefix(seq, found)
                     if reused:
-                        admitted += self._prefill_rest(self._take(queue, pending, seq), outputs)
+                        rests.append(self._take(queue, pending, seq))
                     else:
                         group.append(self._take(queue, pending, seq))
                         width = max(width, todo - extra)
@@ -262,10 +282,7 @@ class CausalRunner(Runner):
             pending.passed_over += 1
             if pending.passed_over > MAX_PASSED_OVER:
                 break  # nothing younger may start before it any more
-        if group:
-            admitted += self._prefill_group(group, outputs)
-        if self._chunking is not None:
-            admitted += self._continue_chunking(budget_tokens - spent, outputs)
+        admitted = self._prefill(group, rests, budget_tokens - spent, outputs)
         if admitted:  # the running rows take this step's token before new rows join them
             outputs += self.end_step()
         return self._join(admitted, outputs)
