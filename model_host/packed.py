@@ -208,7 +208,11 @@ def packed_step(
     ids = torch.tensor([tokens], device=device)
     cache = PackedCache(batch.cache, layout)
     at_keep = torch.tensor(keep, device=device)
-    logits = model.packed_forward(ids, torch.cat(positions)[None], cache, layout, at_keep)
+    try:
+        logits = model.packed_forward(ids, torch.cat(positions)[None], cache, layout, at_keep)
+    except Exception:
+        _undo_column(batch)
+        raise
     batch.lengths = batch.lengths + 1
     done: list[tuple[Any, torch.Tensor]] = []
     if seqs:
@@ -232,6 +236,16 @@ def packed_step(
         at = rows + len(seqs) + i
         done.append((DecodeBatch(model, [seq], own, mask, sampling), logits[at : at + 1]))
     return logits[:rows], done
+
+
+def _undo_column(batch: Any) -> None:
+    """Take back the decode column a failed packed forward added (to the mask, and to the layers
+    it reached), so the batch can decode as if the step had not been tried."""
+    width = batch.attention_mask.shape[1] - 1
+    batch.attention_mask = batch.attention_mask[:, :width]
+    for layer in batch.cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > width:
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
 
 def packing_works(model: Any) -> bool:

@@ -77,7 +77,14 @@ class IncrementalDetokenizer:
         if not final and text.endswith("\ufffd") and len(ids) - read <= _MAX_HELD_TOKENS - 1:
             return ""  # perhaps a character split across tokens: wait for its other bytes
         self._prefix, self._read = read, len(ids)
-        return text[len(before) :] if text.startswith(before) else text
+        if text.startswith(before):
+            return text[len(before) :]
+        # A U+FFFD released before a character's last byte came now reads as that character: what
+        # was returned stays returned, and only what follows the common part is new.
+        common = 0
+        while common < min(len(text), len(before)) and text[common] == before[common]:
+            common += 1
+        return text[common:]
 
     def _decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens))

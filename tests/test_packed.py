@@ -93,3 +93,72 @@ def test_a_model_the_packed_row_does_not_fit_keeps_separate_forwards() -> None:
     model = Qwen2ForCausalLM(config).eval()
     loaded = CausalLM("sliding", model, torch.device("cpu"), max_context=64)
     assert not packing_works(loaded)
+
+
+def test_continued_prompts_alone_ride_with_the_decode(demo_model: Path) -> None:
+    """No new prompt this step, only a long prompt's chunks, the first starting with no cache."""
+    registry = ModelRegistry("cpu", "float32", False)
+    runner = registry.get(str(demo_model))
+    assert isinstance(runner, CausalRunner)
+    model, path = runner.model, str(demo_model)
+    gen = torch.Generator().manual_seed(2)
+    running = [torch.randint(3, 700, (n,), generator=gen).tolist() for n in (4, 7)]
+    long_prompt = torch.randint(3, 700, (25,), generator=gen).tolist()
+    results = []
+    with torch.inference_mode():
+        for packed in (False, True):
+            batch, logits = DecodeBatch.prefill(model, _seqs(path, running, 0))
+            batch.sample(logits)
+            (seq,) = _seqs(path, [long_prompt], 5)
+            steps = []
+            for chunk in (10, 10, 5):
+                if packed:
+                    decoded, done = packed_step(batch, [], ((seq, chunk),))
+                else:
+                    decoded, whole = batch.decode(), DecodeBatch.prefill_chunk(model, seq, chunk)
+                    done = [] if whole is None else [whole]
+                batch.sample(decoded)
+                steps.append(decoded)
+            ((joining, first),) = done
+            joining.sample(first)
+            batch.concatenate(joining)
+            results.append((*steps, first, batch.decode()))
+    for ref, got in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    registry.unload(path)
+
+
+def test_a_failed_mixed_step_fails_only_the_new_prompts(demo_model: Path) -> None:
+    from model_host.engine import Engine
+    from model_host.ipc.messages import ErrorKind, FinishReason
+    from model_host.ipc.settings import HostSettings
+    from tests.host_harness import Host, generate, prompt
+
+    registry = ModelRegistry("cpu", "float32", False)
+    demo = str(demo_model)
+    runner = registry.get(demo)
+    assert isinstance(runner, CausalRunner) and runner._packs
+    host = Host(Engine(registry, HostSettings(device="cpu"), 256))
+    host.add(0, demo, generate(prompt(6, 0), 6, stop=()))
+    host.step()
+    usual = runner.model.packed_forward
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    runner.model.packed_forward = broken  # type: ignore[method-assign]
+    host.add(1, demo, generate(prompt(5, 1), 3, stop=()))
+    host.step()
+    runner.model.packed_forward = usual  # type: ignore[method-assign]
+    failed = host.last(1)
+    assert failed.finish_reason is FinishReason.ERROR and failed.error is not None
+    assert failed.error.kind is ErrorKind.GENERATION_FAILED
+    host.add(2, demo, generate(prompt(5, 2), 3, stop=()))  # the next one packs again
+    host.run()
+    assert runner.mixed_steps >= 1
+    alone = Host(Engine(registry, HostSettings(device="cpu"), 256))
+    alone.add(0, demo, generate(prompt(6, 0), 6, stop=()))
+    alone.run()
+    assert host.tokens(0) == alone.tokens(0)  # the running request went on, token for token
+    assert len(host.tokens(2)) == 3
+    registry.unload(demo)

@@ -88,3 +88,18 @@ def test_a_character_cut_off_by_the_end_is_released_by_finish() -> None:
     detok = IncrementalDetokenizer(tok)
     assert detok.feed(ids) == "ok "
     assert detok.finish() == tok.decode(ids)[len("ok ") :] != ""
+
+
+def test_stray_bytes_before_a_split_character_lose_and_repeat_no_text() -> None:
+    """A stray byte, then a character whose bytes come one token at a time: a U+FFFD may come out
+    before the character is whole, but no text is repeated or lost."""
+    tok = Tokenizer.from_file(str(DEMO_TOKENIZER))
+    emoji = tok.encode("😀").ids
+    assert len(emoji) > 1  # split across byte tokens
+    ids = tok.encode("abc").ids + [tok.token_to_id("Í")] + emoji + tok.encode(" ok").ids
+    for stray_run in range(1, 7):
+        seq = ids[:3] + [tok.token_to_id("Í")] * stray_run + ids[4:]
+        out = "".join(_stream(IncrementalDetokenizer(tok), seq))
+        whole = tok.decode(seq)
+        assert out.replace("\ufffd", "") == whole.replace("\ufffd", "") == "abc😀 ok", (out, whole)
+        assert whole.count("\ufffd") <= out.count("\ufffd") <= whole.count("\ufffd") + 1, (out, whole)

@@ -158,15 +158,22 @@ class CausalRunner(Runner):
         try:
             decoded, done = packed_step(batch, group, continued)
         except Exception:
-            log.exception("mixed step failed for %s", refs(batch.seqs + work))
-            self._batches.remove(batch)
-            self._chunking = None
-            outputs += failed(batch.seqs + work)
+            # The batch is as it was (packed_step undoes its column): only the new work fails, and
+            # the running rows decode alone, in end_step.
+            log.exception("mixed step failed for %s", refs(work))
+            self._deferred, self._chunking = batch, None
+            outputs += failed(work)
             return []
         if chunk is not None and chunk.prefilled >= len(chunk.prompt):
             self._chunking = None
         self.mixed_steps += 1
-        outputs += self._emit(batch, *batch.sample(decoded))
+        try:
+            outputs += self._emit(batch, *batch.sample(decoded))
+        except Exception:  # sampling failed (a grammar matcher, say): this batch's rows end
+            log.exception("sampling failed for %s", refs(batch.seqs))
+            if batch in self._batches:
+                self._batches.remove(batch)
+            outputs += failed(batch.seqs)
         return done
 
     def _prefill_apart(
