@@ -150,7 +150,13 @@ class Generation:
                             "length" if frame.finish_reason is FinishReason.LENGTH else "stop"
                         )
                         # Bytes of a character the end cut off: U+FFFD, as a decode of the ids shows.
-                        text += self._stop.feed(self._detok.finish())
+                        # The last token's logprob entry carries them, so entries still add up to
+                        # the content.
+                        tail = self._detok.finish()
+                        if tail and entries:
+                            entries[-1]["token"] += tail
+                            entries[-1]["bytes"] += list(tail.encode())
+                        text += self._stop.feed(tail)
                         if self._stop.matched is not None:
                             self.finish_reason = "stop"
                             break

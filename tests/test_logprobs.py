@@ -73,3 +73,26 @@ def test_top_logprobs_needs_logprobs(server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client(server).chat.completions.create(model=MODEL, messages=JOKE, top_logprobs=3)
     assert exc.value.body["param"] == "top_logprobs"  # type: ignore[index]
+
+
+def test_stray_bytes_reach_the_content_and_its_logprobs(server: ServerProcess) -> None:
+    """A model emitting a byte that starts a character no later token completes (forced here with
+    logit_bias) used to stream no text at all; the content is now what a decode of the ids shows,
+    and the logprob entries still add up to it, streamed or not."""
+    stray = 140  # the demo tokenizer's byte 0xCD: the first byte of a two-byte character
+    kwargs = dict(
+        model=MODEL,
+        messages=JOKE,
+        temperature=0,
+        max_tokens=6,
+        logit_bias={str(stray): 100},
+        logprobs=True,
+    )
+    whole = client(server).chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    choice = whole.choices[0]
+    assert choice.message.content == "\ufffd" * 6
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert "".join(e.token for e in choice.logprobs.content) == choice.message.content
+    chunks = list(client(server).chat.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "\ufffd" * 6
