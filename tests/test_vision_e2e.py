@@ -92,6 +92,9 @@ class Reference:
         eos = self.model.generation_config.eos_token_id
         detok = IncrementalDetokenizer(self.tokenizer)
         pieces = [detok.feed([t]) for t in (tokens[:-1] if tokens and tokens[-1] == eos else tokens)]
+        tail = detok.finish()  # bytes held at the end: the server adds them to the last entry
+        if tail and pieces:
+            pieces[-1] += tail
         image_at = prompt.index(self.image_token_id) if self.image_token_id in prompt else -1
         return Expected(tokens, pieces, len(prompt), image_at)
 
