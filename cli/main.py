@@ -112,6 +112,12 @@ def start(
         min=0,
         help="Prompt tokens prefilled per step; longer prompts are chunked. 0: 256 on CPU, 4096 on GPU.",
     ),
+    stream_interval_ms: int = typer.Option(
+        _HOST.stream_interval_ms,
+        min=0,
+        help="A token mid-stream may wait this long to go out with the next ones (fewer, larger chunks "
+        "when steps are faster). 0: every step's tokens at once.",
+    ),
     max_queue: int = typer.Option(
         _HOST.max_queue, min=0, help="Requests waiting to start, all workers together; more get 429."
     ),
@@ -252,6 +258,7 @@ def start(
             torch_threads=torch_threads,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
+            stream_interval_ms=stream_interval_ms,
             max_queue=max_queue,
             prefix_cache_mb=prefix_cache_mb,
             idle_unload_s=idle_unload_s,

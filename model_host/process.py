@@ -12,6 +12,7 @@ progress: a loop stuck in a deadlock or a hung CUDA call stops the beat although
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -131,6 +132,7 @@ class ModelHost:
         self._published_totals: dict[StatusField, int] = {}
         self.stopping = threading.Event()
         self._next_idle_check = 0.0
+        self._step_s = 0.0  # how long the last step took: the next is expected to take as long
 
     def start(self) -> None:
         """Take a new epoch and load the preloaded models; raises ``ModelLoadError`` when one
@@ -150,14 +152,25 @@ class ModelHost:
             self.progress.moved()
             self._receive()
             if self.engine.has_work():
+                started_s = time.monotonic()
                 self._deliver(self._step())
-            self.ipc.flush()
+                self._step_s = time.monotonic() - started_s
+            self.ipc.flush(self._hold_after_s())
             if self.settings.idle_unload_s:
                 self._unload_idle()
             self._publish_status()
         if self.replicas is not None:
             self.replicas.stop()
         log.info("model host stopped")
+
+    def _hold_after_s(self) -> float:
+        """Mid-stream tokens written at or after this time (``time.monotonic``) may wait for the
+        next step's, since that step should end before they are ``--stream-interval-ms`` old.
+        Nothing waits when no step follows."""
+        interval_s = self.settings.stream_interval_ms / 1000
+        if not interval_s or not self.engine.has_work():
+            return math.inf
+        return time.monotonic() + self._step_s - interval_s
 
     def _unload_idle(self) -> None:
         if self.replicas is not None:  # a clock must not change one rank's engine (refused at start)

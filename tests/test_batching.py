@@ -161,7 +161,7 @@ def test_hundred_cut_streams_leave_nothing_running(server: ServerProcess) -> Non
 
 @pytest.fixture(scope="module")
 def small_server(cache_dir: Path, demo_model: Path) -> Any:
-    args = ("--max-batch-size", "2", "--max-queue", "3")
+    args = ("--max-batch-size", "2", "--max-queue", "3", "--stream-interval-ms", "150")
     with ServerProcess.start(cache_dir, workers=2, args=args) as srv:
         yield srv
 
@@ -201,3 +201,30 @@ def test_over_max_queue_gets_429_at_once(small_server: ServerProcess) -> None:
         assert body["choices"][0]["finish_reason"] == "length"
     status = small_server.wait_for(lambda s: s["running"] == 0 and s["waiting"] == 0)
     assert status["running"] == 0
+
+
+def test_stream_interval_sends_the_same_tokens_in_fewer_chunks(small_server: ServerProcess) -> None:
+    """With ``--stream-interval-ms``, a stream's tokens come several to a chunk: the same text and
+    logprobs as the answer in one piece, a logprob entry per token, and the usage counts them all."""
+    client = openai.OpenAI(base_url=f"{small_server.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    kwargs: dict[str, Any] = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long story"}],
+        max_tokens=120,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    pieces = [
+        c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content
+    ]
+    entries = [e for p in pieces for e in p.logprobs.content]  # type: ignore[union-attr]
+    assert "".join(p.delta.content or "" for p in pieces) == whole.choices[0].message.content
+    assert [e.token for e in entries] == [e.token for e in whole.choices[0].logprobs.content]  # type: ignore[union-attr]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(entries) == 120
+    # The demo model makes a token in a few ms, so 150 ms hold many; the first and last go at once.
+    assert len(pieces) <= len(entries) / 4, [len(p.logprobs.content) for p in pieces]  # type: ignore[union-attr]

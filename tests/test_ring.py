@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
+import time
 
 import pytest
 
@@ -134,3 +136,63 @@ def test_across_processes_in_shared_memory() -> None:
             got += 1
     proc.join(30)
     assert proc.exitcode == 0
+
+
+def _rings(reader: object) -> int:
+    """How many times the host rang this worker's bell since the last call."""
+    from model_host.ipc.doorbell import Doorbell
+
+    assert isinstance(reader, Doorbell)
+    count = 0
+    try:
+        while chunk := os.read(reader.fileno(), 4096):
+            count += len(chunk)
+    except BlockingIOError:
+        pass
+    return count
+
+
+def test_mid_stream_tokens_wait_for_the_bell_and_nothing_else_does() -> None:
+    """``--stream-interval-ms``: a worker's bell is held while its ring has only mid-stream tokens
+    written at or after the flush's ``hold_after_s``; a first or last frame, an error, an old
+    enough token or a full ring ring it at once. Held frames are in the ring all along."""
+    from model_host.ipc.channels import create_channels
+    from model_host.ipc.doorbell import Doorbell
+    from model_host.ipc.host_end import HostEnd
+
+    channels = create_channels(mp.get_context("spawn"), 1, ring_capacity_bytes=256)
+    try:
+        end, bell = HostEnd(channels.host_side()), Doorbell(channels.doorbell_readers[0])
+        ring = RingBuffer(channels.rings[0])
+        mid = TokenFrame(7, (11,), mid_stream=True)
+        later = time.monotonic() + 60  # "the tokens are still young": they may wait
+
+        end.send(0, mid)
+        end.flush(time.monotonic() - 60)  # written after the cut-off: held
+        assert _rings(bell) == 0
+        assert decode_frame(ring.read_frames()[0]) == mid  # readable, only not announced
+        end.flush(later)  # old enough now: rung
+        assert _rings(bell) == 1
+
+        for urgent in (
+            TokenFrame(8, (1,)),  # a first token
+            TokenFrame(7, (12,), FinishReason.LENGTH),
+            TokenFrame(9, (), FinishReason.ERROR, ErrorInfo(ErrorKind.GENERATION_FAILED, "x")),
+        ):
+            end.send(0, mid)
+            end.send(0, urgent)
+            end.flush(time.monotonic() - 60)
+            assert _rings(bell) == 1, urgent
+            ring.read_frames()
+
+        end.send(0, mid)
+        end.flush()  # the default: nothing waits
+        assert _rings(bell) == 1
+        ring.read_frames()
+
+        for _ in range(64):  # more than the ring holds: the rest is parked, and the bell rings
+            end.send(0, mid)
+        end.flush(time.monotonic() - 60)
+        assert _rings(bell) == 1
+    finally:
+        channels.close()

@@ -4,12 +4,18 @@ pipe, frames out into every worker's ring.
 A full ring never blocks the host's loop: its frames are parked and retried on the next pass, in
 order (nothing overtakes a parked frame). One selector serves the life of the host: multiprocessing's
 ``wait()`` builds a new one per call, which showed up as ~15 % of a busy host's time with a tiny model.
+
+A worker's bell may be held back (``--stream-interval-ms``) while everything in its ring is a token in
+the middle of a stream: the worker then wakes once for several steps' tokens, and each stream sends
+them as one chunk. A request's first and last frames, errors and a full ring ring at once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import selectors
+import time
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -30,22 +36,28 @@ class _Outbox:
         self.ring = ring
         self.bell = bell
         self.parked: deque[bytes] = deque()
-        self.dirty = False
+        self.dirty = False  # frames written that the bell has not announced yet
+        self.urgent = False  # one of them may not wait (see ``TokenFrame.mid_stream``)
+        self.oldest_s = 0.0  # when the first of them was written (time.monotonic)
 
     def put(self, frame: TokenFrame) -> None:
         raw = encode(frame)
+        if not self.dirty:
+            self.oldest_s = time.monotonic()
+        self.urgent = self.urgent or not frame.mid_stream
         if self.parked or not self.ring.try_write(raw):
             self.parked.append(raw)
         else:
             self.dirty = True
 
-    def flush(self) -> None:
+    def flush(self, hold_after_s: float) -> None:
         while self.parked and self.ring.try_write(self.parked[0]):
             self.parked.popleft()
             self.dirty = True
-        if self.dirty:
+        held = not self.urgent and not self.parked and self.oldest_s >= hold_after_s
+        if self.dirty and not held:
             self.bell.ring()
-            self.dirty = False
+            self.dirty = self.urgent = False
 
 
 class HostEnd:
@@ -83,7 +95,9 @@ class HostEnd:
     def send(self, worker_index: int, frame: TokenFrame) -> None:
         self._outboxes[worker_index].put(frame)
 
-    def flush(self) -> None:
-        """Write parked frames that now fit, and ring the bell of every worker that got some."""
+    def flush(self, hold_after_s: float = math.inf) -> None:
+        """Write parked frames that now fit, and ring the bell of every worker that got some,
+        but one whose frames are all mid-stream tokens written at or after ``hold_after_s``
+        (time.monotonic): those wait for a later flush."""
         for box in self._outboxes:
-            box.flush()
+            box.flush(hold_after_s)

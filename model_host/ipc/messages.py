@@ -297,3 +297,6 @@ class TokenFrame(msgspec.Struct, frozen=True, array_like=True, tag=int(MessageKi
     # prompt has each image placeholder expanded to the image's tokens).
     prompt_tokens: int = 0
     window: WindowResult | None = None  # a transcription window's last frame (see ``Transcribe``)
+    # A generated token with more to follow, neither the request's first nor its last: the host may
+    # hold it back to deliver it with the next ones (``HostSettings.stream_interval_ms``).
+    mid_stream: bool = False

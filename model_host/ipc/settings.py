@@ -42,6 +42,9 @@ class HostSettings:
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = 64  # requests running at once, all models together
     max_batch_tokens: int = 0  # prompt tokens computed per step; 0: by device (see prefill_budget)
+    # A token in the middle of a stream may wait this long to go out with the next ones: fewer,
+    # larger chunks when steps are faster than this; 0: every step's tokens at once.
+    stream_interval_ms: int = 0
     max_queue: int = 256  # requests waiting for a batch slot, all workers together
     prefix_cache_mb: int = 1024  # KV kept for prompts that start like earlier ones; 0: off
     # Models loaded on demand (not preloaded) that served nothing for this long are unloaded; 0: never.

@@ -220,6 +220,7 @@ class CausalRunner(Runner):
                 queue_s=seq.queued_s if first else 0.0,
                 # A prompt with images (a cache key of its own) is longer than the worker's ids.
                 prompt_tokens=len(seq.prompt) if first and seq.cache_key is not None else 0,
+                mid_stream=not first and reason is FinishReason.NONE,
             )
             outputs.append(StepOutput(seq.key[0], frame))
         self._shrink(batch, keep)
