@@ -11,6 +11,7 @@ from cli.bench_plot import plot_reports, table
 
 SECTION_TITLE = "# Benchmark results"
 PEER = "transformers-serve-cb"
+COALESCED = "hfserve-stream-interval-20ms"  # hfserve --stream-interval-ms 20 (the tiny model only)
 
 
 def _run(results: dict[str, Any], model: str, label: str, c: int) -> dict[str, Any]:
@@ -67,6 +68,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     tiny32 = _run(results, "tiny", hf, 32)["output_throughput"]
     check("tiny c=32 >= 0.6 x generate() ceiling (tok/s)", tiny32, 0.6 * _ref(results, "tiny", "ceiling", 32))
+    if COALESCED in results["models"]["tiny"]["servers"]:
+        check(
+            "tiny c=32, --stream-interval-ms 20, >= 0.6 x generate() ceiling (tok/s)",
+            _run(results, "tiny", COALESCED, 32)["output_throughput"],
+            0.6 * _ref(results, "tiny", "ceiling", 32),
+        )
     multi = results.get("multiturn", {})
     ours, peer = multi.get(hf, {}), multi.get(PEER, {})
     later, first = ours.get("later_ttft_p50_ms"), ours.get("turn1_ttft_p50_ms")
@@ -114,6 +121,14 @@ def markdown(results: dict[str, Any], levels: dict[str, list[int]]) -> str:
                 f"| {peer['output_throughput']:.0f} ({peer['completed']} ok) "
                 f"| {ours['output_throughput'] / ceiling:.2f} | {ours['output_throughput'] / bare:.2f} |"
             )
+            if COALESCED in data["servers"]:
+                coalesced = _run(results, model, COALESCED, c)
+                lines.append(
+                    f"| {model}, hfserve `--stream-interval-ms 20` | {c} | | "
+                    f"| {coalesced['output_throughput']:.0f} ({coalesced['completed']} ok) | "
+                    f"| {coalesced['output_throughput'] / ceiling:.2f} "
+                    f"| {coalesced['output_throughput'] / bare:.2f} |"
+                )
     lines += ["", "## Latency", ""]
     for model, data in results["models"].items():
         lines += [f"### {model}", "", table(list(data["servers"].values())), ""]

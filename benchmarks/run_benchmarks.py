@@ -46,7 +46,7 @@ from cli.bench_plot import table  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from multiturn import run_multiturn  # noqa: E402
 from reference import bare_loop, ceiling  # noqa: E402
-from report import PEER, markdown, plot_all, targets, write_section  # noqa: E402
+from report import COALESCED, PEER, markdown, plot_all, targets, write_section  # noqa: E402
 
 LEVELS = {"tiny": [32], "small": [8, 32]}
 
@@ -269,6 +269,18 @@ def main() -> None:
         )
         if mt:
             results["multiturn"]["hfserve"] = multi
+        if name == "tiny":  # steps of a few ms: the same server, tokens coalesced per 20 ms
+            port = free_port()
+            data["servers"][COALESCED], _ = bench_server(
+                COALESCED,
+                [hfserve, "start", "--model", str(folder), "--workers", "4", "--port", str(port)]
+                + ["--stream-interval-ms", "20"],
+                port,
+                folder,
+                LEVELS[name],
+                logs,
+                plan,
+            )
         port = free_port()
         data["servers"][PEER], multi = bench_server(
             PEER,

@@ -191,28 +191,39 @@ class DecodeBatch:
 
     # -- joining and leaving ---------------------------------------------------------------------
     def filter(self, keep: list[int]) -> None:
-        """Keep only the rows in ``keep`` and drop padding columns no remaining row needs."""
+        """Keep only the rows in ``keep`` and drop padding columns no remaining row needs. Each
+        row that leaves from among the first ``len(keep)`` is replaced by a kept row from beyond
+        them, so only the rows that move are copied (rows change order)."""
         if len(keep) == len(self.seqs):
             return
         if not keep:  # everyone left: drop the cache now rather than when the batch is collected
             self.seqs, self.cache = [], None
             return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
-        self.seqs = [self.seqs[i] for i in keep]
+        rows = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(rows) if i not in kept]
+        moves = list(zip([i for i in keep if i >= rows], holes, strict=True))  # (from, to)
+        order = list(range(rows))
+        for src, dst in moves:
+            order[dst] = src
+        idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
+        self.seqs = [self.seqs[i] for i in order]
         self.attention_mask = self.attention_mask.index_select(0, idx)
         self.lengths = self.lengths.index_select(0, idx)
-        self.sampling.filter(keep)
-        if self.joinable:
-            lead = int(self.attention_mask.shape[1] - self.lengths.max())
-            for layer in self.cache.layers:
-                # Padding columns cut before the copy, not after; a model placed across devices
-                # (--device-map) keeps each layer's KV on that layer's device.
-                at = idx.to(layer.keys.device)
-                layer.keys = layer.keys[:, :, lead:].index_select(0, at)
-                layer.values = layer.values[:, :, lead:].index_select(0, at)
-            self.attention_mask = self.attention_mask[:, lead:]
-        else:
+        self.sampling.filter(order)
+        if not self.joinable:
             self.cache.batch_select_indices(idx)
+            return
+        lead = int(self.attention_mask.shape[1] - self.lengths.max())
+        for layer in self.cache.layers:
+            if isinstance(layer, GrowableLayer) and layer.compact(moves, rows, lead):
+                continue
+            # Padding columns cut before the copy, not after; a model placed across devices
+            # (--device-map) keeps each layer's KV on that layer's device.
+            at = idx.to(layer.keys.device)
+            layer.keys = layer.keys[:, :, lead:].index_select(0, at)
+            layer.values = layer.values[:, :, lead:].index_select(0, at)
+        self.attention_mask = self.attention_mask[:, lead:]
 
     def row_kv(self, i: int) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Row ``i``'s tokens that are in the cache (all but the last sampled one) and their KV,

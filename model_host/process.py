@@ -232,9 +232,9 @@ class ModelHost:
                 if refused is not None:
                     self._deliver([refused])
         elif isinstance(msg, AbortRequest):
-            self.engine.abort((msg.worker_index, msg.request_id))
+            self._abort(lambda: self.engine.abort((msg.worker_index, msg.request_id)))
         elif isinstance(msg, WorkerReset):
-            dropped = self.engine.abort_worker(msg.worker_index)
+            dropped = self._abort(lambda: self.engine.abort_worker(msg.worker_index))
             if dropped:
                 log.warning("worker %d restarted: aborted %d orphaned requests", msg.worker_index, dropped)
         elif isinstance(msg, UnloadModels):
@@ -244,6 +244,16 @@ class ModelHost:
             # everywhere) no longer lists them once it has the answer.
             self._publish_status()
             self.ipc.send(msg.worker_index, TokenFrame(msg.request_id, (), FinishReason.STOP))
+
+    def _abort(self, abort: Callable[[], int | bool]) -> int | bool:
+        """Run an abort; one that fails (a bug: it changes batches mid-way) may have left them
+        inconsistent, so it costs the requests in flight, as a failed step does, not the host."""
+        try:
+            return abort()
+        except Exception:
+            log.exception("abort failed; failing every request in flight")
+            self._deliver(self.engine.fail_all("internal error while cancelling a request"))
+            return 0
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
