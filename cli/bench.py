@@ -12,12 +12,16 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+
+from cli import sse_http
 
 _WORDS = (
     "the of and to in is was he for it with as his on be at by had are but from or have an they "
@@ -69,8 +73,35 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+_TIMEOUT_S = 600.0
+
+
+@asynccontextmanager
+async def _streamed_post(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> AsyncIterator[tuple[int, AsyncIterator[str], Callable[[], Awaitable[bytes]]]]:
+    """The response's status, its lines as they come, and a reader of the whole body. Plain
+    ``http://`` goes through the lean reader (the generator's CPU is the server's, on one machine);
+    anything else through httpx."""
+    if url.startswith("http://"):
+        stream = await sse_http.post(url, orjson.dumps(body), headers, _TIMEOUT_S)
+        try:
+            yield stream.status, stream.lines(), stream.read
+        finally:
+            await stream.close()
+        return
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        yield resp.status_code, resp.aiter_lines(), resp.aread
+
+
 async def stream_one(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int, ignore_eos: bool
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str,
+    output_len: int,
+    ignore_eos: bool,
+    headers: dict[str, str] | None = None,
 ) -> RequestResult:
     body: dict[str, Any] = {
         "model": model,
@@ -87,10 +118,10 @@ async def stream_one(
     usage: dict[str, Any] | None = None
     done = finished = False
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                return RequestResult(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-            async for line in resp.aiter_lines():
+        async with _streamed_post(client, url, body, headers or {}) as (status, lines, read):
+            if status != 200:
+                return RequestResult(False, error=f"HTTP {status}: {(await read())[:200]!r}")
+            async for line in lines:
                 if line == "data: [DONE]":
                     done = True
                 if not line.startswith("data: ") or done:
@@ -105,7 +136,7 @@ async def stream_one(
                         stamps.append(time.perf_counter())
                     # Some servers end with the finish chunk and no [DONE].
                     finished = finished or bool(choice.get("finish_reason"))
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, sse_http.HTTPResponseError) as exc:
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     if not (done or finished):
@@ -141,11 +172,11 @@ async def run_level(
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     headers = auth_headers(api_key)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(_TIMEOUT_S), limits=limits) as client:
 
         async def one(prompt: str) -> RequestResult:
             async with gate:
-                result = await stream_one(client, url, model, prompt, output_len, ignore_eos)
+                result = await stream_one(client, url, model, prompt, output_len, ignore_eos, headers)
             if progress is not None:
                 progress()
             return result
