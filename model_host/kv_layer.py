@@ -25,11 +25,19 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-_MIN_ROOM_TOKENS = 64  # spare columns on each side after a (re)allocation
+# Spare room after a (re)allocation, an eighth at least: columns on the right for the next steps
+# (one copy per this many steps at most), columns on the left for a joining prompt longer than the
+# batch's cache, rows below for the next joins.
+_MIN_ROOM_TOKENS = 64
+_MIN_ROOM_ROWS = 2
 
 
 def _room(width: int) -> int:
     return max(_MIN_ROOM_TOKENS, width // 8)
+
+
+def _rows_with_room(rows: int) -> int:
+    return rows + max(_MIN_ROOM_ROWS, rows // 8)
 
 
 class GrowableLayer(DynamicLayer):
@@ -68,7 +76,7 @@ class GrowableLayer(DynamicLayer):
         ``new`` more columns on the right."""
         first_k, first_v = parts[0]
         rows = sum(k.shape[0] for k, _ in parts)
-        left, right = _room(width), _room(width) + new
+        left, right = _MIN_ROOM_TOKENS, _room(width) + new
         heads, dim, value_dim = first_k.shape[1], first_k.shape[-1], first_v.shape[-1]
         kb = first_k.new_empty((max(rows_cap, rows), heads, left + width + right, dim))
         vb = first_v.new_empty((max(rows_cap, rows), heads, left + width + right, value_dim))
@@ -125,7 +133,7 @@ class GrowableLayer(DynamicLayer):
         start = self._start + mine_k.shape[-2] - width  # where the joined block begins
         in_place = self._in_buffer() and kb is not None and rows + theirs <= kb.shape[0] and start >= 0
         if not in_place or kb is None or vb is None:
-            self._place(2 * rows + theirs, [(mine_k, mine_v), (keys, values)], width)
+            self._place(_rows_with_room(rows + theirs), [(mine_k, mine_v), (keys, values)], width)
             return
         end = self._start + mine_k.shape[-2]
         for buf, src in ((kb, keys), (vb, values)):
@@ -150,9 +158,9 @@ class GrowableLayer(DynamicLayer):
             kb[dst, :, self._start : end] = kb[src, :, self._start : end]
             vb[dst, :, self._start : end] = vb[src, :, self._start : end]
         self._start += lead
-        if rows * 4 < kb.shape[0] and kb.shape[0] > 8:  # most rows left: give the memory back
+        if rows * 2 < kb.shape[0] and kb.shape[0] > 8:  # most rows left: give the memory back
             block = (kb[:rows, :, self._start : end], vb[:rows, :, self._start : end])
-            self._place(2 * rows, [block], end - self._start)
+            self._place(_rows_with_room(rows), [block], end - self._start)
             return True
         self.keys, self.values = kb[:rows, :, self._start : end], vb[:rows, :, self._start : end]
         return True
