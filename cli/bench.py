@@ -78,13 +78,13 @@ _TIMEOUT_S = 600.0
 
 @asynccontextmanager
 async def _streamed_post(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+    client: httpx.AsyncClient | sse_http.Pool, url: str, body: dict[str, Any], headers: dict[str, str]
 ) -> AsyncIterator[tuple[int, AsyncIterator[str], Callable[[], Awaitable[bytes]]]]:
-    """The response's status, its lines as they come, and a reader of the whole body. Plain
-    ``http://`` goes through the lean reader (the generator's CPU is the server's, on one machine);
-    anything else through httpx."""
-    if url.startswith("http://"):
-        stream = await sse_http.post(url, orjson.dumps(body), headers, _TIMEOUT_S)
+    """The response's status, its lines as they come, and a reader of the whole body: through
+    the lean reader for a ``Pool`` (plain http: the generator's CPU is the server's, on one
+    machine), through httpx for an httpx client (anything else)."""
+    if isinstance(client, sse_http.Pool):
+        stream = await sse_http.post(url, orjson.dumps(body), headers, _TIMEOUT_S, client)
         try:
             yield stream.status, stream.lines(), stream.read
         finally:
@@ -95,7 +95,7 @@ async def _streamed_post(
 
 
 async def stream_one(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient | sse_http.Pool,
     url: str,
     model: str,
     prompt: str,
@@ -172,11 +172,13 @@ async def run_level(
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     headers = auth_headers(api_key)
+    pool = sse_http.Pool() if url.startswith("http://") else None
     async with httpx.AsyncClient(timeout=httpx.Timeout(_TIMEOUT_S), limits=limits) as client:
+        transport = pool if pool is not None else client
 
         async def one(prompt: str) -> RequestResult:
             async with gate:
-                result = await stream_one(client, url, model, prompt, output_len, ignore_eos, headers)
+                result = await stream_one(transport, url, model, prompt, output_len, ignore_eos, headers)
             if progress is not None:
                 progress()
             return result
@@ -189,6 +191,8 @@ async def run_level(
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
+    if pool is not None:
+        pool.close()
     return summarize(results, duration, concurrency, request_rate)
 
 

@@ -93,3 +93,38 @@ def test_what_is_not_http_is_an_error() -> None:
         asyncio.run(run())
     with pytest.raises(ValueError):
         asyncio.run(sse_http.post("https://127.0.0.1/v1", b"{}", {}, 10))
+
+
+@pytest.mark.parametrize("pause_s", [0.05, 0.0], ids=["closed-while-idle", "closed-as-reused"])
+def test_a_pool_keeps_connections_alive_and_replaces_one_the_server_let_go(pause_s: float) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(EVENTS, [9, 200])
+    connections: list[int] = []
+
+    async def run(answers_per_connection: int) -> list[list[str]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(1)
+            for _ in range(answers_per_connection):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert b"\r\nConnection: keep-alive\r\n" in head
+                await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+                writer.write(answer)
+                await writer.drain()
+            writer.close()  # as a server's idle timeout would
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+        pool, got = sse_http.Pool(), []
+        async with server:
+            for _ in range(3):
+                stream = await sse_http.post(url, b"{}", {}, 10, pool)
+                got.append([line async for line in stream.lines()])
+                await stream.close()
+                await asyncio.sleep(pause_s)  # 0: the close may come after the next request
+            pool.close()
+        return got
+
+    assert asyncio.run(run(answers_per_connection=3)) == [LINES] * 3
+    assert len(connections) == 1  # one connection served all three
+    connections.clear()
+    assert asyncio.run(run(answers_per_connection=1)) == [LINES] * 3
+    assert len(connections) == 3  # each let go after one answer, and replaced
