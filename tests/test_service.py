@@ -351,7 +351,7 @@ def test_sigterm_waits_for_a_background_response(cache_dir: Path, demo_model: Pa
             retrieved = httpx.get(f"{srv.base_url}/v1/responses/{response_id}", timeout=30)
             assert retrieved.json()["status"] == "in_progress", retrieved.text
             srv.proc.send_signal(signal.SIGTERM)
-            _wait(lambda: "draining 1 request(s)" in srv.log_text(), 30, "the drain to count the run")
+            _wait(lambda: "draining 1 request(s)" in srv.log_text(), 60, "the drain to count the run")
         finally:
             os.kill(host.pid, signal.SIGCONT)
         assert srv.proc.wait(180) == 0  # a busy machine may take a while for 400 tokens
