@@ -104,7 +104,9 @@ def start(
     ),
     log_level: str = typer.Option(_HOST.log_level, help="DEBUG, INFO, WARNING or ERROR."),
     torch_threads: int = typer.Option(
-        _HOST.torch_threads, min=0, help="CPU threads for the model host (0: torch default)."
+        _HOST.torch_threads,
+        min=0,
+        help="Model host CPU threads (0: torch's default, or 1 for a model more threads do not speed up).",
     ),
     max_batch_size: int = typer.Option(_HOST.max_batch_size, min=1, help="Requests running at once."),
     max_batch_tokens: int = typer.Option(

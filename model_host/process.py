@@ -117,7 +117,12 @@ class ModelHost:
             PrefixCache(settings.prefix_cache_mb * 1024 * 1024) if settings.prefix_cache_mb else None
         )
         self.registry = ModelRegistry(
-            settings.device, settings.dtype, settings.trust_remote_code, prefix_cache, placement(settings)
+            settings.device,
+            settings.dtype,
+            settings.trust_remote_code,
+            prefix_cache,
+            placement(settings),
+            settings.torch_threads,
         )
         self.registry.on_load = self._count_load
         self.progress = LoopProgress(

@@ -22,6 +22,7 @@ from model_host.runners.causal import CausalRunner
 from model_host.runners.embedding import EmbeddingRunner
 from model_host.runners.seq2seq import Seq2SeqRunner
 from model_host.runners.vision import VisionRunner
+from model_host.threads import ThreadPolicy
 from model_host.vision_lm import VisionLM
 from model_host.whisper_model import WhisperModel
 
@@ -67,6 +68,7 @@ class ModelRegistry:
         trust_remote_code: bool,
         prefix_cache: PrefixCache | None = None,
         placement: Placement | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -75,6 +77,10 @@ class ModelRegistry:
         # Causal LMs spread by accelerate's device map or tensor parallelism instead of ``device``.
         self.placement = placement
         self._runners: dict[str, Runner] = {}
+        # ``--torch-threads`` (0: chosen per model, ``model_host.threads``); None leaves torch's
+        # thread count alone (a caller that manages it, tests).
+        self._threads = ThreadPolicy(torch_threads) if torch_threads is not None else None
+        self._wanted_threads: dict[str, int] = {}
         self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
         self.on_load: Callable[[str, float], None] | None = None
@@ -123,24 +129,33 @@ class ModelRegistry:
                 VisionLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
             )
         else:
-            runner = CausalRunner(
-                CausalLM.load(path, self.device, self.dtype, self.trust_remote_code, self.placement),
-                self.prefix_cache,
-            )
+            lm = CausalLM.load(path, self.device, self.dtype, self.trust_remote_code, self.placement)
+            if self._threads is not None and self.placement is None:  # placed: every rank alike
+                self._wanted_threads[path] = self._threads.choose(lm.model, self.device, path)
+            runner = CausalRunner(lm, self.prefix_cache)
         self._runners[path] = runner
+        self._apply_threads()
         load_s = time.monotonic() - started
         log.info("loaded %s (%s) on %s (%s) in %.2f s", path, kind, self.device, self.dtype, load_s)
         if self.on_load is not None:
             self.on_load(path, load_s)
         return runner
 
+    def _apply_threads(self) -> None:
+        """The most threads any loaded model wants; a model that was not timed wants the default."""
+        if self._threads is not None:
+            default = self._threads.default_threads
+            self._threads.apply(self._wanted_threads.get(path, default) for path in self._runners)
+
     def unload(self, path: str) -> bool:
         """Forget a loaded model and give its memory back. The caller makes sure nothing still
         uses it (no request in flight, no batch holding it)."""
         runner = self._runners.pop(path, None)
         self._last_used.pop(path, None)
+        self._wanted_threads.pop(path, None)
         if runner is None:
             return False
+        self._apply_threads()
         runner.close()
         del runner
         # Layers reference each other (modules, tied weights, hooks): a collection frees them now
