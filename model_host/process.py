@@ -241,7 +241,7 @@ class ModelHost:
         elif isinstance(msg, WorkerReset):
             dropped = self._abort(lambda: self.engine.abort_worker(msg.worker_index))
             if dropped:
-                log.warning("worker %d restarted: aborted %d orphaned requests", msg.worker_index, dropped)
+                log.warning("worker %d went away: aborted %d orphaned requests", msg.worker_index, dropped)
         elif isinstance(msg, UnloadModels):
             unloaded = self.engine.unload_idle_models(keep=self.settings.preload)
             log.info("unloaded %d model(s) on request: %s", len(unloaded), ", ".join(unloaded) or "none")

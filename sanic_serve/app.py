@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from collections.abc import Callable
 from multiprocessing import get_context
@@ -32,6 +31,7 @@ from sanic_serve.config import ServerConfig
 from sanic_serve.embeddings import route as embeddings
 from sanic_serve.errors import APIError, error_body, error_response, internal_error
 from sanic_serve.lifecycle import HOST_PROCESS_NAME, install_lifecycle, start_main, stop_main
+from sanic_serve.lifecycle.supervisor import server_index
 from sanic_serve.messages import route as messages
 from sanic_serve.messages.errors import anthropic_body, is_messages_path
 from sanic_serve.models import ModelResolver
@@ -44,9 +44,8 @@ log = logging.getLogger("hfserve")
 
 
 def worker_index() -> int:
-    """Sanic names server processes ``Sanic-Server-<n>-<i>``; ``n`` is stable across restarts."""
-    match = re.search(r"Server-(\d+)-", os.environ.get("SANIC_WORKER_NAME", ""))
-    return int(match.group(1)) if match else 0
+    """This worker's index, stable across its restarts (see ``server_index``)."""
+    return server_index(os.environ.get("SANIC_WORKER_NAME", "")) or 0
 
 
 def _set_title(title: str) -> None:

@@ -149,11 +149,16 @@ def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, d
         assert b"200 OK" in sock.recv(4096)
         srv.wait_for(lambda s: s["running"] >= 1)
         (victim,) = srv.titled(f"hfserve: worker {index}")
-        before = srv.host_status()["aborted_total"]
+        before = srv.host_status()
         os.kill(victim.pid, signal.SIGKILL)
         sock.close()
-        # The supervisor starts a new worker in its place, which tells the host to drop the
-        # requests nobody can read any more.
+        # The supervisor tells the host at once that nobody reads that worker's requests: the
+        # stream (seconds of work left) is aborted, not run to its end or until a new worker
+        # has started.
+        status = srv.wait_for(lambda s: s["running"] == 0)
+        assert status["aborted_total"] == before["aborted_total"] + 1, status
+        assert status["finished_total"] == before["finished_total"], status
+        # And it starts a new worker in its place.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             workers = srv.titled("hfserve: worker")
@@ -162,7 +167,7 @@ def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, d
             time.sleep(0.2)
         else:
             raise AssertionError("the killed worker was not replaced")
-        status = srv.wait_for(lambda s: s["running"] == 0 and s["aborted_total"] >= before + 1)
+        assert "worker %d went away: aborted 1 orphaned requests" % index in srv.log_path.read_text()
         assert status["epoch"] == 1  # the host itself kept running
         c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
         for _ in range(6):  # whichever worker answers

@@ -228,3 +228,12 @@ def test_config_error_exit_is_1_unless_the_service_unit_asks_for_another() -> No
     assert config_error_exit({"HFSERVE_CONFIG_ERROR_EXIT": "78"}) == 78
     for junk in ("", "0", "256", "-3", "x78"):
         assert config_error_exit({"HFSERVE_CONFIG_ERROR_EXIT": junk}) == 1, junk
+
+
+def test_a_worker_index_is_read_from_sanics_process_name() -> None:
+    from sanic_serve.lifecycle.supervisor import HOST_PROCESS_NAME, server_index
+
+    assert server_index("Sanic-Server-0-0") == 0
+    assert server_index("Sanic-Server-3-1") == 3  # restarted: the second number changes, not the index
+    assert server_index(f"Sanic-{HOST_PROCESS_NAME}-0") is None
+    assert server_index("") is None

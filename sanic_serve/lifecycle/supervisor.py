@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import select
 import signal
 import threading
 import time
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_host.ipc.client import HOST_DEAD_AFTER_S
+from model_host.ipc.codec import encode
+from model_host.ipc.messages import WorkerReset
 from model_host.ipc.settings import HOST_CONFIG_ERROR_EXIT, config_error_exit
 
 log = logging.getLogger("hfserve")
@@ -61,6 +65,13 @@ class Backoff:
         if now - self._last_restart.get(name, -1e9) > self.stable_after_s:
             return 0
         return self._failures.get(name, 0)
+
+
+def server_index(process_name: str) -> int | None:
+    """The worker index ``n`` in Sanic's ``Sanic-Server-<n>-<i>`` process name (``n`` is stable across
+    restarts); None for any other process."""
+    match = re.search(r"Server-(\d+)-", process_name)
+    return int(match.group(1)) if match else None
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -137,6 +148,9 @@ class Supervisor:
             now = time.monotonic()
             for key in new:
                 name = key[0]
+                index = server_index(name)
+                if index is not None:
+                    self._orphan_requests(index)
                 delay_s = self.backoff.delay_s(name, now)
                 self._due[key] = now + delay_s
                 if HOST_PROCESS_NAME in name:
@@ -160,6 +174,20 @@ class Supervisor:
                         self.host_restarts += 1
             if self.host_down_since is not None and self._host_beating():
                 self.host_down_since = None
+
+    def _orphan_requests(self, index: int) -> None:
+        """Tell the host that nobody reads worker ``index``'s requests any more, so that it stops
+        computing them now: its replacement says so too, but only once it has started (seconds on
+        a busy machine, after the restart's backoff)."""
+        writer = self.app.ctx.channels.request_writers[index]
+        # Written from this thread only when the pipe has room: a host that is stuck or gone must
+        # not stop the supervisor. A message this small is written atomically, so it cannot
+        # interleave with the replacement worker's.
+        _, writable, _ = select.select([], [writer], [], 0)
+        if writable:
+            writer.send_bytes(encode(WorkerReset(index)))
+        else:
+            log.warning("worker %d died; its requests are dropped once its replacement starts", index)
 
     def _host_beating(self) -> bool:
         status = self.app.ctx.channels.status()

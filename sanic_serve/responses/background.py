@@ -215,9 +215,7 @@ async def start_background(
     # Streamed: the client follows the run; leaving does not stop it (GET ?stream=true resumes).
     from sanic_serve.responses.route import SSE_HEADERS, sse
 
-    response = await request.respond(
-        content_type="text/event-stream", headers=SSE_HEADERS
-    )
+    response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
     assert response is not None
     async for event in runner.follow(-1):
         await response.send(sse(event))

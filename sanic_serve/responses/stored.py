@@ -171,9 +171,7 @@ async def _stream(request: Request, store: ResponseStore, response_id: str, afte
         )
     from sanic_serve.responses.route import SSE_HEADERS, sse
 
-    response = await request.respond(
-        content_type="text/event-stream", headers=SSE_HEADERS
-    )
+    response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
     assert response is not None
     async for event in _events(store, response_id, after):
         await response.send(sse(event))
