@@ -183,11 +183,14 @@ class Supervisor:
         # Written from this thread only when the pipe has room: a host that is stuck or gone must
         # not stop the supervisor. A message this small is written atomically, so it cannot
         # interleave with the replacement worker's.
-        _, writable, _ = select.select([], [writer], [], 0)
-        if writable:
-            writer.send_bytes(encode(WorkerReset(index)))
-        else:
-            log.warning("worker %d died; its requests are dropped once its replacement starts", index)
+        try:
+            _, writable, _ = select.select([], [writer], [], 0)
+            if writable:
+                writer.send_bytes(encode(WorkerReset(index)))
+                return
+        except OSError:  # the pipe is closed: the server is stopping
+            pass
+        log.warning("worker %d died; its requests are dropped once its replacement starts", index)
 
     def _host_beating(self) -> bool:
         status = self.app.ctx.channels.status()
