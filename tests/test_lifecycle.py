@@ -167,7 +167,7 @@ def test_worker_sigkill_is_restarted_and_its_requests_aborted(cache_dir: Path, d
             time.sleep(0.2)
         else:
             raise AssertionError("the killed worker was not replaced")
-        assert "worker %d went away: aborted 1 orphaned requests" % index in srv.log_path.read_text()
+        assert f"worker {index} went away: aborted 1 orphaned requests" in srv.log_path.read_text()
         assert status["epoch"] == 1  # the host itself kept running
         c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
         for _ in range(6):  # whichever worker answers
