@@ -102,8 +102,37 @@ def build(work: Path) -> dict[str, Path]:
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
         out[name] = build_model(folder, spec)
+        _split_as_qwen2(folder)
         _silence_textless_tokens(folder)
     return out
+
+
+def _split_as_qwen2(folder: Path) -> None:
+    """Give the tokenizer the pre-tokenizer and normalizer of transformers' ``Qwen2Tokenizer``.
+
+    ``AutoTokenizer`` (so ``transformers serve``) reads a Qwen2 model's tokenizer with its own
+    rules whatever ``tokenizer.json`` says: digits one by one, NFC. With the builder's GPT-2
+    split, the peer read the benchmark's digit-heavy prompts as twice as many tokens as hfserve
+    did (prefilling twice the work, and refusing multi-turn histories past 2,048 tokens). With
+    the same rules both servers see the same token ids; the check below fails the run if not."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    path = folder / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.save(str(path))
+    sample = make_prompts(1, 400, 1, str(folder))[0]
+    peer = AutoTokenizer.from_pretrained(folder)(sample, add_special_tokens=False)["input_ids"]
+    if tok.encode(sample, add_special_tokens=False).ids != peer:
+        raise RuntimeError(f"{folder}: transformers tokenizes the prompts differently from tokenizer.json")
 
 
 def _silence_textless_tokens(folder: Path) -> None:
@@ -153,24 +182,6 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def system_prompt(folder: Path, tokens: int, seed: int) -> str:
-    """Random text that the model's tokenizer reads as about ``tokens`` tokens (random ids decode
-    to text that re-encodes longer, so the text is cut to fit)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    text = make_prompts(1, tokens, seed, str(folder))[0]
-    ids = tok.encode(text, add_special_tokens=False).ids
-    lo, hi = 0, len(ids)
-    while lo < hi:  # the longest cut of the ids whose text re-encodes to at most ``tokens``
-        mid = (lo + hi + 1) // 2
-        if len(tok.encode(tok.decode(ids[:mid]), add_special_tokens=False).ids) <= tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return str(tok.decode(ids[:lo]))
-
-
 def bench_server(
     label: str,
     cmd: list[str],
@@ -203,7 +214,7 @@ def bench_server(
 
 
 def multiturn(folder: Path, plan: Plan, ignore_eos: bool) -> Callable[[str], Any]:
-    system = system_prompt(folder, plan.system_tokens, 7)
+    system = make_prompts(1, plan.system_tokens, 7, str(folder))[0]
     users = make_prompts(plan.conversations * plan.turns, plan.user_tokens, 8, str(folder))
     turns = [users[i * plan.turns : (i + 1) * plan.turns] for i in range(plan.conversations)]
 

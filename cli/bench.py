@@ -54,7 +54,22 @@ def make_prompts(count: int, input_len: int, seed: int, tokenizer_path: str | No
     tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     usable = [i for tkn, i in tok.get_vocab().items() if tkn not in special]
-    return [tok.decode([rng.choice(usable) for _ in range(input_len)]) for _ in range(count)]
+    # More ids than needed, cut to fit: a random id is often read back as several tokens.
+    return [_fit(tok, [rng.choice(usable) for _ in range(4 * input_len)], input_len) for _ in range(count)]
+
+
+def _fit(tok: Any, ids: list[int], tokens: int) -> str:
+    """The text of the longest start of ``ids`` that the tokenizer reads back as at most
+    ``tokens`` tokens: random ids decode to text that re-encodes longer (digits one by one,
+    bytes of one character, neighbours that merge differently)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.encode(tok.decode(ids[:mid]), add_special_tokens=False).ids) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return str(tok.decode(ids[:lo]))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
