@@ -53,23 +53,33 @@ def make_prompts(count: int, input_len: int, seed: int, tokenizer_path: str | No
     path = Path(tokenizer_path)
     tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    usable = [i for tkn, i in tok.get_vocab().items() if tkn not in special]
+    usable = sorted(i for tkn, i in tok.get_vocab().items() if tkn not in special)  # the vocab is unordered
     # More ids than needed, cut to fit: a random id is often read back as several tokens.
     return [_fit(tok, [rng.choice(usable) for _ in range(4 * input_len)], input_len) for _ in range(count)]
 
 
 def _fit(tok: Any, ids: list[int], tokens: int) -> str:
-    """The text of the longest start of ``ids`` that the tokenizer reads back as at most
-    ``tokens`` tokens: random ids decode to text that re-encodes longer (digits one by one,
-    bytes of one character, neighbours that merge differently)."""
+    """Text of ids taken in order from ``ids`` that the tokenizer reads back as at most ``tokens``
+    tokens, as close to it as they allow: random ids decode to text that re-encodes longer (digits
+    one by one, bytes of one character, neighbours that merge differently)."""
+
+    def count(kept: list[int]) -> int:
+        return len(tok.encode(tok.decode(kept), add_special_tokens=False).ids)
+
     lo, hi = 0, len(ids)
-    while lo < hi:
+    while lo < hi:  # the longest start that fits
         mid = (lo + hi + 1) // 2
-        if len(tok.encode(tok.decode(ids[:mid]), add_special_tokens=False).ids) <= tokens:
+        if count(ids[:mid]) <= tokens:
             lo = mid
         else:
             hi = mid - 1
-    return str(tok.decode(ids[:lo]))
+    kept, n = ids[:lo], count(ids[:lo])
+    for extra in ids[lo + 1 :]:  # then the later ids that still fit, until it is full
+        if n >= tokens:
+            break
+        if (grown := count([*kept, extra])) <= tokens:
+            kept, n = [*kept, extra], grown
+    return str(tok.decode(kept))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

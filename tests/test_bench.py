@@ -115,3 +115,17 @@ def test_bench_against_transformers_serve(cache_dir: Path, demo_model: Path, tmp
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_prompts_have_the_asked_length_in_tokens(demo_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from cli.bench import make_prompts
+
+    tok = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
+    for length in (12, 40, 300):
+        prompts = make_prompts(16, length, 3, str(demo_model))
+        lengths = [len(tok.encode(p, add_special_tokens=False).ids) for p in prompts]
+        assert all(length - 1 <= n <= length for n in lengths), (length, lengths)
+        assert len(set(prompts)) == 16
+    assert make_prompts(4, 40, 3, str(demo_model)) == make_prompts(4, 40, 3, str(demo_model))  # seeded
