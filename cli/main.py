@@ -108,6 +108,12 @@ def start(
         min=0,
         help="Model host CPU threads (0: torch's default, or 1 for a model more threads do not speed up).",
     ),
+    pack_weights: bool = typer.Option(
+        _HOST.pack_weights,
+        help="Float32 models on the CPU: pack linear weights for the decode steps' batch size (faster "
+        "steps, one extra copy of those weights in memory; skipped when it would take over a quarter "
+        "of the available memory).",
+    ),
     max_batch_size: int = typer.Option(_HOST.max_batch_size, min=1, help="Requests running at once."),
     max_batch_tokens: int = typer.Option(
         _HOST.max_batch_tokens,
@@ -258,6 +264,7 @@ def start(
             dtype=dtype.value,
             trust_remote_code=trust_remote_code,
             torch_threads=torch_threads,
+            pack_weights=pack_weights,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
             stream_interval_ms=stream_interval_ms,

@@ -177,6 +177,7 @@ class DecodeBatch:
         positions = self.model.decode_positions(self.seqs, self.lengths[:, None])
         logits, self.cache = self.model.forward(last, self.attention_mask, positions, self.cache)
         self.lengths = self.lengths + 1
+        self.model.decoded(len(self.seqs))
         return logits
 
     def sample(self, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:

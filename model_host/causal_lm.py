@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from model_host.errors import ModelLoadError
+from model_host.gemm_pack import GemmPacks, pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class CausalLM:
     cache_arg: str = "cache"
     keeps_last_logits: bool = True  # forward() takes ``logits_to_keep``
     loaded_at_s: float = field(default_factory=time.monotonic)
+    # Linear weights packed for the decode step's row count (model_host.gemm_pack); None: plain.
+    gemm: GemmPacks | None = None
     _grammar_tokenizer: Any = None
 
     def matcher(self, grammar: str, stop_token_ids: tuple[int, ...]) -> Any:
@@ -72,6 +75,11 @@ class CausalLM:
         logits = out.logits if all_logits else out.logits[:, -1, :]
         # Placed across devices, the logits come off the last one; the batch lives on the first.
         return logits.to(self.device), out[self.cache_arg]
+
+    def decoded(self, rows: int) -> None:
+        """A decode step of ``rows`` rows ran: the packed weights follow the batch's size."""
+        if self.gemm is not None:
+            self.gemm.observe(rows)
 
     def packed_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, layout: Any, keep: torch.Tensor
@@ -121,9 +129,11 @@ class CausalLM:
         dtype: torch.dtype,
         trust_remote_code: bool,
         placement: Placement | None = None,
+        pack_weights: bool = False,
     ) -> CausalLM:
         """Load onto ``device``; or, with a ``placement``, where accelerate's device map or
-        tensor parallelism puts it (the batch then lives where the input embedding is)."""
+        tensor parallelism puts it (the batch then lives where the input embedding is). With
+        ``pack_weights``, a float32 model on the CPU multiplies by packed weights in decode steps."""
         from transformers import AutoModelForCausalLM
 
         kwargs = placement.from_pretrained_kwargs() if placement is not None else {}
@@ -145,9 +155,12 @@ class CausalLM:
         )
         params = inspect.signature(model.forward).parameters
         cache_arg = "cache" if "cache" in params else "past_key_values"
-        return cls(path, model, device, max_context, cache_arg, "logits_to_keep" in params)
+        packs = pack_linears(model, path) if pack_weights and placement is None else None
+        return cls(path, model, device, max_context, cache_arg, "logits_to_keep" in params, gemm=packs)
 
     def close(self) -> None:
+        if self.gemm is not None:
+            self.gemm.unpack()
         self.model = None
         self._grammar_tokenizer = None
 

@@ -123,6 +123,7 @@ class ModelHost:
             prefix_cache,
             placement(settings),
             settings.torch_threads,
+            settings.pack_weights,
         )
         self.registry.on_load = self._count_load
         self.progress = LoopProgress(

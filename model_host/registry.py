@@ -69,6 +69,7 @@ class ModelRegistry:
         prefix_cache: PrefixCache | None = None,
         placement: Placement | None = None,
         torch_threads: int | None = None,
+        pack_weights: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -81,6 +82,7 @@ class ModelRegistry:
         # thread count alone (a caller that manages it, tests).
         self._threads = ThreadPolicy(torch_threads) if torch_threads is not None else None
         self._wanted_threads: dict[str, int] = {}
+        self.pack_weights = pack_weights  # causal LMs on the CPU: packed weights (model_host.gemm_pack)
         self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
         self.on_load: Callable[[str, float], None] | None = None
@@ -126,10 +128,13 @@ class ModelRegistry:
             runner = Seq2SeqRunner(path, WhisperModel.load(path, self.device, self.dtype))
         elif kind is ModelKind.VISION:
             runner = VisionRunner(
-                VisionLM.load(path, self.device, self.dtype, self.trust_remote_code), self.prefix_cache
+                VisionLM.load(path, self.device, self.dtype, self.trust_remote_code, None, self.pack_weights),
+                self.prefix_cache,
             )
         else:
-            lm = CausalLM.load(path, self.device, self.dtype, self.trust_remote_code, self.placement)
+            lm = CausalLM.load(
+                path, self.device, self.dtype, self.trust_remote_code, self.placement, self.pack_weights
+            )
             if self._threads is not None and self.placement is None:  # placed: every rank alike
                 self._wanted_threads[path] = self._threads.choose(lm.model, self.device, path)
             runner = CausalRunner(lm, self.prefix_cache)

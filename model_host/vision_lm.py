@@ -34,6 +34,7 @@ import torch
 from model_host.batch import Sequence
 from model_host.causal_lm import CausalLM, Placement
 from model_host.errors import ModelLoadError
+from model_host.gemm_pack import pack_linears
 from model_host.ipc.messages import ImageInput
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,11 @@ class VisionLM(CausalLM):
         dtype: torch.dtype,
         trust_remote_code: bool,
         placement: Placement | None = None,
+        pack_weights: bool = False,
     ) -> VisionLM:
         """Load onto ``device`` (a model spread over devices by a ``placement`` is a causal LM's
-        option only: the batch's image inputs would need placing too)."""
+        option only: the batch's image inputs would need placing too); ``pack_weights`` as for a
+        causal LM."""
         from transformers import AutoModelForImageTextToText
 
         if placement is not None:
@@ -297,6 +300,7 @@ class VisionLM(CausalLM):
             max_context,
             "cache" if "cache" in params else "past_key_values",
             "logits_to_keep" in params,
+            gemm=pack_linears(model, path) if pack_weights else None,
             processor=processor,
             image_token_id=int(image_token_id),
             rope_index=rope_index,
