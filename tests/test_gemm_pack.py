@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +23,12 @@ from model_host.registry import ModelRegistry
 from model_host.runners.causal import CausalRunner
 from tests.host_harness import Host, generate, prompt
 from tests.server import ServerProcess, stream_chat_text
-from tests.test_batching import MODEL, _lone_generate, _prompts
+from tests.test_batching import _lone_generate, _prompts
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL (x86 torch)")
 
 
-def _linears(n: int, in_features: int = 64, out_features: int = 96) -> list[nn.Linear]:
+def _linears(n: int, in_features: int = 512, out_features: int = 384) -> list[nn.Linear]:
     torch.manual_seed(0)
     return [nn.Linear(in_features, out_features) for _ in range(n)]
 
@@ -40,15 +41,15 @@ def test_products_match_plain_ones_packed_padded_or_not() -> None:
     assert isinstance(linear, PackedLinear) and isinstance(linear, nn.Linear)
     packs.pack(16)
     for rows in (1, 5, 8, 9, 12, 16, 17, 40):  # 9-16 take the packed path, 9-15 padded
-        x = torch.randn(rows, 1, 64)
+        x = torch.randn(rows, 1, 512)
         before = packs.products
         out = linear(x)
-        assert out.shape == (rows, 1, 96)
+        assert out.shape == (rows, 1, 384)
         torch.testing.assert_close(out, nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         assert packs.products - before == (1 if 8 < rows <= 16 else 0), rows
     packs.unpack()
     assert linear.packed is None and packs.rows == 0
-    x = torch.randn(16, 64)
+    x = torch.randn(16, 512)
     torch.testing.assert_close(linear(x), nn.functional.linear(x, weight, bias))
 
 
@@ -74,8 +75,9 @@ def test_the_packed_row_count_follows_the_batch() -> None:
 
 def test_not_packed_when_the_copy_would_not_fit_or_not_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(*_linears(2))
-    monkeypatch.setattr(gemm_pack, "available_bytes", lambda: 4 * 64 * 96 * 2 * 3)  # copy > 1/4
+    monkeypatch.setattr(gemm_pack, "available_bytes", lambda: 4 * 512 * 384 * 2 * 3)  # copy > 1/4
     assert pack_linears(model, "m") is None
+    assert pack_linears(nn.Sequential(nn.Linear(64, 256)), "m") is None  # too small to gain
     assert all(type(m) is nn.Linear for m in model)
     monkeypatch.setattr(gemm_pack, "available_bytes", lambda: 1 << 40)
     assert pack_linears(nn.Sequential(*_linears(2)).to(torch.bfloat16), "m") is None
@@ -84,16 +86,38 @@ def test_not_packed_when_the_copy_would_not_fit_or_not_float32(monkeypatch: pyte
 
 
 @pytest.fixture(scope="module")
-def packed_runner(demo_model: Path) -> Iterator[tuple[ModelRegistry, CausalRunner]]:
+def wide_model(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's tokenizer and template on random weights wide enough to be packed (the demo
+    model's own layers are under ``MIN_WEIGHT_ELEMENTS``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("wide") / "model"
+    shutil.copytree(demo_model, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = AutoConfig.from_pretrained(demo_model)
+    config.update({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def packed_runner(wide_model: Path) -> Iterator[tuple[ModelRegistry, CausalRunner]]:
     registry = ModelRegistry("cpu", "float32", False, pack_weights=True)
-    runner = registry.get(str(demo_model))
+    runner = registry.get(str(wide_model))
     assert isinstance(runner, CausalRunner)
     yield registry, runner
+    registry.unload(str(wide_model))
+
+
+def test_the_demo_model_is_too_small_to_pack(demo_model: Path) -> None:
+    registry = ModelRegistry("cpu", "float32", False, pack_weights=True)
+    runner = registry.get(str(demo_model))
+    assert isinstance(runner, CausalRunner) and runner.model.gemm is None
     registry.unload(str(demo_model))
 
 
 def test_greedy_tokens_with_packed_weights_equal_lone_generate(
-    packed_runner: tuple[ModelRegistry, CausalRunner], demo_model: Path
+    packed_runner: tuple[ModelRegistry, CausalRunner], wide_model: Path
 ) -> None:
     registry, runner = packed_runner
     gemm = runner.model.gemm
@@ -102,7 +126,7 @@ def test_greedy_tokens_with_packed_weights_equal_lone_generate(
     cases = [prompt(n, 300 + i) for i, n in enumerate([3, 9, 17, 30, 5, 44])]
     host = Host(Engine(registry, HostSettings(device="cpu"), 6 * 44))
     for rid, ids in enumerate(cases):
-        host.add(rid, str(demo_model), generate(ids, 24, stop=()))
+        host.add(rid, str(wide_model), generate(ids, 24, stop=()))
     before = gemm.products
     host.run()
     assert gemm.products > before
@@ -113,11 +137,21 @@ def test_greedy_tokens_with_packed_weights_equal_lone_generate(
         assert host.tokens(rid) == out[0, len(ids) :].tolist(), f"request {rid}"
 
 
-def test_server_packs_for_its_batch_and_keeps_greedy_outputs(server: ServerProcess, demo_model: Path) -> None:
+@pytest.fixture(scope="module")
+def wide_server(cache_dir: Path, wide_model: Path) -> Iterator[ServerProcess]:
+    with ServerProcess.start(cache_dir, workers=2, args=("--model", str(wide_model))) as srv:
+        yield srv
+
+
+def test_server_packs_for_its_batch_and_keeps_greedy_outputs(
+    wide_server: ServerProcess, wide_model: Path
+) -> None:
     """16 streams long enough for a window of decode steps make the host pack for ~16 rows;
     16 greedy requests then decode on the packed weights and equal a lone ``generate()``."""
+    server = wide_server
     prompts = _prompts(16, seed=11)
-    expected = _lone_generate(demo_model, prompts, 40)
+    expected = _lone_generate(wide_model, prompts, 40)
+    model = str(wide_model)
 
     async def run(max_tokens: int, ignore_eos: bool) -> list[str]:
         c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
@@ -126,7 +160,7 @@ def test_server_packs_for_its_batch_and_keeps_greedy_outputs(server: ServerProce
             return list(
                 await asyncio.gather(
                     *(
-                        stream_chat_text(c, p, model=MODEL, temperature=0, max_tokens=max_tokens, **extra)
+                        stream_chat_text(c, p, model=model, temperature=0, max_tokens=max_tokens, **extra)
                         for p in prompts
                     )
                 )
