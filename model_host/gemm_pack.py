@@ -6,9 +6,10 @@ every call: for 8-64 rows that copy costs about as much as the product itself. M
 once for a given row count (``cblas_sgemm_pack``, reached through ``torch.ops.mkl``) and then
 multiply any input of exactly that many rows by the packed copy. Measured on a 2-core x86 machine
 (25M-parameter Qwen2 benchmark model, two threads): a 512x1408 product of 32 rows in 114 us
-against 222 us; the host's engine driven in process at c=32, 1.10x throughput (1,557-1,568
-against 1,407-1,435 tok/s), at c=8 1.00-1.07x; through HTTP (``hfserve bench``, servers
-alternated) 1.06-1.10x at c=32 and 1.03-1.05x at c=8. Greedy tokens were identical.
+against 222 us; the host's engine driven in process at c=32, 1.08-1.10x throughput (1,628-1,666
+against 1,513-1,523 tok/s), at c=8 1.04-1.08x; through HTTP (``hfserve bench``, servers
+alternated) 1.05-1.10x at c=32, within noise at c=8. Greedy tokens were identical. More in
+``docs/design.md`` (packed linear weights).
 
 The packed copy serves one row count, so the host keeps one copy per weight, for the row count its
 decode steps run at (``GemmPacks.observe``): every ``WINDOW_STEPS`` decode steps it takes a high
@@ -58,10 +59,6 @@ class GemmPacks:
             linear.__class__ = PackedLinear
             linear.packs = self  # type: ignore[assignment]
             linear.packed = None  # type: ignore[assignment]
-
-    @property
-    def bytes(self) -> int:
-        return sum(linear.weight.numel() * linear.weight.element_size() for linear in self._linears)
 
     def observe(self, rows: int) -> None:
         """A decode step of ``rows`` rows ran; every ``WINDOW_STEPS`` of them, pack for the rows
