@@ -4,6 +4,7 @@ nothing else: what a step could cost if serving added nothing)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -31,30 +32,51 @@ def _rows(folder: Path, prompts: list[str], batch: int) -> tuple[Any, Any, Any]:
     return model, ids, mask
 
 
-def ceiling(folder: Path, prompts: list[str], batch: int, new_tokens: int) -> dict[str, Any]:
-    """Output tokens/s of one static batch through ``model.generate()`` in this process."""
+# Each reference is the median of this many timed runs: one run of a 2-second batch swung by
+# +-10 % on the shared 2-core machine from one minute to the next.
+REPEATS = 3
+
+
+def _median_run(run: Any, repeats: int) -> tuple[float, list[float]]:
+    """Seconds of ``run()``: the median of ``repeats`` timed calls, and each call's."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def ceiling(
+    folder: Path, prompts: list[str], batch: int, new_tokens: int, repeats: int = REPEATS
+) -> dict[str, Any]:
+    """Output tokens/s of one static batch through ``model.generate()`` in this process (the
+    median of ``repeats`` runs)."""
     import torch
 
     model, ids, mask = _rows(folder, prompts, batch)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(input_ids=ids[:2], attention_mask=mask[:2], **kwargs)  # warm-up
-        started = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        elapsed = time.perf_counter() - started
+        elapsed, runs = _median_run(
+            lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs), repeats
+        )
     return {
         "batch": batch,
         "seconds": elapsed,
+        "runs_s": runs,
         "output_throughput": batch * new_tokens / elapsed,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def bare_loop(folder: Path, prompts: list[str], batch: int, new_tokens: int) -> dict[str, Any]:
+def bare_loop(
+    folder: Path, prompts: list[str], batch: int, new_tokens: int, repeats: int = REPEATS
+) -> dict[str, Any]:
     """Output tokens/s of the bare decode loop: one prefill of the left-padded batch, then
     ``new_tokens - 1`` forward passes of one token per row on the grown cache, each followed by an
     argmax; the mask and positions are extended by hand. What ``generate()`` does, without its
-    logits processors, stopping criteria and bookkeeping."""
+    logits processors, stopping criteria and bookkeeping. The median of ``repeats`` runs."""
     import torch
 
     model, ids, mask = _rows(folder, prompts, batch)
@@ -81,7 +103,10 @@ def bare_loop(folder: Path, prompts: list[str], batch: int, new_tokens: int) -> 
 
     with torch.inference_mode():
         run(ids[:2], mask[:2])  # warm-up
-        started = time.perf_counter()
-        run(ids, mask)
-        elapsed = time.perf_counter() - started
-    return {"batch": batch, "seconds": elapsed, "output_throughput": batch * new_tokens / elapsed}
+        elapsed, runs = _median_run(lambda: run(ids, mask), repeats)
+    return {
+        "batch": batch,
+        "seconds": elapsed,
+        "runs_s": runs,
+        "output_throughput": batch * new_tokens / elapsed,
+    }

@@ -104,7 +104,8 @@ def markdown(results: dict[str, Any], levels: dict[str, list[int]]) -> str:
         "",
         f"Machine: {results['machine']}. Streaming chat, {cfg['input_len']}-token prompts, "
         f"{cfg['output_len']} new tokens, fp32 on CPU, produced by "
-        f"`python benchmarks/run_benchmarks.py{cfg['flags']}` in one run ({results['minutes']:.0f} min).",
+        f"`python benchmarks/run_benchmarks.py{cfg['flags']}` in one run ({results['minutes']:.0f} min). "
+        "The in-process references are each the median of 3 runs.",
         "",
         "| model | c | generate() ceiling tok/s | bare decode loop tok/s | hfserve tok/s "
         "| transformers serve --continuous-batching tok/s | hfserve / ceiling | hfserve / bare loop |",
