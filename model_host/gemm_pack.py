@@ -51,6 +51,7 @@ class GemmPacks:
     def __init__(self, linears: list[nn.Linear]) -> None:
         self.rows = 0  # the row count the weights are packed for; 0: none yet
         self.products = 0  # products computed with a packed weight, since load
+        self.disabled = False  # a packed product differed from the plain one: plain for good
         self._linears = linears
         self._seen: list[int] = []
         self._created_s = time.monotonic()
@@ -78,11 +79,24 @@ class GemmPacks:
 
     @torch.inference_mode()
     def pack(self, rows: int) -> None:
+        """Pack every weight for ``rows`` rows. The packing is a private torch operator: the first
+        weight of each shape is checked against the plain product, and any difference turns
+        packing off for good (the plain path is always right)."""
+        if self.disabled:
+            return
         started = time.monotonic()
         for linear in self._linears:
             linear.packed = None  # type: ignore[assignment]  # free the old copy before the new one
             linear.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)  # type: ignore[assignment]
         self.rows = rows
+        shapes = {
+            (linear.in_features, linear.out_features, linear.bias is None): linear for linear in self._linears
+        }
+        if not all(_matches(linear, rows) for linear in shapes.values()):
+            log.warning("packed products for %d rows differ from plain ones: linear weights stay plain", rows)
+            self.unpack()
+            self.disabled = True
+            return
         took_s = time.monotonic() - started
         self._packing_s += took_s
         log.info("linear weights packed for %d rows in %.3f s", rows, took_s)
@@ -154,12 +168,15 @@ def pack_linears(model: Any, name: str) -> GemmPacks | None:
 
 
 @torch.inference_mode()
-def _matches(linear: nn.Linear) -> bool:
-    """The packed product of a random input equals the plain one (within float32 rounding)."""
+def _matches(linear: nn.Linear, rows: int = MIN_ROWS) -> bool:
+    """The product of a random input of ``rows`` rows equals the plain one (within float32
+    rounding), through ``linear.packed`` when it is packed, else through a copy packed here."""
+    x = torch.randn(rows, linear.in_features)
     try:
-        x = torch.randn(MIN_ROWS, linear.in_features)
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, MIN_ROWS)
-        out = torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, MIN_ROWS)
+        packed = getattr(linear, "packed", None)
+        if packed is None:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+        out = torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, rows)
     except (RuntimeError, AttributeError):  # this torch has no MKL packing
         log.debug("MKL packed products unavailable", exc_info=True)
         return False

@@ -73,6 +73,22 @@ def test_the_packed_row_count_follows_the_batch() -> None:
     assert packs.rows == MIN_ROWS
 
 
+def test_a_packed_product_that_differs_turns_packing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    linears = _linears(2)
+    packs = GemmPacks(linears)
+    monkeypatch.setattr(gemm_pack, "_matches", lambda linear, rows: False)
+    packs.pack(16)
+    assert packs.disabled and packs.rows == 0 and all(linear.packed is None for linear in linears)
+    monkeypatch.undo()
+    for _ in range(WINDOW_STEPS):
+        packs.observe(16)
+    assert packs.rows == 0  # never again
+    x = torch.randn(16, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(linears[0](x), nn.functional.linear(x, linears[0].weight, linears[0].bias))
+    assert packs.products == 0
+
+
 def test_not_packed_when_the_copy_would_not_fit_or_not_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(*_linears(2))
     monkeypatch.setattr(gemm_pack, "available_bytes", lambda: 4 * 512 * 384 * 2 * 3)  # copy > 1/4
