@@ -79,7 +79,7 @@ class GemmPacks:
 
     @torch.inference_mode()
     def pack(self, rows: int) -> None:
-        """Pack every weight for ``rows`` rows. The packing is a private torch operator: the first
+        """Pack every weight for ``rows`` rows. The packing is a private torch operator: one
         weight of each shape is checked against the plain product, and any difference turns
         packing off for good (the plain path is always right)."""
         if self.disabled:
