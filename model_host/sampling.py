@@ -1,10 +1,17 @@
 """Next-token selection for a batch whose rows each have their own settings.
 
 Everything is a tensor op over the whole batch (logit bias, repetition/presence/frequency penalties,
-temperature, top-k, top-p, min-p). The only per-row Python work is drawing noise for seeded rows:
-each seeded row has its own ``torch.Generator``, so a seed gives the same text whatever else shares
-the batch. Sampling uses the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), which draws
-exactly from ``p`` and lets seeded and unseeded rows share one vectorised selection.
+temperature, top-k, top-p, min-p). The only per-row Python work is drawing a number for seeded
+rows: each seeded row has its own ``torch.Generator``, so a seed gives the same text whatever else
+shares the batch.
+
+Costs that grow with the vocabulary (measured on one CPU thread, 32 rows of Qwen2's 151,936
+tokens): a full sort for top-k/top-p took ~290 ms and an exponential race (``argmax(p / E)``, one
+random number per token) ~90 ms, beside a forward of tens of ms. So truncation finds each row's
+cut-off among its top candidates (``topk``, a few ms) and applies it as a probability floor, and a
+token is drawn by inverting the row's cumulative distribution with one uniform number per row
+(~3 ms). Both are exact: the floor keeps every token tied at the boundary, and the inversion walks
+the vocabulary in id order, so a seeded row's draw depends on its own row alone.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from typing import Any
 import torch
 
 from model_host.ipc.messages import SamplingParams, TokenLogprob
+
+# Candidates looked at first for a row under top-p alone: typically far more than its nucleus.
+_CANDIDATES = 256
+# Tokens per block of the two-level inversion (see ``inverse_cdf``).
+_BLOCK = 256
 
 
 def _optional_cat(
@@ -141,18 +153,31 @@ class SamplingBatch:
             counts = self.counts.float()
             logits = logits - self.frequency[:, None] * counts
             logits = logits - self.presence[:, None] * (counts > 0).float()
-        greedy = logits.argmax(dim=-1)
+        # ``max`` picks the first maximum as ``argmax`` does, ~3x faster on CPU.
+        top, greedy = logits.max(dim=-1)
         if not bool((self.temperature > 0).any()):
             return greedy
         temps = torch.where(self.temperature > 0, self.temperature, 1.0)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        probs = self._truncate(probs)
-        noise = torch.empty_like(probs).exponential_()
+        # Unnormalised probabilities (each row's top token weighs 1): the floors and the draw need
+        # only ratios and each row's mass, so softmax's division is not paid for.
+        weights = (logits - top[:, None]).div_(temps[:, None]).exp_()
+        floor = self._floor(weights)
+        if floor is not None:
+            weights.masked_fill_(weights < floor[:, None], 0.0)
+        sampled = inverse_cdf(weights, self._uniforms(weights.shape[0], weights.device))
+        # A draw that rounds onto the end of a row's distribution can land on a dropped token
+        # (probability ~1e-7): that row takes its top token instead.
+        dropped = weights.gather(-1, sampled[:, None])[:, 0] <= 0
+        sampled = torch.where(dropped, greedy, sampled)
+        return torch.where(self.temperature > 0, sampled, greedy)
+
+    def _uniforms(self, rows: int, device: torch.device) -> torch.Tensor:
+        """One U[0, 1) number per row: a seeded row's from its own generator."""
+        u = torch.rand(rows, dtype=torch.float64, device=device)
         for i, gen in enumerate(self.generators):
             if gen is not None:
-                noise[i] = torch.empty_like(probs[i]).exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(self.temperature > 0, sampled, greedy)
+                u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=gen)[0]
+        return u
 
     def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """Mask, per constrained row, every token its grammar does not allow next."""
@@ -166,21 +191,38 @@ class SamplingBatch:
                 llg.apply_token_bitmask_inplace(logits[i : i + 1], mask.to(logits.device))
         return logits
 
-    def _truncate(self, probs: torch.Tensor) -> torch.Tensor:
-        if bool((self.min_p > 0).any()):
-            floor = self.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
-        if not bool((self.top_k > 0).any() or (self.top_p < 1).any()):
-            return probs
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-        k = torch.where(self.top_k > 0, self.top_k, probs.shape[-1])[:, None]
-        drop = ranks >= k
-        # top-p: keep a token while the mass before it is below top_p (the top token always stays)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        drop |= (cumulative - sorted_probs) >= self.top_p[:, None]
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    def _floor(self, weights: torch.Tensor) -> torch.Tensor | None:
+        """Per row, the weight below which min-p, top-k and top-p drop a token (``weights`` are
+        unnormalised probabilities, each row's top one 1), or None when no sampling row
+        truncates. A floor rather than a rank: tokens tied at the boundary stay or go together,
+        so the kept set never depends on how ``topk`` orders ties."""
+        sampling = self.temperature > 0
+        by_min_p = sampling & (self.min_p > 0)
+        by_k = sampling & (self.top_k > 0)
+        by_p = sampling & (self.top_p < 1)
+        if not bool((by_min_p | by_k | by_p).any()):
+            return None
+        floor = torch.where(by_min_p, self.min_p, 0.0)  # min_p times the top token's weight, 1
+        if not bool((by_k | by_p).any()):
+            return floor
+        vocab = weights.shape[-1]
+        top_k = torch.where(by_k, self.top_k.clamp(max=vocab), 0)
+        nucleus = self.top_p * weights.sum(dim=-1) if bool(by_p.any()) else self.top_p
+        # Rows under top-p alone need candidates until their mass reaches top_p (rarely many).
+        width = int(top_k.max()) if bool((by_k | ~by_p).all()) else max(int(top_k.max()), _CANDIDATES)
+        width = max(1, min(vocab, width))
+        while True:
+            values = weights.topk(width, dim=-1).values  # best first
+            covered = by_k | ~by_p | (values.sum(dim=-1) >= nucleus)
+            if width == vocab or bool(covered.all()):
+                break
+            width = min(vocab, width * 4)
+        kth = values.gather(-1, (top_k - 1).clamp(min=0)[:, None])[:, 0]
+        floor = torch.where(by_k, torch.maximum(floor, kth), floor)
+        # top-p keeps a token while the mass before it is below top_p (the top token always stays).
+        kept = ((values.cumsum(dim=-1) - values) < nucleus[:, None]).sum(dim=-1).clamp(min=1)
+        last = values.gather(-1, (kept - 1)[:, None])[:, 0]
+        return torch.where(by_p, torch.maximum(floor, last), floor)
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         """Log probabilities under the model's own distribution (before temperature, penalties and
@@ -204,6 +246,27 @@ class SamplingBatch:
             self.counts[rows, tokens] += 1
         if self.seen is not None:
             self.seen[rows, tokens] = True
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``weights`` ([B, V], unnormalised probabilities), the token whose interval of
+    the running sum, in id order, holds ``u`` ([B], U[0, 1)) times the row's mass. In two levels
+    (blocks of ``_BLOCK`` tokens, then a token within the chosen block; running sums in float64)
+    so that rounding never grows with the vocabulary: one float32 running sum over 150k tokens
+    would misplace the tail's tiny intervals by up to 0.5 % of the mass."""
+    rows, vocab = weights.shape
+    whole = vocab // _BLOCK * _BLOCK
+    sums = [weights[:, :whole].view(rows, -1, _BLOCK).sum(dim=-1)]  # a view: no copy
+    if whole < vocab:
+        sums.append(weights[:, whole:].sum(dim=-1, keepdim=True))
+    cdf = torch.cat(sums, dim=-1).double().cumsum(dim=-1)
+    target = u.double()[:, None] * cdf[:, -1:]
+    block = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    before = torch.where(block > 0, cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    ids = block * _BLOCK + torch.arange(_BLOCK, device=weights.device)
+    inner = weights.gather(-1, ids.clamp(max=vocab - 1)).masked_fill_(ids >= vocab, 0.0)
+    position = torch.searchsorted(inner.cumsum(dim=-1, dtype=torch.float64), target - before, right=True)
+    return ids.gather(-1, position.clamp_(max=_BLOCK - 1))[:, 0].clamp_(max=vocab - 1)
 
 
 def score_tokens(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
