@@ -114,6 +114,11 @@ def start(
         "steps, one extra copy of those weights in memory; skipped when it would take over a quarter "
         "of the available memory).",
     ),
+    lean_decode: bool = typer.Option(
+        _HOST.lean_decode,
+        help="Llama-family models (Llama, Mistral, Qwen2, Qwen3): run decode steps without "
+        "transformers' per-module overhead (same operators; logits checked bit-identical at load).",
+    ),
     max_batch_size: int = typer.Option(_HOST.max_batch_size, min=1, help="Requests running at once."),
     max_batch_tokens: int = typer.Option(
         _HOST.max_batch_tokens,
@@ -265,6 +270,7 @@ def start(
             trust_remote_code=trust_remote_code,
             torch_threads=torch_threads,
             pack_weights=pack_weights,
+            lean_decode=lean_decode,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
             stream_interval_ms=stream_interval_ms,

@@ -12,6 +12,7 @@ import torch
 
 from model_host.errors import ModelLoadError
 from model_host.gemm_pack import GemmPacks, pack_linears
+from model_host.lean_decode import LeanDecode, lean_decode_for
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class CausalLM:
     loaded_at_s: float = field(default_factory=time.monotonic)
     # Linear weights packed for the decode step's row count (model_host.gemm_pack); None: plain.
     gemm: GemmPacks | None = None
+    # Decode steps without transformers' module machinery (model_host.lean_decode); None: the
+    # model's own forward.
+    lean: LeanDecode | None = None
     _grammar_tokenizer: Any = None
 
     def matcher(self, grammar: str, stop_token_ids: tuple[int, ...]) -> Any:
@@ -62,6 +66,14 @@ class CausalLM:
         """One forward pass over ``input_ids`` (or, for a prompt with images, ``inputs_embeds``);
         returns the last position's logits ([B, V]), or with ``all_logits`` every position's
         ([B, T, V], for prompt logprobs), and the grown cache."""
+        if (
+            self.lean is not None
+            and inputs_embeds is None
+            and attention_mask is not None
+            and input_ids.shape[1] == 1
+            and not all_logits
+        ):
+            return self.lean(input_ids, attention_mask, position_ids, cache), cache
         kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -130,10 +142,13 @@ class CausalLM:
         trust_remote_code: bool,
         placement: Placement | None = None,
         pack_weights: bool = False,
+        lean_decode: bool = False,
     ) -> CausalLM:
         """Load onto ``device``; or, with a ``placement``, where accelerate's device map or
         tensor parallelism puts it (the batch then lives where the input embedding is). With
-        ``pack_weights``, a float32 model on the CPU multiplies by packed weights in decode steps."""
+        ``pack_weights``, a float32 model on the CPU multiplies by packed weights in decode steps;
+        with ``lean_decode``, a model of the Llama family runs them without transformers' module
+        machinery (``model_host.lean_decode``)."""
         from transformers import AutoModelForCausalLM
 
         kwargs = placement.from_pretrained_kwargs() if placement is not None else {}
@@ -156,12 +171,16 @@ class CausalLM:
         params = inspect.signature(model.forward).parameters
         cache_arg = "cache" if "cache" in params else "past_key_values"
         packs = pack_linears(model, path) if pack_weights and placement is None else None
-        return cls(path, model, device, max_context, cache_arg, "logits_to_keep" in params, gemm=packs)
+        lean = lean_decode_for(model, cache_arg, path) if lean_decode and placement is None else None
+        return cls(
+            path, model, device, max_context, cache_arg, "logits_to_keep" in params, gemm=packs, lean=lean
+        )
 
     def close(self) -> None:
         if self.gemm is not None:
             self.gemm.unpack()
         self.model = None
+        self.lean = None
         self._grammar_tokenizer = None
 
 

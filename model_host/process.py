@@ -124,6 +124,7 @@ class ModelHost:
             placement(settings),
             settings.torch_threads,
             settings.pack_weights,
+            settings.lean_decode,
         )
         self.registry.on_load = self._count_load
         self.progress = LoopProgress(

@@ -70,6 +70,7 @@ class ModelRegistry:
         placement: Placement | None = None,
         torch_threads: int | None = None,
         pack_weights: bool = False,
+        lean_decode: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -83,6 +84,7 @@ class ModelRegistry:
         self._threads = ThreadPolicy(torch_threads) if torch_threads is not None else None
         self._wanted_threads: dict[str, int] = {}
         self.pack_weights = pack_weights  # causal LMs on the CPU: packed weights (model_host.gemm_pack)
+        self.lean_decode = lean_decode  # causal LMs: decode steps by model_host.lean_decode
         self._last_used: dict[str, float] = {}  # path -> CLOCK_MONOTONIC of its last admission or work
         # Told of every completed load (path, seconds): the host counts them for /metrics.
         self.on_load: Callable[[str, float], None] | None = None
@@ -133,7 +135,13 @@ class ModelRegistry:
             )
         else:
             lm = CausalLM.load(
-                path, self.device, self.dtype, self.trust_remote_code, self.placement, self.pack_weights
+                path,
+                self.device,
+                self.dtype,
+                self.trust_remote_code,
+                self.placement,
+                self.pack_weights,
+                self.lean_decode,
             )
             if self._threads is not None and self.placement is None:  # placed: every rank alike
                 self._wanted_threads[path] = self._threads.choose(lm.model, self.device, path)

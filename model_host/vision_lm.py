@@ -257,10 +257,12 @@ class VisionLM(CausalLM):
         trust_remote_code: bool,
         placement: Placement | None = None,
         pack_weights: bool = False,
+        lean_decode: bool = False,
     ) -> VisionLM:
         """Load onto ``device`` (a model spread over devices by a ``placement`` is a causal LM's
         option only: the batch's image inputs would need placing too); ``pack_weights`` as for a
-        causal LM."""
+        causal LM. ``lean_decode`` is a causal LM's option only: a vision model's decode steps
+        carry per-row rotary offsets that only its own forward applies."""
         from transformers import AutoModelForImageTextToText
 
         if placement is not None:

@@ -43,6 +43,9 @@ class HostSettings:
     # Float32 causal LMs on the CPU multiply by Linear weights packed for their decode steps' row
     # count (model_host/gemm_pack.py): faster steps for one extra copy of those weights in memory.
     pack_weights: bool = True
+    # Decode steps of Llama-family models skip transformers' module machinery (same operators,
+    # bit-identical logits, checked at load; model_host/lean_decode.py).
+    lean_decode: bool = True
     max_batch_size: int = 64  # requests running at once, all models together
     max_batch_tokens: int = 0  # prompt tokens computed per step; 0: by device (see prefill_budget)
     # A token in the middle of a stream may wait this long to go out with the next ones: fewer,

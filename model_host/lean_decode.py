@@ -1,0 +1,181 @@
+"""The decode step's forward for the Llama family without transformers' module machinery.
+
+A decode step runs the same few operators per layer as ``model(...)`` does, but through
+``transformers`` each step also pays for module calls and their hooks, keyword plumbing, output
+records, the config's attribute lookups and ``create_causal_mask``: on the tiny benchmark model
+(2 layers) about a third of the step, on the small one (8 layers, 8 rows) about a tenth. Here the
+same operators run in the same order on the same modules' weights (each norm and linear through
+its own ``forward``, so packed weights are used as in the model), so the logits are bit for bit the
+model's. That is checked when the model loads, on a padded and an unpadded batch; a model that
+differs in any way keeps the model's forward.
+
+Only plain decode steps come here (one token per row, the last position's logits, a 2-D padding
+mask); prefills, mixed steps and prompt logprobs keep the model's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Architectures whose decoder layer is exactly: norm, q/k/v projections (Qwen3: per-head q/k
+# norms), rotary, cache update, SDPA, o projection, residual, norm, gated MLP, residual.
+_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+@dataclass(frozen=True)
+class _Layer:
+    index: int
+    attention: Any  # the attention module: SDPA reads its GQA grouping from it
+    input_norm: Any
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    q_norm: Any  # None but on Qwen3
+    k_norm: Any
+    post_norm: Any
+    gate: Any
+    up: Any
+    down: Any
+    act: Any
+    head_dim: int
+    scaling: float
+
+
+class LeanDecode:
+    """Callable as ``lean(input_ids [B, 1], attention_mask [B, L], position_ids [B, 1], cache)``:
+    the last position's logits [B, V]; the cache grows by one column as under the model."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        inner = model.model
+        self._embed = inner.embed_tokens
+        self._rotary = inner.rotary_emb
+        self._norm = inner.norm
+        self._head = model.lm_head
+        self._attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        layers = list(inner.layers[: model.config.num_hidden_layers])
+        # The rotary function of the model's own module (identical across the family, but the
+        # model's copy is the one its forward runs).
+        self._rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self._layers = [
+            _Layer(
+                i,
+                layer.self_attn,
+                layer.input_layernorm,
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                getattr(layer.self_attn, "q_norm", None),
+                getattr(layer.self_attn, "k_norm", None),
+                layer.post_attention_layernorm,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+                layer.mlp.act_fn,
+                layer.self_attn.head_dim,
+                layer.self_attn.scaling,
+            )
+            for i, layer in enumerate(layers)
+        ]
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        hidden = self._embed.forward(input_ids)
+        cos, sin = self._rotary.forward(hidden, position_ids)
+        # What ``create_causal_mask`` gives SDPA for one query per row: nothing when no row is
+        # padded, else each row's padding mask (every cached position precedes the query).
+        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        rows = hidden.shape[0]
+        for layer in self._layers:
+            residual = hidden
+            x = layer.input_norm.forward(hidden)
+            shape = (rows, 1, -1, layer.head_dim)
+            q = layer.q.forward(x).view(shape)
+            k = layer.k.forward(x).view(shape)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm.forward(q), layer.k_norm.forward(k)
+            q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            v = layer.v.forward(x).view(shape).transpose(1, 2)
+            k, v = cache.update(k, v, layer.index)
+            out, _ = self._attend(layer.attention, q, k, v, mask, dropout=0.0, scaling=layer.scaling)
+            hidden = residual + layer.o.forward(out.reshape(rows, 1, -1).contiguous())
+            residual = hidden
+            x = layer.post_norm.forward(hidden)
+            hidden = residual + layer.down.forward(layer.act(layer.gate.forward(x)) * layer.up.forward(x))
+        hidden = self._norm.forward(hidden)
+        return self._head.forward(hidden[:, -1, :])
+
+
+def lean_decode_for(model: Any, cache_arg: str, path: str) -> LeanDecode | None:
+    """A ``LeanDecode`` for ``model`` when it is one of the family and its logits match the
+    model's bit for bit on probe steps; else None (the model's forward serves every step)."""
+    why = _unsupported(model, cache_arg)
+    if why is None:
+        try:
+            lean = LeanDecode(model)
+            if _agrees(model, lean):
+                return lean
+            why = "its logits differ from the model's forward"
+        except Exception as exc:  # any surprise in the model's layout: the model's forward is right
+            why = f"the probe failed ({type(exc).__name__})"
+    log.info("%s: decode steps run the model's own forward (%s)", path, why)
+    return None
+
+
+def _unsupported(model: Any, cache_arg: str) -> str | None:
+    config = model.config
+    if config.model_type not in _MODEL_TYPES:
+        return f"{config.model_type} is not of the Llama family"
+    if cache_arg != "cache":
+        return "a remote-code model"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention is {getattr(config, '_attn_implementation', None)!r}, not sdpa"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return "sliding-window layers"
+    elif getattr(config, "sliding_window", None) is not None:
+        return "a sliding window"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "hooks on its modules (placement, adapters)"
+    return None
+
+
+@torch.inference_mode()
+def _agrees(model: Any, lean: LeanDecode) -> bool:
+    """Two decode steps after a left-padded prefill of two rows, and one after a prefill of one
+    row (no padding: SDPA runs without a mask), through the model and through ``lean``."""
+    device = model.get_input_embeddings().weight.device
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.arange(7, device=device).remainder(vocab).view(1, 7)
+    for rows, pad in ((2, 3), (1, 0)):
+        batch = ids.repeat(rows, 1)
+        mask = torch.ones_like(batch)
+        mask[1:, :pad] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=True)
+        theirs, ours = out["cache"], copy.deepcopy(out["cache"])
+        token = out.logits[:, -1].max(dim=-1).indices[:, None]
+        for _ in range(2):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            positions = positions[:, -1:] + 1
+            step = model(
+                input_ids=token, attention_mask=mask, position_ids=positions, cache=theirs, use_cache=True
+            )
+            expected = step.logits[:, -1]
+            if not torch.equal(lean(token, mask, positions, ours), expected):
+                return False
+            token = expected.max(dim=-1).indices[:, None]
+    return True

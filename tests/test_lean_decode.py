@@ -1,0 +1,123 @@
+"""Decode steps without transformers' module machinery (``model_host.lean_decode``): taken for the
+Llama family only when its logits equal the model's forward bit for bit, and then greedy tokens of
+a batch with mixed lengths and arrivals stay those of a lone ``generate()``. Through the server,
+the demo model (Qwen2) decodes this way in every test that compares it with ``generate()``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model_host import lean_decode
+from model_host.engine import Engine
+from model_host.ipc.settings import HostSettings
+from model_host.registry import ModelRegistry
+from model_host.runners.causal import CausalRunner
+from tests.host_harness import Host, generate, prompt
+
+VOCAB = 1000  # the harness's prompts use ids 3-775
+
+
+def _save(folder: Path, config: Any) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _config(family: str, **extra: Any) -> Any:
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen3Config
+
+    small = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if family == "llama":
+        return LlamaConfig(**small, attention_bias=True, mlp_bias=True, **extra)
+    if family == "mistral":
+        return MistralConfig(**{**small, "sliding_window": None, **extra})  # its default is 4096
+    if family == "qwen3":
+        return Qwen3Config(**small, head_dim=16, **extra)
+    return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+
+
+def _runner(folder: Path, lean: bool = True) -> tuple[ModelRegistry, CausalRunner]:
+    registry = ModelRegistry("cpu", "float32", False, lean_decode=lean)
+    runner = registry.get(str(folder))
+    assert isinstance(runner, CausalRunner)
+    return registry, runner
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_greedy_tokens_equal_lone_generate(family: str, tmp_path: Path) -> None:
+    folder = _save(tmp_path / family, _config(family))
+    registry, runner = _runner(folder)
+    lean = runner.model.lean
+    assert lean is not None
+    calls = 0
+
+    def counted(*args: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return lean(*args)
+
+    runner.model.lean = counted  # type: ignore[assignment]
+    cases = [prompt(n, 500 + i) for i, n in enumerate([3, 9, 17, 30, 5, 44])]
+    host = Host(Engine(registry, HostSettings(device="cpu"), 64))  # a small budget: staggered starts
+    for rid, ids in enumerate(cases):
+        host.add(rid, str(folder), generate(ids, 20, stop=()))
+    host.run()
+    assert calls > 10
+    model = runner.model.model
+    for rid, ids in enumerate(cases):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None)
+        assert host.tokens(rid) == out[0, len(ids) :].tolist(), f"{family} request {rid}"
+    registry.unload(str(folder))
+
+
+def test_other_models_keep_their_forward(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="model_host.lean_decode")
+    cases = {
+        "gpt2": _config("gpt2"),  # not of the family
+        "sliding": _config("mistral", sliding_window=8),  # a mask that the lean step does not build
+    }
+    for name, config in cases.items():
+        folder = _save(tmp_path / name, config)
+        registry, runner = _runner(folder)
+        assert runner.model.lean is None, name
+        host = Host(Engine(registry, HostSettings(device="cpu"), 256))
+        host.add(0, str(folder), generate(prompt(20, 1), 12, stop=()))
+        host.run()
+        assert len(host.tokens(0)) == 12
+    assert "sliding-window layers" in caplog.text or "a sliding window" in caplog.text
+    assert "gpt2 is not of the Llama family" in caplog.text
+
+
+def test_logits_that_differ_keep_the_models_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="model_host.lean_decode")
+    original = lean_decode.LeanDecode.__call__
+    monkeypatch.setattr(lean_decode.LeanDecode, "__call__", lambda self, *a: original(self, *a) + 1e-6)
+    _, runner = _runner(_save(tmp_path / "llama", _config("llama")))
+    assert runner.model.lean is None
+    assert "its logits differ from the model's forward" in caplog.text
+
+
+def test_the_demo_model_decodes_lean_unless_turned_off(demo_model: Path) -> None:
+    for lean in (True, False):
+        registry, runner = _runner(demo_model, lean)
+        assert (runner.model.lean is not None) is lean
+        registry.unload(str(demo_model))
