@@ -65,8 +65,10 @@ class LeanDecode:
         self._attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
         layers = list(inner.layers[: model.config.num_hidden_layers])
         # The rotary function of the model's own module (identical across the family, but the
-        # model's copy is the one its forward runs).
-        self._rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        # model's copy is the one its forward runs). transformers wraps it in a module that may
+        # dispatch to a hub kernel; its ``forward`` keeps that dispatch without a module call.
+        rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self._rotate = getattr(rotate, "forward", rotate)
         self._layers = [
             _Layer(
                 i,
