@@ -100,6 +100,8 @@ class CausalLM:
         packed implementation for this call only; returns the logits at ``keep`` ([K, V])."""
         from model_host.packed import IMPLEMENTATION
 
+        if self.lean is not None and self.lean.packs:
+            return self.lean.packed(ids, positions, cache, layout, keep)
         config = self.model.config
         usual = config._attn_implementation_internal
         config._attn_implementation_internal = IMPLEMENTATION

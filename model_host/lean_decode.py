@@ -9,8 +9,9 @@ its own ``forward``, so packed weights are used as in the model), so the logits 
 model's. That is checked when the model loads, on a padded and an unpadded batch; a model that
 differs in any way keeps the model's forward.
 
-Only plain decode steps come here (one token per row, the last position's logits, a 2-D padding
-mask); prefills, mixed steps and prompt logprobs keep the model's forward.
+Plain decode steps come here (one token per row, the last position's logits, a 2-D padding mask),
+and mixed steps (``model_host.packed``) once they too are found bit-identical to the model's;
+prefills and prompt logprobs keep the model's forward.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class LeanDecode:
     def __init__(self, model: Any) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        # Mixed steps too: set by ``model_host.packed.packing_works`` when this model's packed
+        # forward and ``packed`` agree bit for bit.
+        self.packs = False
         inner = model.model
         self._embed = inner.embed_tokens
         self._rotary = inner.rotary_emb
@@ -94,16 +98,33 @@ class LeanDecode:
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> torch.Tensor:
-        hidden = self._embed.forward(input_ids)
-        cos, sin = self._rotary.forward(hidden, position_ids)
         # What ``create_causal_mask`` gives SDPA for one query per row: nothing when no row is
         # padded, else each row's padding mask (every cached position precedes the query).
         mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
-        rows = hidden.shape[0]
+        hidden = self._decoder(input_ids, position_ids, cache, mask, self._attend)
+        return self._head.forward(hidden[:, -1, :])
+
+    def packed(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, layout: Any, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """A mixed step (``model_host.packed``): one packed row [1, T], its layout passed to the
+        packed attention as the model's forward passes a mask mapping; the logits at ``keep``
+        ([K, V]). Used once ``packing_works`` found them equal to the model's packed forward (or,
+        where that does not take a mask mapping, close to the separate forwards)."""
+        from model_host.packed import packed_attention
+
+        hidden = self._decoder(ids, positions, cache, layout, packed_attention)
+        return self._head.forward(hidden[:, keep, :])[0]
+
+    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, mask: Any, attend: Any) -> Any:
+        """The decoder's layers and final norm over ``ids`` [B, T]: hidden states [B, T, H]."""
+        hidden = self._embed.forward(ids)
+        cos, sin = self._rotary.forward(hidden, positions)
+        rows, tokens = ids.shape
         for layer in self._layers:
             residual = hidden
             x = layer.input_norm.forward(hidden)
-            shape = (rows, 1, -1, layer.head_dim)
+            shape = (rows, tokens, -1, layer.head_dim)
             q = layer.q.forward(x).view(shape)
             k = layer.k.forward(x).view(shape)
             if layer.q_norm is not None:
@@ -111,13 +132,12 @@ class LeanDecode:
             q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = layer.v.forward(x).view(shape).transpose(1, 2)
             k, v = cache.update(k, v, layer.index)
-            out, _ = self._attend(layer.attention, q, k, v, mask, dropout=0.0, scaling=layer.scaling)
-            hidden = residual + layer.o.forward(out.reshape(rows, 1, -1).contiguous())
+            out, _ = attend(layer.attention, q, k, v, mask, dropout=0.0, scaling=layer.scaling)
+            hidden = residual + layer.o.forward(out.reshape(rows, tokens, -1).contiguous())
             residual = hidden
             x = layer.post_norm.forward(hidden)
             hidden = residual + layer.down.forward(layer.act(layer.gate.forward(x)) * layer.up.forward(x))
-        hidden = self._norm.forward(hidden)
-        return self._head.forward(hidden[:, -1, :])
+        return self._norm.forward(hidden)
 
 
 def lean_decode_for(model: Any, cache_arg: str, path: str) -> LeanDecode | None:

@@ -251,7 +251,9 @@ def _undo_column(batch: Any) -> None:
 def packing_works(model: Any) -> bool:
     """Whether packed steps give this model's logits: a packed step is compared with the separate
     decode and prefill it replaces (and the step after it, which reads the cache it wrote), on a
-    few tokens, when the model loads. Any error or difference keeps the separate forwards."""
+    few tokens, when the model loads. Any error or difference keeps the separate forwards. A
+    model with a lean decode step (``model_host.lean_decode``) runs its mixed steps that way too
+    if the packed step comes out bit-identical both ways."""
     import torch.distributed as dist
 
     from model_host.batch import DecodeBatch, Sequence
@@ -271,36 +273,65 @@ def packing_works(model: Any) -> bool:
     def seqs(prompts: list[list[int]], first: int) -> list[Any]:
         return [Sequence((-1, first + i), model.path, list(p), params) for i, p in enumerate(prompts)]
 
-    results = []
-    try:
-        with torch.inference_mode():
-            for packed in (False, True):
-                batch, logits = DecodeBatch.prefill(model, seqs(running, 0))
-                batch.sample(logits)
-                if not batch.joinable:
-                    return False
-                batch.sample(batch.decode())
-                new = seqs(arriving, len(running))
-                (rest,) = seqs(chunked, 10)
-                DecodeBatch.prefill_chunk(model, rest, 5)  # a prompt part-way in, with its own cache
-                if packed:
-                    decoded, done = packed_step(batch, new, ((rest, 7),))
-                else:
-                    decoded, whole = batch.decode(), DecodeBatch.prefill_chunk(model, rest, 7)
-                    assert whole is not None
-                    done = [DecodeBatch.prefill(model, new), whole]
-                batch.sample(decoded)
-                for joining, first in done:
-                    joining.sample(first)
-                    batch.concatenate(joining)
-                results.append((decoded, *(first for _, first in done), batch.decode()))
-    except Exception as exc:  # a model whose forward does not take the packed row
-        log.info("%s: mixed steps off (%s: %s)", model.path, type(exc).__name__, exc)
-        return False
+    def probe(packed: bool) -> tuple[torch.Tensor, ...]:
+        """The step's logits: decode rows, new prompts, the chunk; then the next decode's."""
+        batch, logits = DecodeBatch.prefill(model, seqs(running, 0))
+        batch.sample(logits)
+        if not batch.joinable:
+            raise ValueError("its cache cannot join rows")
+        batch.sample(batch.decode())
+        new = seqs(arriving, len(running))
+        (rest,) = seqs(chunked, 10)
+        DecodeBatch.prefill_chunk(model, rest, 5)  # a prompt part-way in, with its own cache
+        if packed:
+            decoded, done = packed_step(batch, new, ((rest, 7),))
+        else:
+            decoded, whole = batch.decode(), DecodeBatch.prefill_chunk(model, rest, 7)
+            assert whole is not None
+            done = [DecodeBatch.prefill(model, new), whole]
+        batch.sample(decoded)
+        for joining, first in done:
+            joining.sample(first)
+            batch.concatenate(joining)
+        return (decoded, *(first for _, first in done), batch.decode())
+
     tolerance = 1e-3 if next(model.model.parameters()).dtype == torch.float32 else 5e-2
-    for ref, got in zip(results[0], results[1], strict=True):
-        scale = max(1.0, float(ref.abs().max()))
-        if ref.shape != got.shape or float((ref - got).abs().max()) > tolerance * scale:
-            log.info("%s: mixed steps off (their logits differ from separate forwards)", model.path)
-            return False
-    return True
+
+    def close(ref: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...]) -> bool:
+        return all(
+            r.shape == g.shape and float((r - g).abs().max()) <= tolerance * max(1.0, float(r.abs().max()))
+            for r, g in zip(ref, got, strict=True)
+        )
+
+    failures: list[str] = []
+
+    def attempt(packed: bool) -> tuple[torch.Tensor, ...] | None:
+        try:
+            with torch.inference_mode():
+                return probe(packed)
+        except Exception as exc:  # a model whose forward does not take the packed row
+            failures.append(f"{type(exc).__name__}: {exc}")
+            return None
+
+    separate = attempt(False)
+    own = attempt(True) if separate is not None else None  # the model's forward, packed attention
+    own_packs = separate is not None and own is not None and close(separate, own)
+    lean = getattr(model, "lean", None)  # model_host.lean_decode: its own packed step
+    if lean is not None and separate is not None:
+        lean.packs = True
+        mine = attempt(True)
+        # Bit-identical to the model's packed forward where that works; else (a model whose
+        # forward does not hand the layout to attention) as close to the separate forwards.
+        lean.packs = mine is not None and (
+            all(torch.equal(a, b) for a, b in zip(own, mine, strict=True))
+            if own is not None and own_packs
+            else close(separate, mine)
+        )
+        if own_packs and not lean.packs:
+            log.info("%s: mixed steps run the model's own forward (the lean step differs)", model.path)
+        if lean.packs:
+            return True
+    if not own_packs:
+        why = failures[0] if failures else "their logits differ from separate forwards"
+        log.info("%s: mixed steps off (%s)", model.path, why)
+    return own_packs

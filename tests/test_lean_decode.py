@@ -1,6 +1,7 @@
-"""Decode steps without transformers' module machinery (``model_host.lean_decode``): taken for the
-Llama family only when its logits equal the model's forward bit for bit, and then greedy tokens of
-a batch with mixed lengths and arrivals stay those of a lone ``generate()``. Through the server,
+"""Decode and mixed steps without transformers' module machinery (``model_host.lean_decode``):
+taken for the Llama family only when its logits equal the model's forward bit for bit (mixed
+steps: its packed forward, or where that does not run, the separate forwards), and then greedy
+tokens of a batch with mixed lengths and arrivals stay those of a lone ``generate()``. Through the server,
 the demo model (Qwen2) decodes this way in every test that compares it with ``generate()``."""
 
 from __future__ import annotations
@@ -59,26 +60,36 @@ def _runner(folder: Path, lean: bool = True) -> tuple[ModelRegistry, CausalRunne
     return registry, runner
 
 
+class _Counting:
+    """A lean step that counts its decode and mixed steps."""
+
+    def __init__(self, lean: lean_decode.LeanDecode) -> None:
+        self.lean, self.packs = lean, lean.packs
+        self.calls = {"decode": 0, "packed": 0}
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        self.calls["decode"] += 1
+        return self.lean(*args)
+
+    def packed(self, *args: Any) -> torch.Tensor:
+        self.calls["packed"] += 1
+        return self.lean.packed(*args)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_greedy_tokens_equal_lone_generate(family: str, tmp_path: Path) -> None:
     folder = _save(tmp_path / family, _config(family))
     registry, runner = _runner(folder)
     lean = runner.model.lean
-    assert lean is not None
-    calls = 0
-
-    def counted(*args: Any) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return lean(*args)
-
-    runner.model.lean = counted  # type: ignore[assignment]
+    assert lean is not None and lean.packs  # mixed steps too: equal to the model's packed forward
+    counting = _Counting(lean)
+    runner.model.lean = counting  # type: ignore[assignment]
     cases = [prompt(n, 500 + i) for i, n in enumerate([3, 9, 17, 30, 5, 44])]
     host = Host(Engine(registry, HostSettings(device="cpu"), 64))  # a small budget: staggered starts
     for rid, ids in enumerate(cases):
         host.add(rid, str(folder), generate(ids, 20, stop=()))
     host.run()
-    assert calls > 10
+    assert counting.calls["decode"] > 10 and counting.calls["packed"] > 0, counting.calls
     model = runner.model.model
     for rid, ids in enumerate(cases):
         with torch.inference_mode():
