@@ -70,6 +70,7 @@ class CausalLM:
             self.lean is not None
             and inputs_embeds is None
             and attention_mask is not None
+            and cache is not None  # a one-token prompt's prefill makes its cache in the model
             and input_ids.shape[1] == 1
             and not all_logits
         ):

@@ -84,7 +84,7 @@ def test_greedy_tokens_equal_lone_generate(family: str, tmp_path: Path) -> None:
     assert lean is not None and lean.packs  # mixed steps too: equal to the model's packed forward
     counting = _Counting(lean)
     runner.model.lean = counting  # type: ignore[assignment]
-    cases = [prompt(n, 500 + i) for i, n in enumerate([3, 9, 17, 30, 5, 44])]
+    cases = [prompt(n, 500 + i) for i, n in enumerate([3, 9, 17, 30, 5, 44, 1])]  # 1: no cache yet
     host = Host(Engine(registry, HostSettings(device="cpu"), 64))  # a small budget: staggered starts
     for rid, ids in enumerate(cases):
         host.add(rid, str(folder), generate(ids, 20, stop=()))
