@@ -1,4 +1,4 @@
-"""The decode step's forward for the Llama family without transformers' module machinery.
+"""Decode (and mixed) steps of the Llama family without transformers' module machinery.
 
 A decode step runs the same few operators per layer as ``model(...)`` does, but through
 ``transformers`` each step also pays for module calls and their hooks, keyword plumbing, output
@@ -177,7 +177,7 @@ def _unsupported(model: Any, cache_arg: str) -> str | None:
 
 @torch.inference_mode()
 def _agrees(model: Any, lean: LeanDecode) -> bool:
-    """Two decode steps after a left-padded prefill of two rows, and one after a prefill of one
+    """Two decode steps after a left-padded prefill of two rows, and two after a prefill of one
     row (no padding: SDPA runs without a mask), through the model and through ``lean``."""
     device = model.get_input_embeddings().weight.device
     vocab = int(model.get_input_embeddings().weight.shape[0])

@@ -253,7 +253,8 @@ def packing_works(model: Any) -> bool:
     decode and prefill it replaces (and the step after it, which reads the cache it wrote), on a
     few tokens, when the model loads. Any error or difference keeps the separate forwards. A
     model with a lean decode step (``model_host.lean_decode``) runs its mixed steps that way too
-    if the packed step comes out bit-identical both ways."""
+    when they equal the model's packed forward bit for bit (or, for a model whose forward cannot
+    take the packed row, when they are as close to the separate forwards)."""
     import torch.distributed as dist
 
     from model_host.batch import DecodeBatch, Sequence
