@@ -148,6 +148,7 @@ def lean_decode_for(model: Any, cache_arg: str, path: str) -> LeanDecode | None:
         try:
             lean = LeanDecode(model)
             if _agrees(model, lean):
+                log.info("%s: decode steps run lean (model_host.lean_decode)", path)
                 return lean
             why = "its logits differ from the model's forward"
         except Exception as exc:  # any surprise in the model's layout: the model's forward is right

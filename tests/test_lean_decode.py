@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from model_host.ipc.settings import HostSettings
 from model_host.registry import ModelRegistry
 from model_host.runners.causal import CausalRunner
 from tests.host_harness import Host, generate, prompt
+from tests.server import ServerProcess
 
 VOCAB = 1000  # the harness's prompts use ids 3-775
 
@@ -131,4 +133,26 @@ def test_the_demo_model_decodes_lean_unless_turned_off(demo_model: Path) -> None
     for lean in (True, False):
         registry, runner = _runner(demo_model, lean)
         assert (runner.model.lean is not None) is lean
+        # Qwen2's forward takes the packed row: the lean mixed step equals it bit for bit.
+        assert runner.model.lean is None or runner.model.lean.packs
         registry.unload(str(demo_model))
+
+
+def test_the_server_decodes_lean_by_default(server: ServerProcess) -> None:
+    """The shared demo server (its greedy outputs are compared with ``generate()`` elsewhere)
+    takes the lean steps; ``--no-lean-decode`` is the switch that keeps the model's forward."""
+    c = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    c.chat.completions.create(
+        model="hfserve-demo", messages=[{"role": "user", "content": "Hello!"}], max_tokens=2
+    )
+    assert "decode steps run lean" in server.log_text()
+
+
+def test_no_lean_decode_keeps_the_models_forward(cache_dir: Path) -> None:
+    with ServerProcess.start(cache_dir, workers=1, args=("--no-lean-decode",)) as srv:
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        reply = c.chat.completions.create(
+            model="hfserve-demo", messages=[{"role": "user", "content": "Hello!"}], temperature=0
+        )
+        assert reply.choices[0].message.content == "Hello! How can I help you today?"
+        assert "decode steps run lean" not in srv.log_text()
